@@ -1,0 +1,19 @@
+"""ASDA in pure PyTorch: features, differential attention, the encoder and the pretraining objective."""
+
+from .asda import ASDA, ema_decay
+from .attention import DifferentialAttention, HeadwiseRMSNorm, StandardAttention, build_attention
+from .block import Block
+from .checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from .config import ASDAConfig
+from .decoder import CNNDecoder
+from .encoder import ASDAEncoder
+from .features import DATASET_STATS, fbank, log_mel, normalise, pad_or_crop
+from .head import ASDAClassifier, ClassificationHead, param_groups_layer_decay, param_groups_weight_decay
+from .masking import inverse_block_mask, visible_indices
+
+__all__ = [
+    "ASDA", "ASDAClassifier", "ASDAConfig", "ASDAEncoder", "Block", "CNNDecoder", "ClassificationHead",
+    "DATASET_STATS", "DifferentialAttention", "HeadwiseRMSNorm", "StandardAttention", "build_attention",
+    "ema_decay", "fbank", "inverse_block_mask", "load_checkpoint", "load_encoder", "log_mel", "normalise",
+    "pad_or_crop", "param_groups_layer_decay", "param_groups_weight_decay", "save_checkpoint", "visible_indices",
+]

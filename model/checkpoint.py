@@ -1,0 +1,57 @@
+"""Model checkpoints: weights plus the resolved config, loadable with ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ASDAConfig
+from .encoder import ASDAEncoder
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: ASDAConfig, **extra: Any) -> Path:
+    """Write {"format", "config", "model", **extra} atomically; ``extra`` must hold tensors and plain values."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT_VERSION, "config": config.to_dict(), "model": model.state_dict(), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a half-written file under the real name
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, ASDAConfig]:
+    """(whole state dict, config). Only tensors and plain containers are unpickled (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated file, not a torch file, foreign pickle
+        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from exc
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"checkpoint {path} is not an ASDA checkpoint (needs 'model' and 'config' entries)")
+    return state, ASDAConfig.from_dict(state["config"])
+
+
+def load_encoder(path: str | Path, which: str = "student", map_location: str | torch.device = "cpu") -> ASDAEncoder:
+    """The student or teacher encoder of a pretraining checkpoint, or the encoder of a classifier checkpoint."""
+    if which not in ("student", "teacher"):
+        raise ValueError(f"which={which!r} is not allowed: expected 'student' or 'teacher'")
+    state, config = load_checkpoint(path, map_location)
+    weights = state["model"]
+    for prefix in (f"{which}.", "encoder.", ""):
+        sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if prefix == "" or sub:
+            break
+    encoder = ASDAEncoder(config)
+    missing, unexpected = encoder.load_state_dict(sub, strict=False)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks encoder weights {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return encoder

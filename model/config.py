@@ -1,0 +1,198 @@
+"""ASDAConfig: every hyperparameter of the encoder, the pretraining objective and the teacher.
+
+Defaults build the base model of the ASDA release (SPEC §2–4); ``ASDAConfig.tiny()`` is the CPU preset used by
+tests, the embedded default data set and the CPU sweep grids. Sweep grids and the command line name these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ATTENTION_KINDS = ("differential", "standard")
+DIFF_NORMS = ("layernorm", "headwise_rms")
+POS_EMBEDS = ("sincos2d", "learned1d")
+CLS_POSITIONS = ("head", "middle", "mean")
+
+
+@dataclass(frozen=True)
+class ASDAConfig:
+    # --- encoder geometry (SPEC §2)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 3.5  # 3.5 in the ASDA release, 4.0 in EAT
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    patch_size: int = 16
+    num_mel_bins: int = 128
+    target_length: int = 1024  # frames; a multiple of patch_size
+    pos_embed: Literal["sincos2d", "learned1d"] = "sincos2d"
+    cls_position: Literal["head", "middle", "mean"] = "head"
+    drop_path: float = 0.0  # stochastic depth, linearly 0 -> drop_path over the blocks (fine-tuning)
+
+    # --- attention (SPEC §3)
+    attention: Literal["differential", "standard"] = "differential"
+    diff_lambda: float = 0.3  # fixed λ (paper ablation 0 / 0.3 / 0.5); ignored when learnable_lambda
+    learnable_lambda: bool = False  # Differential Transformer re-parameterisation of λ
+    diff_norm: Literal["layernorm", "headwise_rms"] = "layernorm"
+
+    # --- pretraining objective (SPEC §4)
+    num_students: int = 16  # clones of each clip, each with its own mask
+    mask_ratio: float = 0.8
+    mask_block_size: int = 5
+    mask_adjust: float = 0.07
+    alpha: float = 0.5  # weight of the utterance loss: loss = alpha * loss_utterance + loss_frame
+    average_top_k_layers: int = 12  # teacher layers averaged into the targets
+    decoder_layers: int = 6
+    decoder_kernel_size: int = 3
+    decoder_groups: int = 16
+    mask_noise_std: float = 0.01  # decoder mask tokens are drawn from N(0, std), not learned
+
+    # --- EMA teacher (SPEC §4)
+    ema_decay_start: float = 0.9998
+    ema_decay_end: float = 0.99999
+    ema_anneal_steps: int = 100_000
+
+    def __post_init__(self) -> None:
+        _check_choice("attention", self.attention, ATTENTION_KINDS)
+        _check_choice("diff_norm", self.diff_norm, DIFF_NORMS)
+        _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
+        _check_choice("cls_position", self.cls_position, CLS_POSITIONS)
+        for name in ("embed_dim", "depth", "num_heads", "patch_size", "num_mel_bins", "target_length",
+                     "num_students", "mask_block_size", "decoder_layers", "decoder_kernel_size",
+                     "decoder_groups", "ema_anneal_steps", "average_top_k_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "a positive integer")
+        if self.embed_dim % self.num_heads:
+            _fail("embed_dim", self.embed_dim, f"a multiple of num_heads ({self.num_heads})")
+        if self.pos_embed == "sincos2d" and self.embed_dim % 4:
+            _fail("embed_dim", self.embed_dim, "a multiple of 4 with pos_embed 'sincos2d'")
+        if self.embed_dim % self.decoder_groups:
+            _fail("decoder_groups", self.decoder_groups, f"a divisor of embed_dim ({self.embed_dim})")
+        if self.target_length % self.patch_size:
+            _fail("target_length", self.target_length, f"a multiple of patch_size ({self.patch_size})")
+        if self.num_mel_bins % self.patch_size:
+            _fail("num_mel_bins", self.num_mel_bins, f"a multiple of patch_size ({self.patch_size})")
+        if self.decoder_kernel_size % 2 == 0:
+            _fail("decoder_kernel_size", self.decoder_kernel_size, "an odd integer (same-size convolution)")
+        if self.average_top_k_layers > self.depth:
+            _fail("average_top_k_layers", self.average_top_k_layers, f"between 1 and depth ({self.depth})")
+        if not self.mlp_ratio > 0:
+            _fail("mlp_ratio", self.mlp_ratio, "a positive number")
+        if not 0.0 <= self.diff_lambda < 1.0:
+            _fail("diff_lambda", self.diff_lambda, "a number in [0, 1)")
+        if not 0.0 <= self.drop_path < 1.0:
+            _fail("drop_path", self.drop_path, "a number in [0, 1)")
+        if not 0.0 < self.mask_ratio < 1.0:
+            _fail("mask_ratio", self.mask_ratio, "a number in (0, 1)")
+        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            _fail("mask_ratio", self.mask_ratio, f"a ratio that keeps at least one of {self.num_patches} patches")
+        if not 0.0 <= self.mask_adjust < 1.0:
+            _fail("mask_adjust", self.mask_adjust, "a number in [0, 1)")
+        if not self.alpha >= 0.0:
+            _fail("alpha", self.alpha, "a number >= 0")
+        if not self.mask_noise_std >= 0.0:
+            _fail("mask_noise_std", self.mask_noise_std, "a number >= 0")
+        if not 0.0 <= self.ema_decay_start <= self.ema_decay_end <= 1.0:
+            _fail("ema_decay_start", (self.ema_decay_start, self.ema_decay_end),
+                  "0 <= ema_decay_start <= ema_decay_end <= 1")
+        if not self.layer_norm_eps > 0:
+            _fail("layer_norm_eps", self.layer_norm_eps, "a positive number")
+
+    # --- derived geometry: never hard-code the grid
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (time, frequency) of a full-length input."""
+        return self.target_length // self.patch_size, self.num_mel_bins // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    # --- presets
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ASDAConfig:
+        """The CPU preset: same architecture, small enough for a 2-core machine (~0.9 M encoder parameters)."""
+        base = dict(
+            embed_dim=128, depth=4, num_heads=4, target_length=256, num_students=4,
+            average_top_k_layers=4, decoder_layers=2, decoder_groups=16,
+            ema_decay_start=0.99, ema_decay_end=0.999, ema_anneal_steps=1000,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    # --- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ASDAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ASDAConfig field(s) {unknown}; allowed: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> ASDAConfig:
+        path = Path(path_or_text)
+        is_file = isinstance(path_or_text, Path) or (len(str(path_or_text)) < 4096 and path.is_file())
+        text = path.read_text() if is_file else str(path_or_text)
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config YAML {path_or_text!s:.80} must be a mapping of field: value")
+        return cls.from_dict(values)
+
+    def with_overrides(self, assignments: list[str] | dict[str, Any]) -> ASDAConfig:
+        """A copy with fields replaced; ``assignments`` is a dict or ``["field=value", ...]`` from a command line."""
+        if not isinstance(assignments, dict):
+            parsed = {}
+            for item in assignments:
+                key, sep, raw = item.partition("=")
+                if not sep or not key:
+                    raise ValueError(f"override {item!r} must look like field=value (e.g. diff_lambda=0.5)")
+                parsed[key.strip()] = yaml.safe_load(raw)
+            assignments = parsed
+        return ASDAConfig.from_dict({**self.to_dict(), **assignments})
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"ASDAConfig.{name}={value!r} is not allowed: expected {allowed}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Accept what YAML and command lines produce (1 for 1.0, 'true' for True) and nothing looser."""
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        _fail(name, value, "true or false")
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        _fail(name, value, f"a number ({hint.__name__})")
+    return value

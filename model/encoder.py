@@ -1,0 +1,115 @@
+"""ASDAEncoder: patch embedding -> positional encoding -> (masking) -> CLS -> post-LN blocks.
+
+The same module serves as student (visible patches only), teacher (all patches, per-layer targets) and the
+fine-tuning backbone. The CLS token is added after positional encoding and masking, so it carries no position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import build_attention
+from .block import Block
+from .config import ASDAConfig
+from .patch_embed import PatchEmbed
+from .pos_embed import POSITIONAL_ENCODINGS
+
+
+class ASDAEncoder(nn.Module):
+    def __init__(self, config: ASDAConfig):
+        super().__init__()
+        self.config = config
+        D = config.embed_dim
+        self.patch_embed = PatchEmbed(D, config.patch_size, config.num_mel_bins)
+        self.pos_embed = POSITIONAL_ENCODINGS[config.pos_embed](D, config.grid)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.cls_position != "mean" else None
+        # Post-LN blocks expect normalised input: the release normalises the token sequence before block 0.
+        self.norm_input = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                D,
+                build_attention(
+                    config.attention, D, config.num_heads, diff_lambda=config.diff_lambda,
+                    learnable_lambda=config.learnable_lambda, layer_index=i, diff_norm=config.diff_norm,
+                    qkv_bias=config.qkv_bias,
+                ),
+                mlp_ratio=config.mlp_ratio, drop_path=drop_rates[i], eps=config.layer_norm_eps,
+            )
+            for i in range(config.depth)
+        )
+        self.apply(_init_weights)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    # --- stages
+    def embed(self, fbank: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) -> (B, P, D) patch tokens with positions."""
+        return self.pos_embed(self.patch_embed(fbank))
+
+    def cls_index(self, num_tokens: int) -> int | None:
+        """Where the CLS token sits in a sequence of ``num_tokens`` patch tokens (None for 'mean')."""
+        return {"head": 0, "middle": num_tokens // 2, "mean": None}[self.config.cls_position]
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        return_layer_targets: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+        """Run the blocks over (B, N, D) patch tokens (all, or the visible ones of a masked view).
+
+        key_padding_mask: (B, N) bool, True = padded patch. Returns (utterance (B, D), patch outputs (B, N, D),
+        per-layer MLP outputs at the patch positions or None).
+        """
+        B, N, D = tokens.shape
+        idx = self.cls_index(N)
+        x = tokens
+        if idx is not None:
+            x = torch.cat([tokens[:, :idx], self.cls_token.expand(B, 1, D).to(tokens.dtype), tokens[:, idx:]], 1)
+            if key_padding_mask is not None:
+                key_padding_mask = torch.cat(
+                    [key_padding_mask[:, :idx], key_padding_mask.new_zeros(B, 1), key_padding_mask[:, idx:]], 1
+                )
+        x = self.norm_input(x)
+        layer_targets = [] if return_layer_targets else None
+        for block in self.blocks:
+            x, t = block(x, key_padding_mask=key_padding_mask)
+            if layer_targets is not None:
+                layer_targets.append(_drop_token(t, idx))
+        patches = _drop_token(x, idx)
+        if idx is not None:
+            utterance = x[:, idx]
+        elif key_padding_mask is None:
+            utterance = patches.mean(dim=1)
+        else:
+            keep = (~key_padding_mask).unsqueeze(-1).to(patches.dtype)
+            utterance = (patches * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return utterance, patches, layer_targets
+
+    def extract_features(self, fbank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F) log-mel -> (utterance (B, D), patch tokens (B, P, D))."""
+        utterance, patches, _ = self.forward_tokens(self.embed(fbank))
+        return utterance, patches
+
+    def forward(self, fbank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.extract_features(fbank)
+
+
+def _drop_token(x: torch.Tensor, idx: int | None) -> torch.Tensor:
+    if idx is None:
+        return x
+    return torch.cat([x[:, :idx], x[:, idx + 1:]], dim=1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # BERT/data2vec initialisation: N(0, 0.02) linear weights, zero biases, unit LayerNorm.
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

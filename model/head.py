@@ -1,0 +1,86 @@
+"""Downstream: a classifier on the utterance vector, and optimiser parameter groups for training."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .config import ASDAConfig
+from .encoder import ASDAEncoder
+
+# Parameters that never get weight decay besides biases and other 1-D tensors.
+_NO_DECAY_NAMES = ("cls_token", "pos_embed.table")
+
+
+class ClassificationHead(nn.Module):
+    """LayerNorm + Linear on the utterance vector."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.linear.weight, std=2e-5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, utterance: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(utterance))
+
+
+class ASDAClassifier(nn.Module):
+    """Encoder + head: (B, T, F) log-mel -> (B, num_classes) logits."""
+
+    def __init__(self, config: ASDAConfig, num_classes: int, encoder: ASDAEncoder | None = None):
+        super().__init__()
+        self.encoder = encoder if encoder is not None else ASDAEncoder(config)
+        self.head = ClassificationHead(config.embed_dim, num_classes)
+
+    def forward(self, fbank: torch.Tensor) -> torch.Tensor:
+        utterance, _ = self.encoder.extract_features(fbank)
+        return self.head(utterance)
+
+
+def _decays(name: str, param: torch.Tensor) -> bool:
+    return param.ndim > 1 and not name.endswith(".bias") and not any(n in name for n in _NO_DECAY_NAMES)
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weight decay on matrices/kernels, none on biases, norms, λ vectors, CLS and positions."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if _decays(name, p) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for embeddings, i + 1 for block i, depth + 1 for everything after the encoder (head)."""
+    match = re.search(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    if any(k in name for k in ("patch_embed", "pos_embed", "cls_token", "norm_input")):
+        return 0
+    return depth + 1
+
+
+def param_groups_layer_decay(
+    model: nn.Module, weight_decay: float, layer_decay: float = 0.65, depth: int | None = None
+) -> list[dict]:
+    """Layer-wise lr decay groups: block i gets ``lr_scale = layer_decay ** (depth - i)``, the head 1.
+
+    Each group carries ``lr_scale``; the training loop sets ``lr = base_lr * lr_scale``.
+    """
+    if depth is None:
+        depth = sum(1 for n, _ in model.named_modules() if re.fullmatch(r"(.*\.)?blocks\.\d+", n))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid, decays = layer_id(name, depth), _decays(name, p)
+        group = groups.setdefault((lid, decays), {
+            "params": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid,
+        })
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]

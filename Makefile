@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## test: the fast suite (everything not marked slow)
-test: setup
+test: setup lint
 	$(BIN)/pytest -q -m "not slow"
 
 ## test-all: every test, slow ones included

@@ -22,8 +22,9 @@ def _sdpa_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _explicit_softmax(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q kᵀ / √d) in float32: (B, H, N, N)."""
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    """softmax(q kᵀ / √d) in float32 (or float64 for float64 inputs): (B, H, N, N)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     return scores.softmax(dim=-1)
@@ -166,7 +167,7 @@ class DifferentialAttention(nn.Module):
         """The same function as ``forward`` through the explicit maps (reference for tests and plots)."""
         a1, a2, lam = self.attention_maps(x, key_padding_mask)
         v = self.project_qkv(x)[-1]
-        o = ((a1 - lam * a2) @ v.float()).to(v.dtype)
+        o = ((a1 - lam * a2) @ v.to(a1.dtype)).to(v.dtype)
         return self._finish(o)
 
 

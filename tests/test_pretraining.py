@@ -1,0 +1,83 @@
+"""The pretraining objective: EMA teacher, targets, determinism and that it learns."""
+
+import pytest
+import torch
+
+from model import ASDA, ASDAConfig, ema_decay
+
+TINY = ASDAConfig.tiny(depth=2, average_top_k_layers=2, target_length=128, num_students=4)
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [(0, 0.9998), (50_000, (0.9998 + 0.99999) / 2), (100_000, 0.99999), (200_000, 0.99999)],
+)
+def test_ema_decay_anneals_linearly_then_stays(step, expected):
+    assert ema_decay(step, 0.9998, 0.99999, 100_000) == pytest.approx(expected, abs=1e-12)
+
+
+def test_model_decay_follows_its_update_count():
+    model = ASDA(ASDAConfig.tiny(ema_decay_start=0.9, ema_decay_end=0.99, ema_anneal_steps=10))
+    assert model.ema_decay == pytest.approx(0.9)
+    for _ in range(5):
+        model.update_teacher()
+    assert model.ema_decay == pytest.approx(0.945)
+    assert int(model.num_updates) == 5
+
+
+def test_teacher_never_receives_gradients():
+    model = ASDA(TINY)
+    model(torch.randn(2, 128, 128))["loss"].backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.student.parameters())
+
+
+def test_update_teacher_moves_it_toward_the_student_by_one_minus_decay():
+    model = ASDA(TINY)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    before = [t.clone() for t in model.teacher.parameters()]
+    gap_before = sum((t - s).pow(2).sum() for t, s in zip(before, model.student.parameters(), strict=True))
+    d = model.update_teacher()
+    for t0, t, s in zip(before, model.teacher.parameters(), model.student.parameters(), strict=True):
+        torch.testing.assert_close(t, d * t0 + (1 - d) * s)
+    gap_after = sum((t - s).pow(2).sum() for t, s in zip(model.teacher.parameters(), model.student.parameters(), strict=True))
+    assert gap_after < gap_before
+
+
+def test_teacher_targets_are_layer_normalised_per_patch():
+    model = ASDA(TINY)
+    y = model.teacher_targets(torch.randn(2, 128, 128))
+    assert y.shape == (2, TINY.num_patches, TINY.embed_dim) and y.dtype == torch.float32
+    torch.testing.assert_close(y.mean(-1), torch.zeros(2, y.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(2, y.shape[1]), atol=1e-3, rtol=0)
+
+
+def _loss_after_init(seed):
+    torch.manual_seed(seed)
+    model = ASDA(TINY)
+    return model(torch.randn(2, 128, 128))["loss"]
+
+
+def test_same_seed_gives_the_same_loss():
+    assert torch.equal(_loss_after_init(7), _loss_after_init(7))
+    assert not torch.equal(_loss_after_init(7), _loss_after_init(8))
+
+
+def test_loss_falls_on_a_fixed_batch():
+    """With the teacher held fixed the students must learn to predict its targets from the visible patches."""
+    model = ASDA(TINY)
+    t, f = torch.arange(128.0)[:, None], torch.arange(128.0)[None, :]
+    batch = torch.stack([torch.sin(t / (3 + i) + f / (5 + 2 * i)) for i in range(4)])
+    batch = batch + 0.1 * torch.randn_like(batch)  # structured spectrogram-like patterns, not white noise
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(60):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.75 * first, (first, last)

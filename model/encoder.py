@@ -52,6 +52,14 @@ class ASDAEncoder(nn.Module):
         """Where the CLS token sits in a sequence of ``num_tokens`` patch tokens (None for 'mean')."""
         return {"head": 0, "middle": num_tokens // 2, "mean": None}[self.config.cls_position]
 
+    def _with_cls(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """(B, N, D) patch tokens -> the sequence with the CLS token at its position, and that position."""
+        idx = self.cls_index(tokens.shape[1])
+        if idx is None:
+            return tokens, None
+        B, _, D = tokens.shape
+        return _insert(tokens, self.cls_token.expand(B, 1, D).to(tokens.dtype), idx), idx
+
     def forward_tokens(
         self,
         tokens: torch.Tensor,
@@ -63,15 +71,9 @@ class ASDAEncoder(nn.Module):
         key_padding_mask: (B, N) bool, True = padded patch. Returns (utterance (B, D), patch outputs (B, N, D),
         per-layer MLP outputs at the patch positions or None).
         """
-        B, N, D = tokens.shape
-        idx = self.cls_index(N)
-        x = tokens
-        if idx is not None:
-            x = torch.cat([tokens[:, :idx], self.cls_token.expand(B, 1, D).to(tokens.dtype), tokens[:, idx:]], 1)
-            if key_padding_mask is not None:
-                key_padding_mask = torch.cat(
-                    [key_padding_mask[:, :idx], key_padding_mask.new_zeros(B, 1), key_padding_mask[:, idx:]], 1
-                )
+        x, idx = self._with_cls(tokens)
+        if idx is not None and key_padding_mask is not None:
+            key_padding_mask = _insert(key_padding_mask, key_padding_mask.new_zeros(len(tokens), 1), idx)
         x = self.norm_input(x)
         layer_targets = [] if return_layer_targets else None
         for block in self.blocks:
@@ -95,6 +97,24 @@ class ASDAEncoder(nn.Module):
 
     def forward(self, fbank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.extract_features(fbank)
+
+    @torch.no_grad()
+    def attention_maps(self, fbank: torch.Tensor) -> tuple[list[dict[str, torch.Tensor]], int | None]:
+        """Explicit attention maps of every block, for analysis: ([{"a1", "a2", "lam"} or {"a1"}] per layer,
+        CLS index in the token sequence or None). Maps are (B, H, N, N) over CLS + patch tokens."""
+        x, idx = self._with_cls(self.embed(fbank))
+        x = self.norm_input(x)
+        maps = []
+        for block in self.blocks:
+            found = block.attn.attention_maps(x)
+            maps.append(dict(zip(("a1", "a2", "lam"), found, strict=True)) if isinstance(found, tuple)
+                        else {"a1": found})
+            x, _ = block(x)
+        return maps, idx
+
+
+def _insert(x: torch.Tensor, item: torch.Tensor, idx: int) -> torch.Tensor:
+    return torch.cat([x[:, :idx], item, x[:, idx:]], dim=1)
 
 
 def _drop_token(x: torch.Tensor, idx: int | None) -> torch.Tensor:

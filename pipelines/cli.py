@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -64,8 +65,167 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.set_defaults(func=_bench_step)
 
 
+def _parse_options(items: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {item!r} must look like key=value (e.g. name_pattern={{ytid}}.flac)")
+        options[key.replace("-", "_")] = yaml.safe_load(raw)
+    return options
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+    from .runtime import DATA_ROOT
+
+    if args.source is None and args.dataset != "synthetic":
+        raise ValueError(f"--source is required for --dataset {args.dataset} (the folder as its release lays it out)")
+    source = args.source or DATA_ROOT / "raw" / args.dataset
+    out = args.out or DATA_ROOT / "prepared" / args.dataset
+    card = prepare(args.dataset, source, out, force=args.force, shard_mb=args.shard_mb,
+                   max_rejected=args.max_rejected, options=_parse_options(args.option))
+    print(f"{out}: {card['num_clips']} clips {card['splits']}, {len(card['class_names'])} classes, "
+          f"{len(card['shards'])} shard(s), {len(card['rejected'])} rejected")
+    for r in card["rejected"][:20]:
+        print(f"  rejected {r['path']}: {r['reason']}")
+    if len(card["rejected"]) > 20:
+        print(f"  ... and {len(card['rejected']) - 20} more (see {out}/dataset.json)")
+    return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    from .datasets import ADAPTERS
+
+    p = sub.add_parser("prepare", help="audio -> fbank Parquet shards + dataset.json, in parallel on Ray Data")
+    p.add_argument("--dataset", choices=sorted(ADAPTERS), default="synthetic",
+                   help="source layout (default: synthetic, generated if missing)")
+    p.add_argument("--source", type=Path, help="the data set as its release lays it out "
+                   "(default for synthetic: data/raw/synthetic)")
+    p.add_argument("--out", type=Path, help="output folder (default: data/prepared/<dataset>)")
+    p.add_argument("--force", action="store_true", help="redo a finished preparation")
+    p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MB (default: 128)")
+    p.add_argument("--max-rejected", type=float, default=0.5,
+                   help="fail when more than this share of clips is rejected (default: 0.5)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="adapter option, repeatable (e.g. name_pattern={ytid}.flac, num_train=2000)")
+    p.set_defaults(func=_prepare)
+
+
+def _model_config(args: argparse.Namespace):
+    from model import ASDAConfig
+
+    config = ASDAConfig.tiny() if args.preset == "tiny" else ASDAConfig()
+    if args.config:
+        config = ASDAConfig.from_yaml(args.config)
+    return config.with_overrides(args.overrides)
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
+    p.add_argument("--preset", choices=("base", "tiny"), default=default_preset,
+                   help=f"model preset (default: {default_preset}; base = the paper's 92 M encoder)")
+    p.add_argument("--config", type=Path, help="YAML file of ASDAConfig fields (replaces the preset)")
+    p.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="ASDAConfig fields to override, e.g. diff_lambda=0.5 num_students=8")
+
+
+def _default_data() -> Path:
+    from .runtime import DATA_ROOT
+
+    return DATA_ROOT / "prepared" / "synthetic"
+
+
+def _ensure_default_data(data: Path) -> None:
+    """The embedded default: prepare the synthetic set on first use."""
+    if data == _default_data() and not (data / "dataset.json").is_file():
+        from .prepare import prepare
+        from .runtime import DATA_ROOT
+
+        print(f"preparing the synthetic data set into {data} (first use)")
+        prepare("synthetic", DATA_ROOT / "raw" / "synthetic", data)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import PretrainSettings, pretrain
+
+    config = _model_config(args)
+    data = (args.data or _default_data()).resolve()
+    settings = PretrainSettings(
+        data=str(data), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
+        use_gpu=args.use_gpu, max_failures=args.max_failures, name=args.name, experiment=args.experiment,
+        resume=str(args.resume) if args.resume else None, cpus_per_worker=args.cpus_per_worker,
+        **({"storage": str(args.storage)} if args.storage else {}),
+    )
+    _ensure_default_data(data)
+    result = pretrain(config, settings)
+    from .tracking import ui_command
+
+    print(f"finished {result['name']}: step {result['metrics'].get('step')}, "
+          f"loss {result['metrics'].get('loss', float('nan')):.4f}")
+    print(f"checkpoint: {result['checkpoint']}")
+    print(f"MLflow run {result['run_id']}: {ui_command()}")
+    return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="ASDA self-supervised pretraining on Ray Train (DDP) with MLflow")
+    p.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set, prepared if missing)")
+    _add_model_args(p)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks; default: 1)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    p.add_argument("--cpus-per-worker", type=float, help="Ray CPUs per worker (default: derived from the machine)")
+    p.add_argument("--steps", type=int, default=300, help="optimiser updates (default: 300)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per worker per update (default: 8)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: 5e-4)")
+    p.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up updates (default: 30)")
+    p.add_argument("--log-every", type=int, default=10, help="updates between logged metrics (default: 10)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="updates between checkpoints (default: 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from (default: 1)")
+    p.add_argument("--name", help="run name; running the same name again resumes it")
+    p.add_argument("--resume", type=Path, help="start from this checkpoint (folder or .pt) in a new run")
+    p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
+    p.add_argument("--storage", type=Path, help="Ray Train storage folder (default: results/)")
+    p.set_defaults(func=_pretrain)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .probe import ProbeSettings, probe, resolve_checkpoint
+
+    data = (args.data or _default_data()).resolve()
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    if checkpoint is None and not args.random_init:
+        raise ValueError("give --checkpoint (a pretraining run folder or .pt file) or --random-init for the baseline")
+    settings = ProbeSettings(data=str(data), checkpoint=checkpoint, which=args.which, eval_split=args.eval_split,
+                             l2=args.l2, seed=args.seed, experiment=args.experiment, name=args.name)
+    _ensure_default_data(data)
+    result = probe(settings, _model_config(args) if checkpoint is None else None)
+    shown = {k: round(v, 4) for k, v in result.items() if k.startswith(("eval_", "train_")) and k != "eval_split"}
+    print(f"probe on {result['eval_split']} ({result['num_train']} train / {result['num_eval']} eval clips): {shown}")
+    print(f"MLflow run {result['run_id']}")
+    return 0
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="linear probe on frozen utterance vectors (eval_accuracy / eval_map)")
+    p.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set, prepared if missing)")
+    p.add_argument("--checkpoint", type=Path, help="pretraining run folder (final.pt), checkpoint folder or .pt")
+    p.add_argument("--random-init", action="store_true", help="probe a randomly initialised encoder (baseline)")
+    p.add_argument("--which", choices=("student", "teacher"), default="student", help="encoder of the checkpoint")
+    p.add_argument("--eval-split", help="split to evaluate on (default: test, else valid)")
+    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the classifier (default: 1e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
+    p.add_argument("--name", help="MLflow run name")
+    _add_model_args(p)
+    p.set_defaults(func=_probe)
+
+
 # Each stage module contributes a function that adds its subparser(s).
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_bench]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_prepare, _add_pretrain, _add_probe, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

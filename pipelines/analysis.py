@@ -1,0 +1,180 @@
+"""The evidence behind the paper's claim: where attention goes, and how the losses went.
+
+For a few held-out clips: the CLS query's attention over the patch grid — A1, A2 and A1 − λ·A2 for differential
+attention, A for standard attention — and, when the data set knows where the labelled event is (the synthetic set
+does), the share of attention mass that lands on the event's patches vs on the distractors around it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import ASDAConfig, ASDAEncoder
+
+FRAMES_PER_SECOND = 100  # 10 ms frame shift
+
+
+def _query_rows(a: torch.Tensor, cls_idx: int | None) -> torch.Tensor:
+    """(B, H, N, N) map -> (B, P) head-averaged weights of the utterance query over the patch tokens."""
+    a = a.float().mean(dim=1)  # (B, N, N)
+    if cls_idx is None:
+        return a.mean(dim=1)  # no CLS: the mean over all queries ('mean' utterance vector)
+    row = a[:, cls_idx]
+    return torch.cat([row[:, :cls_idx], row[:, cls_idx + 1:]], dim=1)
+
+
+def event_patch_mask(events: np.ndarray, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """(B, 2) event (start, end) seconds -> (B, P) bool, True for patches whose time column overlaps the event."""
+    T, F = grid
+    seconds_per_column = patch_size / FRAMES_PER_SECOND
+    starts = torch.arange(T) * seconds_per_column
+    ev = torch.as_tensor(events, dtype=torch.float32)
+    cols = (starts[None, :] < ev[:, 1:2]) & (starts[None, :] + seconds_per_column > ev[:, 0:1])  # (B, T)
+    return cols.repeat_interleave(F, dim=1)
+
+
+@torch.no_grad()
+def attention_summary(encoder: ASDAEncoder, fbank: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Per layer: the utterance query's weights over patches for "a1", "a2", "effective" (A1 − λA2 or A), λ."""
+    maps, cls_idx = encoder.attention_maps(fbank)
+    layers = []
+    for m in maps:
+        entry = {"a1": _query_rows(m["a1"], cls_idx)}
+        if "a2" in m:
+            entry["a2"] = _query_rows(m["a2"], cls_idx)
+            entry["lam"] = m["lam"].float()
+            entry["effective"] = entry["a1"] - entry["lam"] * entry["a2"]
+        else:
+            entry["effective"] = entry["a1"]
+        layers.append(entry)
+    return layers
+
+
+def event_shares(layers: list[dict[str, torch.Tensor]], event_mask: torch.Tensor) -> dict[str, float]:
+    """Share of |attention| on event patches (mean over clips) per layer, for A1 and the effective map, and the
+    share a uniform map would give (the event's share of patches)."""
+    valid = event_mask.any(dim=1)
+    if not valid.any():
+        return {}
+    mask = event_mask[valid].float()
+
+    def share(w: torch.Tensor) -> float:
+        w = w[valid].abs()
+        return float(((w * mask).sum(1) / w.sum(1).clamp_min(1e-12)).mean())
+
+    out = {"attn_event_share_uniform": float(mask.mean(1).mean())}
+    for i, layer in enumerate(layers):
+        out[f"attn_event_share_layer{i}"] = share(layer["effective"])
+    out["attn_event_share"] = out[f"attn_event_share_layer{len(layers) - 1}"]
+    out["attn_event_share_a1"] = share(layers[-1]["a1"])
+    return out
+
+
+def attention_figure(encoder: ASDAEncoder, clips: dict[str, np.ndarray], title: str = ""):
+    """A figure: one row per clip — the spectrogram with the event marked, then the last layer's utterance-query
+    attention over the patch grid (A1, A2, A1 − λA2 for differential attention; A for standard)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config: ASDAConfig = encoder.config
+    fbank = torch.as_tensor(clips["fbank"])
+    layers = attention_summary(encoder.eval(), fbank)
+    last = layers[-1]
+    panels = [("A1", "a1"), ("A2", "a2"), ("A1 − λ·A2", "effective")] if "a2" in last else [("A", "a1")]
+    T = fbank.shape[1] // config.patch_size
+    F = config.num_mel_bins // config.patch_size
+    rows = fbank.shape[0]
+    fig, axes = plt.subplots(rows, 1 + len(panels), figsize=(3.2 * (1 + len(panels)), 2.2 * rows), squeeze=False)
+    for r in range(rows):
+        ax = axes[r, 0]
+        ax.imshow(fbank[r].T.numpy(), origin="lower", aspect="auto", cmap="magma")
+        ev = clips["event"][r]
+        if np.all(np.isfinite(ev)):
+            ax.axvspan(ev[0] * FRAMES_PER_SECOND, ev[1] * FRAMES_PER_SECOND, color="cyan", alpha=0.25)
+        ax.set_title("log-mel" + (" (event shaded)" if np.all(np.isfinite(ev)) else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for c, (label, key) in enumerate(panels, start=1):
+            grid = last[key][r].view(T, F).T.numpy()  # (F, T): frequency up, time right
+            ax = axes[r, c]
+            vmax = float(np.abs(grid).max()) or 1.0
+            ax.imshow(grid, origin="lower", aspect="auto", cmap="RdBu_r" if key == "effective" else "viridis",
+                      vmin=-vmax if key == "effective" else 0, vmax=vmax)
+            if key == "effective" and "lam" in last:
+                label += f"  (λ={float(last['lam']):.2f})"
+            ax.set_title(label, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title or f"utterance-query attention, last layer ({config.attention})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def figure_clips(data: str | Path, split: str | None, limit: int, target_length: int) -> dict[str, np.ndarray]:
+    """A few held-out clips: the named split, else valid, test, train — preferring clips with a known event."""
+    from .feed import read_clips
+    from .prepare import load_card
+
+    card = load_card(data)
+    for name in ([split] if split else ["valid", "test", "train"]):
+        if name in card["splits"]:
+            clips = read_clips(data, name, target_length=target_length, labels="none", limit=max(limit, 1) * 4)
+            known = np.all(np.isfinite(clips["event"]), axis=1)
+            order = np.r_[np.flatnonzero(known), np.flatnonzero(~known)][:limit]
+            return {k: v[order] for k, v in clips.items()}
+    raise ValueError(f"split {split!r} not in {data}; it has {sorted(card['splits'])}")
+
+
+def loss_curve_figure(history: dict[str, list[tuple[int, float]]], title: str = "pretraining losses"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, points in history.items():
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=key)
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def log_pretraining_artifacts(run_id: str, config: ASDAConfig, settings, checkpoint: str | Path) -> dict[str, Any]:
+    """Loss curves, the attention figure and the event-share metrics of a finished run, into its MLflow run."""
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    from model import load_encoder
+
+    client = MlflowClient()
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+               for key in ("loss", "loss_frame", "loss_utterance")}
+    fig = loss_curve_figure(history, title=f"{settings.name}: losses")
+    client.log_figure(run_id, fig, "figures/loss_curves.png")
+    plt.close(fig)
+    results: dict[str, Any] = {}
+    if settings.figure_clips:
+        encoder = load_encoder(checkpoint, "student").eval()
+        clips = figure_clips(settings.data, settings.figure_split, settings.figure_clips, config.target_length)
+        fig = attention_figure(encoder, clips, title=f"{settings.name}: utterance-query attention, last layer")
+        client.log_figure(run_id, fig, "figures/attention.png")
+        plt.close(fig)
+        mask = event_patch_mask(clips["event"], (config.target_length // config.patch_size,
+                                                 config.num_mel_bins // config.patch_size), config.patch_size)
+        results = event_shares(attention_summary(encoder, torch.as_tensor(clips["fbank"])), mask)
+        for key, value in results.items():
+            client.log_metric(run_id, key, value, step=settings.steps)
+    return results

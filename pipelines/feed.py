@@ -1,0 +1,201 @@
+"""The feed: a prepared folder's split as a Ray Dataset of model-ready batches, for Ray Train workers.
+
+    ds = feed_dataset(prepared, "train", target_length=256, labels="none")
+    TorchTrainer(..., datasets={"train": ds})
+    # in the worker:
+    for batch in iter_torch(ray.train.get_dataset_shard("train"), batch_size=16, seed=epoch):
+        batch["fbank"]  # (B, target_length, 128) float32, normalised with the card's statistics
+
+``read_clips`` gives the same arrays without Ray, for evaluation on the driver and for figures.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from model.features import NUM_MEL_BINS
+
+from .prepare import load_card
+
+LabelMode = Literal["index", "multihot", "none"]
+_READ_COLUMNS = ["id", "split", "fold", "labels", "frames", "fbank", "event_start", "event_end"]
+
+
+def verify_shards(prepared: str | Path, card: dict | None = None) -> list[Path]:
+    """Every shard the card lists exists, has its recorded size and a readable Parquet footer; else an error
+    that names the shard. Cheap: reads only footers."""
+    import pyarrow.parquet as pq
+
+    prepared = Path(prepared).resolve()
+    card = card or load_card(prepared)
+    paths = []
+    for shard in card["shards"]:
+        path = prepared / shard["file"]
+        redo = f"; re-run `asda prepare --force` for {prepared}"
+        if not path.is_file():
+            raise ValueError(f"shard {path} is missing{redo}")
+        if path.stat().st_size != shard["bytes"]:
+            raise ValueError(f"corrupt shard {path}: {path.stat().st_size} bytes, card says {shard['bytes']}{redo}")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:
+            raise ValueError(f"corrupt shard {path}: {exc}{redo}") from None
+        if rows != shard["rows"]:
+            raise ValueError(f"corrupt shard {path}: {rows} rows, card says {shard['rows']}{redo}")
+        paths.append(path)
+    return paths
+
+
+def _splits(card: dict, split: str | Sequence[str]) -> list[str]:
+    splits = [split] if isinstance(split, str) else list(split)
+    unknown = [s for s in splits if s not in card["splits"]]
+    if unknown:
+        raise ValueError(f"split {unknown} not in the prepared data set; it has {sorted(card['splits'])}")
+    return splits
+
+
+def _check_labels(card: dict, labels: str) -> None:
+    if labels not in ("index", "multihot", "none"):
+        raise ValueError(f"labels={labels!r} is not allowed: expected 'index', 'multihot' or 'none'")
+    if labels == "index" and card["multilabel"]:
+        raise ValueError(f"{card['name']} is multi-label: use labels='multihot'")
+
+
+def to_model_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    mean: float,
+    std: float,
+    target_length: int,
+    num_classes: int,
+    labels: LabelMode = "index",
+    random_crop: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Decode float16 fbank rows, crop (random or from the start) or zero-pad to ``target_length``, normalise.
+
+    Returns "fbank" (n, target_length, 128) float32, plus "label" (n,) int64 or (n, C) float32 unless
+    labels="none", plus "event" (n, 2) seconds (NaN where unknown) and "id".
+    """
+    n = len(batch["id"])
+    fbank = np.zeros((n, target_length, NUM_MEL_BINS), dtype=np.float32)  # zeros = padding, before normalising
+    for i in range(n):
+        frames = int(batch["frames"][i])
+        raw = batch["fbank"][i]
+        if len(raw) != frames * NUM_MEL_BINS * 2:
+            where = f" in shard {batch['path'][i]}" if "path" in batch else ""
+            raise ValueError(f"corrupt row {batch['id'][i]!r}{where}: {len(raw)} bytes for {frames} frames")
+        feats = np.frombuffer(raw, dtype=np.float16).reshape(frames, NUM_MEL_BINS)
+        start = 0
+        if random_crop and frames > target_length:
+            # Seeded per clip so that a run is reproducible whatever the order rows arrive in.
+            rng = np.random.default_rng([seed, zlib.crc32(str(batch["id"][i]).encode())])
+            start = int(rng.integers(0, frames - target_length + 1))
+        crop = feats[start:start + target_length]
+        fbank[i, : crop.shape[0]] = crop
+    out: dict[str, Any] = {"fbank": (fbank - mean) / (2 * std), "id": np.asarray(batch["id"], dtype=object),
+                           "event": np.stack([np.asarray(batch["event_start"], dtype=np.float32),
+                                              np.asarray(batch["event_end"], dtype=np.float32)], axis=1)}
+    if labels == "index":
+        out["label"] = np.array([int(ls[0]) for ls in batch["labels"]], dtype=np.int64)
+    elif labels == "multihot":
+        hot = np.zeros((n, num_classes), dtype=np.float32)
+        for i, ls in enumerate(batch["labels"]):
+            hot[i, np.asarray(ls, dtype=np.int64)] = 1.0
+        out["label"] = hot
+    return out
+
+
+def feed_dataset(
+    prepared: str | Path,
+    split: str | Sequence[str],
+    *,
+    target_length: int | None = None,
+    labels: LabelMode = "index",
+    random_crop: bool = True,
+    seed: int = 0,
+    folds: Iterable[int] | None = None,
+):
+    """A Ray Dataset of model-ready rows for ``split`` (one name or several) of a prepared folder.
+
+    target_length defaults to the card's; ``folds`` keeps only those folds (ESC-50 cross-validation).
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    prepared = Path(prepared).resolve()
+    card = load_card(prepared)
+    splits = _splits(card, split)
+    _check_labels(card, labels)
+    shards = verify_shards(prepared, card)
+    ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True)
+    ds = ds.filter(expr=col("split").is_in(splits))
+    if folds is not None:
+        ds = ds.filter(expr=col("fold").is_in([int(f) for f in folds]))
+    norm = card["normalisation"]
+    return ds.map_batches(
+        _feed_batch, batch_format="numpy", batch_size=64,
+        fn_kwargs=dict(mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
+                       num_classes=len(card["class_names"]), labels=labels, random_crop=random_crop, seed=seed),
+    )
+
+
+def _feed_batch(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+    out = to_model_batch(batch, **kwargs)
+    del out["id"]  # strings do not become tensors; read_clips keeps them
+    return out
+
+
+def iter_torch(dataset, batch_size: int, *, seed: int | None = None, shuffle_buffer: int = 256,
+               drop_last: bool = True, device: str = "cpu"):
+    """Torch batches from a Dataset or a Train worker's shard, locally shuffled with a seed."""
+    return dataset.iter_torch_batches(
+        batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer else None,
+        local_shuffle_seed=seed, drop_last=drop_last, device=device,
+    )
+
+
+def read_clips(
+    prepared: str | Path,
+    split: str | Sequence[str],
+    *,
+    target_length: int | None = None,
+    labels: LabelMode = "index",
+    limit: int | None = None,
+    folds: Iterable[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """The same arrays as the feed (first crop, no shuffle), read on this process with pyarrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    prepared = Path(prepared).resolve()
+    card = load_card(prepared)
+    splits = _splits(card, split)
+    _check_labels(card, labels)
+    tables = []
+    remaining = limit
+    for shard in verify_shards(prepared, card):
+        table = pq.read_table(shard, columns=_READ_COLUMNS)
+        keep = pc.is_in(table["split"], value_set=pa.array(splits))
+        if folds is not None:
+            keep = pc.and_(keep, pc.is_in(table["fold"], value_set=pa.array([int(f) for f in folds])))
+        table = table.filter(keep)
+        if remaining is not None:
+            table = table.slice(0, remaining)
+            remaining -= table.num_rows
+        tables.append(table)
+        if remaining == 0:
+            break
+    data = pa.concat_tables(tables).to_pydict() if tables else {c: [] for c in _READ_COLUMNS}
+    norm = card["normalisation"]
+    return to_model_batch(
+        {k: np.asarray(v, dtype=object) for k, v in data.items()},
+        mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
+        num_classes=len(card["class_names"]), labels=labels,
+    )

@@ -1,0 +1,161 @@
+"""`asda probe`: a linear classifier on frozen utterance vectors — the evaluation a sweep can afford on a CPU.
+
+Features come from the encoder of a checkpoint (or a randomly initialised one, the baseline), the classifier is
+an L2-regularised logistic (softmax or per-class sigmoid) regression on standardised features, fitted full-batch
+with L-BFGS. Reports ``eval_accuracy`` (single-label) and ``eval_map`` via ``pipelines.metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import ASDAConfig, ASDAEncoder, load_encoder
+
+from . import tracking
+from .metrics import accuracy, mean_average_precision
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    data: str
+    checkpoint: str | None = None  # None: a randomly initialised encoder (the baseline)
+    which: str = "student"  # encoder of a pretraining checkpoint: student or teacher
+    train_split: str = "train"
+    eval_split: str | None = None  # default: test, else valid
+    l2: float = 1e-3  # weight of the L2 penalty on the classifier weights
+    max_iter: int = 300
+    batch_size: int = 64  # clips per feature-extraction batch
+    seed: int = 0
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    name: str | None = None
+    run_id: str | None = None  # log into this existing run (e.g. the pretraining run) instead of a new one
+    parent_run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.which not in ("student", "teacher"):
+            raise ValueError(f"which={self.which!r} is not allowed: expected 'student' or 'teacher'")
+        if self.l2 < 0 or self.max_iter < 1 or self.batch_size < 1:
+            raise ValueError("l2 must be >= 0, max_iter and batch_size >= 1")
+
+
+@torch.no_grad()
+def utterance_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    encoder.eval()
+    parts = [encoder.extract_features(torch.as_tensor(fbank[i:i + batch_size]))[0]
+             for i in range(0, len(fbank), batch_size)]
+    return torch.cat(parts).float() if parts else torch.empty(0, encoder.config.embed_dim)
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, multilabel: bool, l2: float,
+               max_iter: int, seed: int = 0) -> torch.nn.Module:
+    """Logistic regression on standardised features; returns a module mapping raw features to logits."""
+    torch.manual_seed(seed)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    linear = torch.nn.Linear(x.shape[1], num_classes).double()
+    xs = ((x - mean) / std).double()
+    target = y.double() if multilabel else y.long()
+    loss_fn = torch.nn.BCEWithLogitsLoss() if multilabel else torch.nn.CrossEntropyLoss()
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(linear(xs), target) + l2 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.nn.Sequential(_Standardise(mean, std), linear).float()
+
+
+class _Standardise(torch.nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def evaluate(scores: torch.Tensor, labels: np.ndarray, num_classes: int, multilabel: bool) -> dict[str, float]:
+    """eval_map always; eval_accuracy for single-label data."""
+    if multilabel:
+        return {"eval_map": mean_average_precision(scores, labels)}
+    onehot = np.eye(num_classes, dtype=np.float32)[labels]
+    return {"eval_accuracy": accuracy(scores, labels), "eval_map": mean_average_precision(scores, onehot)}
+
+
+def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str, Any]:
+    """Fit and evaluate the probe; metrics go to MLflow. ``config`` builds the random encoder when there is
+    no checkpoint (default: the tiny preset)."""
+    from .feed import read_clips
+    from .prepare import load_card
+
+    card = load_card(settings.data)
+    eval_split = settings.eval_split or next((s for s in ("test", "valid") if s in card["splits"]), None)
+    if eval_split is None:
+        raise ValueError(f"{settings.data} has no test or valid split; name one with --eval-split")
+    if settings.checkpoint:
+        encoder = load_encoder(settings.checkpoint, settings.which)
+    else:
+        torch.manual_seed(settings.seed)
+        encoder = ASDAEncoder(config or ASDAConfig.tiny())
+    multilabel, num_classes = card["multilabel"], len(card["class_names"])
+    labels = "multihot" if multilabel else "index"
+    target_length = encoder.config.target_length
+    train = read_clips(settings.data, settings.train_split, target_length=target_length, labels=labels)
+    test = read_clips(settings.data, eval_split, target_length=target_length, labels=labels)
+    x_train = utterance_features(encoder, train["fbank"], settings.batch_size)
+    x_test = utterance_features(encoder, test["fbank"], settings.batch_size)
+    classifier = fit_linear(x_train, torch.as_tensor(train["label"]), num_classes, multilabel=multilabel,
+                            l2=settings.l2, max_iter=settings.max_iter, seed=settings.seed)
+    with torch.no_grad():
+        scores = classifier(x_test)
+        train_scores = classifier(x_train)
+    metrics = evaluate(scores, test["label"], num_classes, multilabel)
+    metrics.update({f"train_{k[5:]}": v for k, v in evaluate(train_scores, train["label"], num_classes,
+                                                             multilabel).items()})
+    run_id = _log(settings, metrics, eval_split, encoder.config)
+    return {**metrics, "run_id": run_id, "eval_split": eval_split, "num_train": len(x_train),
+            "num_eval": len(x_test)}
+
+
+def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, config: ASDAConfig) -> str:
+    from mlflow import MlflowClient
+
+    experiment_id = tracking.setup(settings.experiment)
+    client = MlflowClient()
+    run_id = settings.run_id
+    params = {f"probe.{k}": str(v) for k, v in dataclasses.asdict(settings).items()
+              if k not in ("run_id", "parent_run_id", "name")}
+    params["probe.eval_split_resolved"] = eval_split
+    if run_id is None:
+        tags = {"asda.kind": "probe", "asda.checkpoint": str(settings.checkpoint or "random-init")}
+        if settings.parent_run_id:
+            tags["mlflow.parentRunId"] = settings.parent_run_id
+        run = client.create_run(experiment_id, run_name=settings.name or "probe", tags=tags)
+        run_id = run.info.run_id
+        params.update(tracking.flatten(config.to_dict(), "model."))
+    tracking.log_params(client, run_id, params)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    if settings.run_id is None:
+        tracking.end_run(run_id, "FINISHED")
+    return run_id
+
+
+def resolve_checkpoint(path: str | Path | None) -> str | None:
+    """A pretraining run folder (its final.pt), a checkpoint folder (model.pt) or a file."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    for candidate in (path / "final.pt", path / "model.pt", path):
+        if candidate.is_file():
+            return str(candidate)
+    raise ValueError(f"no checkpoint at {path} (expected a .pt file, or a folder with final.pt or model.pt)")

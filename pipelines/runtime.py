@@ -1,0 +1,52 @@
+"""Where things live and how Ray is reached: the embedded default (a local instance, paths inside the repository)
+or whatever ``RAY_ADDRESS`` names. Nothing happens at import time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO_ROOT / "data"
+
+log = logging.getLogger(__name__)
+
+
+def code_version() -> str:
+    """The git commit of the code that ran (with "+dirty" for local changes), or the package version."""
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+
+        return "asda-platform " + version("asda-platform")
+
+
+def local_num_cpus() -> int:
+    """Logical CPUs for a local instance: twice the cores (at least 4). On small machines Train workers and Tune
+    trials otherwise take every CPU and Ray Data's read tasks starve."""
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
+def ensure_ray(num_cpus: int | None = None):
+    """Connect to ``RAY_ADDRESS`` if set, else start (once) a local instance. Returns the ray module."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    # Workers run with the driver's interpreter and the project installed editable, so they import the same code;
+    # the working directory is not shipped (it holds data and the venv).
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
+    return ray

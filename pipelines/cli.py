@@ -147,18 +147,40 @@ def _ensure_default_data(data: Path) -> None:
         prepare("synthetic", DATA_ROOT / "raw" / "synthetic", data)
 
 
+def _add_train_args(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float, warmup: int) -> None:
+    p.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set, prepared if missing)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks; default: 1)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    p.add_argument("--cpus-per-worker", type=float, help="Ray CPUs per worker (default: derived from the machine)")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser updates (default: {steps})")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"clips per worker per update (default: {batch})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
+    p.add_argument("--warmup-steps", type=int, default=warmup, help=f"linear warm-up updates (default: {warmup})")
+    p.add_argument("--log-every", type=int, default=10, help="updates between logged metrics (default: 10)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="updates between checkpoints (default: 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from (default: 1)")
+    p.add_argument("--name", help="run name; running the same name again resumes it")
+    p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
+    p.add_argument("--storage", type=Path, help="Ray Train storage folder (default: results/)")
+    _add_model_args(p)
+
+
+def _train_settings(args: argparse.Namespace, data: Path) -> dict:
+    return dict(
+        data=str(data), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
+        use_gpu=args.use_gpu, max_failures=args.max_failures, name=args.name, experiment=args.experiment,
+        cpus_per_worker=args.cpus_per_worker, **({"storage": str(args.storage)} if args.storage else {}),
+    )
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import PretrainSettings, pretrain
 
     config = _model_config(args)
     data = (args.data or _default_data()).resolve()
-    settings = PretrainSettings(
-        data=str(data), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
-        use_gpu=args.use_gpu, max_failures=args.max_failures, name=args.name, experiment=args.experiment,
-        resume=str(args.resume) if args.resume else None, cpus_per_worker=args.cpus_per_worker,
-        **({"storage": str(args.storage)} if args.storage else {}),
-    )
+    settings = PretrainSettings(**_train_settings(args, data), resume=str(args.resume) if args.resume else None)
     _ensure_default_data(data)
     result = pretrain(config, settings)
     from .tracking import ui_command
@@ -172,24 +194,47 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="ASDA self-supervised pretraining on Ray Train (DDP) with MLflow")
-    p.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set, prepared if missing)")
-    _add_model_args(p)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks; default: 1)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
-    p.add_argument("--cpus-per-worker", type=float, help="Ray CPUs per worker (default: derived from the machine)")
-    p.add_argument("--steps", type=int, default=300, help="optimiser updates (default: 300)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per worker per update (default: 8)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: 5e-4)")
-    p.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up updates (default: 30)")
-    p.add_argument("--log-every", type=int, default=10, help="updates between logged metrics (default: 10)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="updates between checkpoints (default: 100)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from (default: 1)")
-    p.add_argument("--name", help="run name; running the same name again resumes it")
+    _add_train_args(p, steps=300, batch=8, lr=5e-4, warmup=30)
     p.add_argument("--resume", type=Path, help="start from this checkpoint (folder or .pt) in a new run")
-    p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
-    p.add_argument("--storage", type=Path, help="Ray Train storage folder (default: results/)")
     p.set_defaults(func=_pretrain)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneSettings, finetune
+    from .probe import resolve_checkpoint
+
+    data = (args.data or _default_data()).resolve()
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    settings = FinetuneSettings(
+        **_train_settings(args, data), checkpoint=checkpoint, which=args.which, layer_decay=args.layer_decay,
+        drop_path=args.drop_path, loss=args.loss, label_smoothing=args.label_smoothing, mixup=args.mixup,
+        specaug_time=args.specaug_time, specaug_freq=args.specaug_freq, eval_split=args.eval_split,
+        cv_folds=args.cv_folds, split=args.split)
+    _ensure_default_data(data)
+    result = finetune(_model_config(args), settings)
+    shown = {k: round(v, 4) for k, v in result.items() if k.startswith("eval_")}
+    print(f"finished {result['name']}: {shown}")
+    return 0
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="supervised fine-tuning on Ray Train (SPEC §5 recipe), then evaluation")
+    _add_train_args(p, steps=200, batch=16, lr=2e-4, warmup=20)
+    p.add_argument("--checkpoint", type=Path, help="pretraining run folder (final.pt), checkpoint folder or .pt; "
+                   "without it the encoder starts from random weights (the model comes from --preset)")
+    p.add_argument("--which", choices=("student", "teacher"), default="student", help="encoder of the checkpoint")
+    p.add_argument("--split", default="train", help="training split (default: train)")
+    p.add_argument("--eval-split", help="evaluation split (default: test, else valid)")
+    p.add_argument("--cv-folds", type=int, default=0,
+                   help="k-fold cross-validation over the split's folds 1..k (ESC-50: 5); reports the mean")
+    p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (default: 0.65)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (default: 0.1)")
+    p.add_argument("--loss", choices=("ce", "bce"), help="default: bce for multi-label data, else ce")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (default: 0.1)")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(a, a) parameter; 0 = off (default)")
+    p.add_argument("--specaug-time", type=float, default=0.2, help="largest time mask, share of frames (0.2)")
+    p.add_argument("--specaug-freq", type=float, default=0.2, help="largest frequency mask, share of bins (0.2)")
+    p.set_defaults(func=_finetune)
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -225,7 +270,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
 
 
 # Each stage module contributes a function that adds its subparser(s).
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_prepare, _add_pretrain, _add_probe, _add_bench]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_prepare, _add_pretrain, _add_probe, _add_finetune, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:  # user errors: bad config, bad path, bad data
+    except (ValueError, FileNotFoundError) as exc:  # user errors: bad config, bad path, bad data
         print(f"asda {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -527,6 +527,8 @@ def synthetic(
     seed: int = synthetic_set.DEFAULT_PARAMS["seed"],
     clip_seconds: float = synthetic_set.DEFAULT_PARAMS["clip_seconds"],
     sample_rate: int = synthetic_set.DEFAULT_PARAMS["sample_rate"],
+    snr_min_db: float = synthetic_set.DEFAULT_PARAMS["snr_min_db"],
+    snr_max_db: float = synthetic_set.DEFAULT_PARAMS["snr_max_db"],
 ) -> DatasetIndex:
     """The embedded procedural set (``pipelines.synthetic``): generated into ``source`` unless a set with the same
     parameters is already there, then indexed. Each clip knows where its class event is (``ClipRef.event``).
@@ -534,7 +536,7 @@ def synthetic(
     source = _absolute(source)
     generated = synthetic_set.ensure_dataset(
         source, num_train=num_train, num_valid=num_valid, num_test=num_test, seed=seed,
-        clip_seconds=clip_seconds, sample_rate=sample_rate)
+        clip_seconds=clip_seconds, sample_rate=sample_rate, snr_min_db=snr_min_db, snr_max_db=snr_max_db)
     clips = [ClipRef(id=c["id"], path=str(source / c["file"]), split=c["split"], labels=(c["label"],),
                      event=(float(c["event"][0]), float(c["event"][1]))) for c in generated["clips"]]
     return _finish("synthetic", list(generated["class_names"]), clips, [], multilabel=False, target_length=256,

@@ -128,11 +128,14 @@ def feed_dataset(
     import ray.data
     from ray.data.expressions import col
 
+    from .runtime import ensure_ray
+
     prepared = Path(prepared).resolve()
     card = load_card(prepared)
     splits = _splits(card, split)
     _check_labels(card, labels)
     shards = verify_shards(prepared, card)
+    ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
     ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True)
     ds = ds.filter(expr=col("split").is_in(splits))
     if folds is not None:

@@ -117,6 +117,10 @@ def record_stop(run_dir: str | Path, reason: str, **details: Any) -> None:
     Path(run_dir, STOP_FILE).write_text(json.dumps({"reason": reason, "time": time.time(), **details}))
 
 
+def clear_stop(run_dir: str | Path) -> None:
+    Path(run_dir, STOP_FILE).unlink(missing_ok=True)
+
+
 def read_stop(run_dir: str | Path) -> dict | None:
     path = Path(run_dir, STOP_FILE)
     return json.loads(path.read_text()) if path.is_file() else None

@@ -188,16 +188,20 @@ def _card(index: DatasetIndex, dataset: str, source, folder: Path, rejected: lis
     import pyarrow.parquet as pq
 
     shards = sorted(folder.glob("*.parquet"))
-    columns = ["split", "labels", "frames", "fbank_sum", "fbank_sumsq"]
+    columns = ["split", "fold", "labels", "frames", "fbank_sum", "fbank_sumsq"]
     tables = [pq.read_table(s, columns=columns) for s in shards]
     splits: dict[str, int] = {}
     class_counts: dict[str, list[int]] = {}
+    folds: dict[str, dict[str, int]] = {}
     sums = {"n": 0.0, "sum": 0.0, "sumsq": 0.0}
     stats_split = "train" if any(c.split == "train" for c in index.clips) else None
     for table in tables:
         data = table.to_pydict()
-        for split, labels, frames, s, s2 in zip(*(data[c] for c in columns), strict=True):
+        for split, fold, labels, frames, s, s2 in zip(*(data[c] for c in columns), strict=True):
             splits[split] = splits.get(split, 0) + 1
+            if fold:
+                per_split = folds.setdefault(split, {})
+                per_split[str(fold)] = per_split.get(str(fold), 0) + 1
             counts = class_counts.setdefault(split, [0] * len(index.class_names))
             for label in labels:
                 counts[label] += 1
@@ -221,6 +225,7 @@ def _card(index: DatasetIndex, dataset: str, source, folder: Path, rejected: lis
         "splits": dict(sorted(splits.items())),
         "class_names": index.class_names,
         "class_counts": dict(sorted(class_counts.items())),
+        "folds": {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in sorted(folds.items())},
         "multilabel": index.multilabel,
         "target_length": index.target_length,
         "stats": {"mean": mean, "std": std, "computed_from": f"{stats_split or 'all'} split, unpadded frames"},

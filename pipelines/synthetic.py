@@ -26,6 +26,7 @@ MANIFEST_NAME = "synthetic.json"
 SPLITS = ("train", "valid", "test")
 DEFAULT_PARAMS: dict[str, Any] = dict(
     num_train=640, num_valid=160, num_test=160, seed=0, clip_seconds=2.56, sample_rate=16_000,
+    snr_min_db=-3.0, snr_max_db=9.0,  # the event's level over the background: the task's difficulty
 )
 EVENT_SECONDS = (0.3, 0.6)
 SNR_DB = (-3.0, 9.0)
@@ -172,10 +173,11 @@ def _background(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
 
 def generate_clip(
     class_index: int, rng: np.random.Generator, clip_seconds: float = 2.56, sample_rate: int = 16_000,
+    snr_db: tuple[float, float] = SNR_DB,
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """One clip of class ``class_index``: (waveform float32 (samples,), (event_start_s, event_end_s)).
 
-    The event's RMS over its own span is -3..+9 dB relative to the background's RMS over the whole clip; the
+    The event's RMS over its own span is ``snr_db`` (default -3..+9 dB) relative to the background's RMS over the whole clip; the
     mixture is then scaled to a random RMS between -36 and -20 dBFS, its peak capped at 0.95.
     """
     if not 0 <= class_index < len(CLASS_NAMES):
@@ -187,8 +189,8 @@ def generate_clip(
     start = int(rng.integers(0, n_clip - n_event + 1))
 
     mix = _background(n_clip, sample_rate, rng)
-    snr_db = rng.uniform(*SNR_DB)
-    mix[start:start + n_event] += event * (_rms(mix) * 10 ** (snr_db / 20) / _rms(event))
+    level_db = rng.uniform(*snr_db)
+    mix[start:start + n_event] += event * (_rms(mix) * 10 ** (level_db / 20) / _rms(event))
     mix *= 10 ** (rng.uniform(*RMS_DBFS) / 20) / _rms(mix)
     mix *= min(1.0, MAX_PEAK / np.max(np.abs(mix)))
     return mix.astype(np.float32), (start / sample_rate, (start + n_event) / sample_rate)
@@ -221,6 +223,9 @@ def resolve_params(**options: Any) -> dict[str, Any]:
     if params["num_train"] + params["num_valid"] + params["num_test"] == 0:
         raise ValueError("synthetic data set with no clips: set num_train, num_valid or num_test above 0")
     _check_geometry(params["clip_seconds"], params["sample_rate"])
+    if params["snr_min_db"] > params["snr_max_db"]:
+        raise ValueError(f"snr_min_db={params['snr_min_db']} is not allowed: expected <= snr_max_db "
+                         f"({params['snr_max_db']})")
     return params
 
 
@@ -286,7 +291,8 @@ def ensure_dataset(root: str | Path, **options: Any) -> dict[str, Any]:
     clips = []
     for entry in _clip_plan(params):
         rng = np.random.default_rng(entry.pop("rng_key"))
-        wav, event = generate_clip(entry["label"], rng, params["clip_seconds"], params["sample_rate"])
+        wav, event = generate_clip(entry["label"], rng, params["clip_seconds"], params["sample_rate"],
+                                   (params["snr_min_db"], params["snr_max_db"]))
         path = root / entry["file"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(_wav_bytes(wav, params["sample_rate"]))

@@ -5,3 +5,44 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One small local Ray instance for the whole test session, stopped at its end (only the one we started)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", "")
+    os.environ.pop("RAY_ADDRESS")  # tests never join a user's cluster
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracking_store(tmp_path_factory):
+    """MLflow runs of the tests go to a throw-away sqlite store, never the repository's."""
+    import os
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}"
+    yield os.environ["MLFLOW_TRACKING_URI"]
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def synthetic_prepared(ray_local, tmp_path_factory):
+    """A small prepared synthetic set (the embedded default's generator, fewer clips)."""
+    from pipelines.prepare import prepare
+
+    root = tmp_path_factory.mktemp("synthetic")
+    prepare("synthetic", root / "raw", root / "prepared",
+            options={"num_train": 64, "num_valid": 16, "num_test": 32, "seed": 1})
+    return root / "prepared"

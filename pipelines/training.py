@@ -1,0 +1,180 @@
+"""Driver side of every Ray Train run (pretraining, fine-tuning): settings, checks before Ray starts, the MLflow
+run, and ``TorchTrainer(...).fit()`` with the resources this machine or cluster allows."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import ASDAConfig
+
+from . import loop, tracking
+from .runtime import REPO_ROOT
+
+DEFAULT_STORAGE = REPO_ROOT / "results"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What every Ray Train run needs besides the model. Training is measured in optimiser updates."""
+
+    data: str  # a prepared folder (asda prepare)
+    steps: int = 300
+    batch_size: int = 8  # clips per worker per update
+    lr: float = 5e-4  # peak learning rate
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 4.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    seed: int = 0
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # Ray logical CPUs per worker; default: derived from the instance
+    threads_per_worker: int | None = None  # torch threads; default: physical cores / workers on a local instance
+    max_failures: int = 1  # worker deaths survived (restart from the last checkpoint)
+    split: str = "train"
+    name: str | None = None  # run name: running the same name again resumes that run
+    storage: str = str(DEFAULT_STORAGE)
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    parent_run_id: str | None = None  # nest the MLflow run under a sweep's run
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not allowed: expected a positive integer")
+        for name in ("warmup_steps", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected an integer >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} is not allowed: expected a positive number")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} is not allowed: expected a number in [0, 1]")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} is not allowed: expected a positive number")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r} is not allowed: expected > 0")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ValueError(f"name={self.name!r} is not allowed: expected a non-empty name without '/'")
+
+    def resolved(self, kind: str):
+        """Absolute paths (workers chdir) and a concrete run name."""
+        return dataclasses.replace(self, data=str(Path(self.data).resolve()), storage=str(Path(self.storage).resolve()),
+                                   name=self.name or time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a non-finite loss; the message names the update and the last good checkpoint."""
+
+
+def check_data(settings: TrainSettings, splits: list[str] | None = None) -> dict:
+    """The prepared data exists, is intact and can fill one update; returns its card. No Ray needed."""
+    from .feed import verify_shards
+    from .prepare import load_card
+
+    card = load_card(settings.data)
+    for split in splits or [settings.split]:
+        if split not in card["splits"]:
+            raise ValueError(f"split {split!r} not in {settings.data}; it has {sorted(card['splits'])}")
+    verify_shards(settings.data, card)
+    available = card["splits"][settings.split]
+    if available < settings.batch_size * settings.workers:
+        raise ValueError(f"split {settings.split!r} of {settings.data} has {available} clips, fewer than one "
+                         f"update needs ({settings.batch_size} per worker x {settings.workers} workers)")
+    if settings.use_gpu and not (torch.cuda.is_available() or os.environ.get("RAY_ADDRESS")):
+        raise ValueError("--use-gpu given but no GPU is visible here and no RAY_ADDRESS names a cluster")
+    return card
+
+
+def resources(settings: TrainSettings) -> tuple[float, int]:
+    """(Ray CPUs per worker, torch threads per worker). On a local instance (2x logical CPUs, see runtime) the
+    workers take half the logical CPUs so that Ray Data's tasks always find room."""
+    from .runtime import local_num_cpus
+
+    local = not os.environ.get("RAY_ADDRESS")
+    cpus = settings.cpus_per_worker or (max(0.5, local_num_cpus() / 2 / settings.workers) if local else 1.0)
+    threads = settings.threads_per_worker or (max(1, (os.cpu_count() or 1) // settings.workers) if local
+                                              else max(1, int(cpus)))
+    return cpus, threads
+
+
+def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, kind: str,
+                   extra_params: dict[str, str] | None = None) -> str:
+    """Create the MLflow run of a training, or find the one of the same name to continue it."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from .runtime import code_version
+
+    experiment_id = tracking.setup(settings.experiment)
+    client = MlflowClient()
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`asda.run_name` = '{settings.name}'",
+                                  max_results=1)
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {"asda.run_name": settings.name, "asda.kind": kind, "asda.code_version": code_version(),
+            "asda.data": card["name"]}
+    if settings.parent_run_id:
+        tags["mlflow.parentRunId"] = settings.parent_run_id
+    run_id = client.create_run(experiment_id, run_name=settings.name, tags=tags).info.run_id
+    params = {**tracking.flatten(config.to_dict(), "model."),
+              **tracking.flatten(dataclasses.asdict(settings), "train."),
+              "data.clips": str(card["num_clips"]), "data.classes": str(len(card["class_names"])),
+              **(extra_params or {})}
+    tracking.log_params(client, run_id, params)
+    client.log_text(run_id, config.to_yaml(), "config/model.yaml")
+    client.log_text(run_id, yaml.safe_dump(dataclasses.asdict(settings), sort_keys=False), "config/train.yaml")
+    return run_id
+
+
+def fit(loop_fn: Callable[[dict], Any], *, config: ASDAConfig, settings: TrainSettings, run_id: str,
+        datasets: dict, extra: dict[str, Any] | None = None):
+    """``TorchTrainer(loop_fn).fit()`` with this project's conventions; returns the Ray Train Result.
+
+    A worker that stopped the run on purpose (non-finite loss) leaves a note that becomes NonFiniteLossError.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .runtime import ensure_ray
+
+    ensure_ray()
+    cpus, threads = resources(settings)
+    run_dir = Path(settings.storage) / settings.name
+    loop.clear_stop(run_dir)  # a note from an earlier attempt of this run must not end this one
+    trainer = TorchTrainer(
+        loop_fn,
+        train_loop_config={"model": config.to_dict(), "settings": dataclasses.asdict(settings), "run_id": run_id,
+                           "tracking_uri": tracking.tracking_uri(), "run_dir": str(run_dir), "threads": threads,
+                           **(extra or {})},
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=settings.name, storage_path=settings.storage,
+                             failure_config=FailureConfig(max_failures=settings.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    stopped = loop.read_stop(run_dir)
+    if stopped:
+        tracking.end_run(run_id, "FAILED")
+        raise NonFiniteLossError(stopped["reason"])
+    return result

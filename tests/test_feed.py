@@ -1,0 +1,82 @@
+"""The feed: what Ray Train workers receive from a prepared folder."""
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.feed import feed_dataset, iter_torch, read_clips, to_model_batch, verify_shards
+from pipelines.prepare import load_card
+
+pytestmark = pytest.mark.ray
+
+
+def test_feed_batches_have_model_shapes_and_card_normalisation(synthetic_prepared):
+    card = load_card(synthetic_prepared)
+    ds = feed_dataset(synthetic_prepared, "train", target_length=256, labels="index", random_crop=False)
+    batches = list(iter_torch(ds, batch_size=16, seed=0))
+    assert len(batches) == 64 // 16
+    batch = batches[0]
+    assert batch["fbank"].shape == (16, 256, 128) and batch["fbank"].dtype == torch.float32
+    assert batch["label"].dtype == torch.int64 and batch["label"].max() < len(card["class_names"])
+    # Normalised with the card's training statistics: the whole split has mean ~0 and std ~0.5 (x / (2 std)).
+    everything = torch.cat([b["fbank"] for b in batches])
+    assert abs(everything.mean().item()) < 0.05
+    assert abs(everything.std().item() - 0.5) < 0.05
+
+
+def test_a_fed_row_is_the_stored_fbank_padded_then_normalised(synthetic_prepared):
+    card = load_card(synthetic_prepared)
+    row = pq.read_table(synthetic_prepared / card["shards"][0]["file"]).slice(0, 1).to_pylist()[0]
+    stored = np.frombuffer(row["fbank"], dtype=np.float16).reshape(row["frames"], 128).astype(np.float32)
+    target = 300  # longer than the clip: zero-padded before normalising
+    padded = np.zeros((target, 128), np.float32)
+    padded[: row["frames"]] = stored
+    norm = card["normalisation"]
+    expected = (padded - norm["mean"]) / (2 * norm["std"])
+    clips = read_clips(synthetic_prepared, row["split"], target_length=target, labels="index")
+    index = list(clips["id"]).index(row["id"])
+    np.testing.assert_allclose(clips["fbank"][index], expected, rtol=1e-6, atol=1e-6)
+    assert clips["label"][index] == row["labels"][0]
+    assert np.all(np.isfinite(clips["event"][index]))  # the synthetic set knows its events
+
+
+def test_random_crop_is_seeded_per_clip():
+    frames = 50
+    batch = {"id": np.array(["a", "b"], dtype=object), "frames": np.array([frames, frames]),
+             "fbank": np.array([np.arange(frames * 128, dtype=np.float16).tobytes()] * 2, dtype=object),
+             "labels": np.array([[0], [1]], dtype=object), "event_start": np.array([np.nan] * 2),
+             "event_end": np.array([np.nan] * 2)}
+    kwargs = dict(mean=0.0, std=0.5, target_length=16, num_classes=2, labels="multihot", random_crop=True)
+    a = to_model_batch(batch, seed=1, **kwargs)
+    b = to_model_batch(batch, seed=1, **kwargs)
+    c = to_model_batch(batch, seed=2, **kwargs)
+    assert np.array_equal(a["fbank"], b["fbank"]) and not np.array_equal(a["fbank"], c["fbank"])
+    assert not np.array_equal(a["fbank"][0], a["fbank"][1])  # each clip its own offset
+    assert a["label"].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_unknown_split_and_wrong_label_mode_are_clear_errors(synthetic_prepared):
+    with pytest.raises(ValueError, match="split .*'nope'.* has"):
+        feed_dataset(synthetic_prepared, "nope")
+    with pytest.raises(ValueError, match="labels='bogus'"):
+        feed_dataset(synthetic_prepared, "train", labels="bogus")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+def test_a_corrupt_shard_is_named(synthetic_prepared, tmp_path, damage):
+    copy = tmp_path / "prepared"
+    shutil.copytree(synthetic_prepared, copy)
+    shard = copy / load_card(copy)["shards"][0]["file"]
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "garbage":
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+    else:
+        shard.unlink()
+    with pytest.raises(ValueError, match=shard.name):
+        verify_shards(copy)
+    with pytest.raises(ValueError, match=shard.name):
+        feed_dataset(copy, "train")

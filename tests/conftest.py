@@ -46,3 +46,15 @@ def synthetic_prepared(ray_local, tmp_path_factory):
     prepare("synthetic", root / "raw", root / "prepared",
             options={"num_train": 64, "num_valid": 16, "num_test": 32, "seed": 1})
     return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def easy_synthetic(ray_local, tmp_path_factory):
+    """The synthetic generator with loud events: a split a probe must get well above chance on."""
+    from pipelines.prepare import prepare
+
+    root = tmp_path_factory.mktemp("easy")
+    prepare("synthetic", root / "raw", root / "prepared",
+            options={"num_train": 320, "num_valid": 0, "num_test": 160, "seed": 2, "snr_min_db": 20.0,
+                     "snr_max_db": 30.0})
+    return root / "prepared"

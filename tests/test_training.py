@@ -1,0 +1,156 @@
+"""Ray Train pretraining, recovery, probe and fine-tuning for real: tiny model, tiny synthetic data, 2 CPUs."""
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from model import ASDAConfig, load_checkpoint
+from pipelines.finetune import FinetuneSettings, finetune
+from pipelines.pretrain import PretrainSettings, pretrain
+from pipelines.probe import ProbeSettings, probe
+from pipelines.training import NonFiniteLossError
+
+pytestmark = pytest.mark.ray
+
+TINY = ASDAConfig.tiny(embed_dim=64, depth=2, num_heads=4, average_top_k_layers=2, num_students=2,
+                       decoder_layers=1)
+GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny_loss.json"
+
+
+def _settings(data, storage, name, **overrides):
+    base = dict(data=str(data), storage=str(storage), name=name, steps=6, batch_size=4, checkpoint_every=3,
+                log_every=2, warmup_steps=2, figure_clips=2)
+    return PretrainSettings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pretrained(synthetic_prepared, tracking_store, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("results")
+    result = pretrain(TINY, _settings(synthetic_prepared, storage, "ddp", workers=2))
+    return {"result": result, "storage": storage}
+
+
+def test_two_worker_ddp_pretraining_checkpoints_and_tracks(pretrained):
+    result = pretrained["result"]
+    run_dir = Path(result["run_dir"])
+    assert result["metrics"]["step"] == 6
+    last = Path(result["ray_checkpoint"])
+    assert last.name == "checkpoint_0000006"
+    assert {"model.pt", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in last.iterdir()}
+    state = torch.load(last / "model.pt", weights_only=True)
+    assert state["step"] == 6 and {"optimizer", "scheduler", "epoch", "settings", "config"} <= set(state)
+    assert any(k.startswith("teacher.") for k in state["model"]) and any(k.startswith("decoder.") for k in state["model"])
+    _, config = load_checkpoint(run_dir / "final.pt")
+    assert config == TINY
+
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.diff_lambda"] == "0.3" and run.data.params["train.workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+    for key in ("loss_frame", "loss_utterance", "lr", "ema_decay", "grad_norm", "clips_per_s",
+                "attn_event_share", "attn_event_share_uniform"):
+        assert key in run.data.metrics, key
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    artifacts = {a.path for folder in ("figures", "config") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"figures/attention.png", "figures/loss_curves.png", "config/model.yaml", "config/train.yaml"} <= artifacts
+
+
+def test_same_name_resumes_from_the_last_checkpoint(pretrained, synthetic_prepared):
+    first = pretrained["result"]
+    again = pretrain(TINY, _settings(synthetic_prepared, pretrained["storage"], "ddp", workers=2, steps=9))
+    assert again["metrics"]["step"] == 9 and again["metrics"]["resumed_from_step"] == 6
+    assert again["run_id"] == first["run_id"]
+    steps = [m.step for m in MlflowClient().get_metric_history(first["run_id"], "loss")]
+    assert steps[-1] == 9 and 8 in steps
+
+
+def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(synthetic_prepared, tmp_path,
+                                                                               tracking_store):
+    settings = _settings(synthetic_prepared, tmp_path, "kill", workers=2, steps=24, checkpoint_every=4,
+                         figure_clips=0, max_failures=1)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=pretrain(TINY, settings)), daemon=True)
+    thread.start()
+    run_dir = tmp_path / "kill"
+    deadline = time.time() + 300
+    while not _registered_checkpoints(run_dir) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _registered_checkpoints(run_dir), "no checkpoint before the deadline"
+    os.kill(int((run_dir / "workers" / "rank1.pid").read_text()), signal.SIGKILL)
+    killed_at = time.time()
+    thread.join(timeout=400)
+    assert "result" in outcome, "training did not finish after the worker was killed"
+    metrics = outcome["result"]["metrics"]
+    assert metrics["step"] == 24
+    assert metrics["resumed_from_step"] >= 4  # continued from a checkpoint, not from 0
+    resumed = MlflowClient().get_metric_history(outcome["result"]["run_id"], "resumed_from_step")
+    restart = [m for m in resumed if m.value >= 4]
+    assert restart
+    print(f"recovered {restart[0].timestamp / 1000 - killed_at:.1f} s after the kill, "
+          f"from step {int(restart[0].value)}")
+
+
+def _registered_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoints Ray Train has finished registering (a folder alone may still be uploading)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
+
+
+def test_fixed_seed_loss_curve_matches_the_golden_file(synthetic_prepared, tmp_path, tracking_store):
+    result = pretrain(TINY, _settings(synthetic_prepared, tmp_path, "golden", steps=8, log_every=1,
+                                      checkpoint_every=8, figure_clips=0))
+    losses = [round(m.value, 6) for m in sorted(MlflowClient().get_metric_history(result["run_id"], "loss"),
+                                                  key=lambda m: m.step)]
+    if os.environ.get("ASDA_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"config": "tests/test_training.py::TINY", "loss": losses}, indent=1))
+    golden = json.loads(GOLDEN.read_text())["loss"]
+    assert losses == pytest.approx(golden, rel=2e-3), (losses, golden)
+
+
+def test_non_finite_loss_stops_the_run_naming_the_update_and_checkpoint(synthetic_prepared, tmp_path,
+                                                                       tracking_store):
+    settings = _settings(synthetic_prepared, tmp_path, "nan", steps=12, lr=1e30, warmup_steps=0,
+                         checkpoint_every=1, figure_clips=0)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* at update \d+.*last good checkpoint: checkpoint_"):
+        pretrain(TINY, settings)
+
+
+def test_bad_settings_fail_before_any_training(tmp_path):
+    with pytest.raises(ValueError, match="steps=0"):
+        PretrainSettings(data=str(tmp_path), steps=0)
+    with pytest.raises(ValueError, match="not a prepared data set"):
+        pretrain(TINY, PretrainSettings(data=str(tmp_path / "nowhere")))
+
+
+def test_probe_is_clearly_above_chance_on_an_easy_split(pretrained, easy_synthetic, tracking_store):
+    result = probe(ProbeSettings(data=str(easy_synthetic), checkpoint=pretrained["result"]["checkpoint"]))
+    n = result["num_eval"]
+    correct = round(result["eval_accuracy"] * n)
+    # Chance is 1/8 (8 balanced classes): this many correct answers by guessing has probability < 0.1 %.
+    p_chance = sum(math.comb(n, k) * (1 / 8) ** k * (7 / 8) ** (n - k) for k in range(correct, n + 1))
+    assert p_chance < 1e-3, (result, p_chance)
+    assert 0 < result["eval_map"] <= 1
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.data.metrics["eval_accuracy"] == result["eval_accuracy"]
+
+
+def test_finetune_a_few_steps_reports_eval_metrics(pretrained, synthetic_prepared, tmp_path, tracking_store):
+    settings = FinetuneSettings(data=str(synthetic_prepared), storage=str(tmp_path), name="ft", steps=3,
+                                batch_size=8, checkpoint_every=3, log_every=1,
+                                checkpoint=pretrained["result"]["checkpoint"])
+    result = finetune(TINY, settings)
+    assert 0 <= result["eval_accuracy"] <= 1 and 0 < result["eval_map"] <= 1
+    run = MlflowClient().get_run(result["run_id"])
+    assert "eval_accuracy" in run.data.metrics and run.data.params["train.layer_decay"] == "0.65"

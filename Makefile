@@ -5,7 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-all lint model-info clean
+.PHONY: setup test test-all lint model-info data pretrain probe finetune sweep report ray-up ray-down mlflow-ui \
+        bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,47 @@ PRESET ?= base
 ARGS   ?=
 model-info: setup
 	$(BIN)/asda model --preset $(PRESET) $(ARGS)
+
+## data: prepare a data set (default: the synthetic one), e.g. make data DATASET=esc50 SOURCE=~/ESC-50-master
+DATASET ?= synthetic
+SOURCE  ?=
+data: setup
+	$(BIN)/asda prepare --dataset $(DATASET) $(if $(SOURCE),--source $(SOURCE)) $(ARGS)
+
+## pretrain / probe / finetune: the embedded default unless ARGS say otherwise (e.g. ARGS="--workers 2")
+pretrain: setup
+	$(BIN)/asda pretrain --name $(or $(NAME),pretrain-default) $(ARGS)
+
+probe: setup
+	$(BIN)/asda probe --checkpoint results/$(or $(NAME),pretrain-default) $(ARGS)
+
+finetune: setup
+	$(BIN)/asda finetune --checkpoint results/$(or $(NAME),pretrain-default) $(ARGS)
+
+## sweep: an ablation grid on Ray Tune, e.g. make sweep GRID=smoke (default: ablation)
+GRID ?= ablation
+sweep: setup
+	$(BIN)/asda sweep --grid $(GRID) $(ARGS)
+
+report: setup
+	$(BIN)/asda report --sweep $(SWEEP) $(ARGS)
+
+## ray-up / ray-down: a local Ray head (dashboard on 127.0.0.1:8265, token auth on) that sweeps then join
+RAY_CPUS ?= $(shell echo $$(( $$(nproc) * 2 )))
+ray-up: setup
+	$(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --dashboard-host=127.0.0.1 --dashboard-port=8265 --port=6379
+
+ray-down: setup
+	$(BIN)/ray stop
+
+## mlflow-ui: the repository's tracking store on http://127.0.0.1:5000
+mlflow-ui: setup
+	mkdir -p mlruns
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+
+bench: setup
+	$(BIN)/asda bench step $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -118,8 +118,8 @@ def attention_figure(encoder: ASDAEncoder, clips: dict[str, np.ndarray], title: 
 
 def figure_clips(data: str | Path, split: str | None, limit: int, target_length: int) -> dict[str, np.ndarray]:
     """A few held-out clips: the named split, else valid, test, train — preferring clips with a known event."""
+    from .card import load_card
     from .feed import read_clips
-    from .prepare import load_card
 
     card = load_card(data)
     for name in ([split] if split else ["valid", "test", "train"]):

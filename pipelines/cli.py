@@ -269,8 +269,60 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_probe)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from sweeps.driver import SWEEPS_ROOT, run_sweep
+
+    result = run_sweep(args.grid, storage=args.storage or SWEEPS_ROOT, fresh=args.fresh,
+                       max_concurrent=args.max_concurrent, asha=args.asha, experiment=args.experiment)
+    failed = [t for t in result["trials"] if t.get("error")]
+    if failed:
+        print(f"{len(failed)} trial(s) failed; rerun the same command to retry them:")
+        for t in failed:
+            print(f"  {t['cell']} seed {t['seed']}: {t['error']}")
+        return 1
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run an ablation grid on Ray Tune (pretrain -> probe/finetune per trial)")
+    p.add_argument("--grid", default="ablation",
+                   help="grid name in sweeps/grids (ablation, factorial, smoke, paper) or a YAML file")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming this grid's sweep")
+    p.add_argument("--max-concurrent", type=int, help="trials at a time (default: what the resources allow)")
+    p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on the pretraining loss)")
+    p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
+    p.add_argument("--storage", type=Path, help="where sweeps live (default: results/sweeps)")
+    p.set_defaults(func=_sweep)
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from sweeps.driver import STATE_FILE, TRIALS_FILE
+    from sweeps.grid import load_grid
+    from sweeps.report import build_report, print_report
+
+    folder = args.sweep.resolve()
+    if not (folder / TRIALS_FILE).is_file():
+        raise ValueError(f"{folder} holds no finished sweep ({TRIALS_FILE} missing); run asda sweep first")
+    state = json.loads((folder / STATE_FILE).read_text())
+    grid = load_grid(state["grid"])
+    rows = json.loads((folder / TRIALS_FILE).read_text())
+    report = build_report(rows, grid, folder / "report", data=args.data and str(args.data.resolve()))
+    print_report(report, grid)
+    print(f"written to {report['folder']}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="rebuild the ablation report of a finished sweep folder")
+    p.add_argument("--sweep", type=Path, required=True, help="the sweep's folder (results/sweeps/<grid>-<id>)")
+    p.add_argument("--data", type=Path, help="prepared folder for the attention figure (optional)")
+    p.set_defaults(func=_report)
+
+
 # Each stage module contributes a function that adds its subparser(s).
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_prepare, _add_pretrain, _add_probe, _add_finetune, _add_bench]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_prepare, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,12 +18,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from model.features import NUM_MEL_BINS
-
-from .prepare import load_card
+from .card import load_card
 
 LabelMode = Literal["index", "multihot", "none"]
 _READ_COLUMNS = ["id", "split", "fold", "labels", "frames", "fbank", "event_start", "event_end"]
+DATA_TASK_CPUS = 0.25  # decoding float16 rows is light; whole CPUs would starve beside Train workers and trials
 
 
 def verify_shards(prepared: str | Path, card: dict | None = None) -> list[Path]:
@@ -73,6 +72,7 @@ def to_model_batch(
     std: float,
     target_length: int,
     num_classes: int,
+    num_mel_bins: int = 128,
     labels: LabelMode = "index",
     random_crop: bool = False,
     seed: int = 0,
@@ -83,14 +83,14 @@ def to_model_batch(
     labels="none", plus "event" (n, 2) seconds (NaN where unknown) and "id".
     """
     n = len(batch["id"])
-    fbank = np.zeros((n, target_length, NUM_MEL_BINS), dtype=np.float32)  # zeros = padding, before normalising
+    fbank = np.zeros((n, target_length, num_mel_bins), dtype=np.float32)  # zeros = padding, before normalising
     for i in range(n):
         frames = int(batch["frames"][i])
         raw = batch["fbank"][i]
-        if len(raw) != frames * NUM_MEL_BINS * 2:
+        if len(raw) != frames * num_mel_bins * 2:
             where = f" in shard {batch['path'][i]}" if "path" in batch else ""
             raise ValueError(f"corrupt row {batch['id'][i]!r}{where}: {len(raw)} bytes for {frames} frames")
-        feats = np.frombuffer(raw, dtype=np.float16).reshape(frames, NUM_MEL_BINS)
+        feats = np.frombuffer(raw, dtype=np.float16).reshape(frames, num_mel_bins)
         start = 0
         if random_crop and frames > target_length:
             # Seeded per clip so that a run is reproducible whatever the order rows arrive in.
@@ -136,15 +136,17 @@ def feed_dataset(
     _check_labels(card, labels)
     shards = verify_shards(prepared, card)
     ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
-    ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True)
+    ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
+                               num_cpus=DATA_TASK_CPUS)
     ds = ds.filter(expr=col("split").is_in(splits))
     if folds is not None:
         ds = ds.filter(expr=col("fold").is_in([int(f) for f in folds]))
     norm = card["normalisation"]
     ds = ds.map_batches(
-        _feed_batch, batch_format="numpy", batch_size=64,
+        _feed_batch, batch_format="numpy", batch_size=64, num_cpus=DATA_TASK_CPUS,
         fn_kwargs=dict(mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
-                       num_classes=len(card["class_names"]), labels=labels, random_crop=random_crop, seed=seed),
+                       num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"],
+                       labels=labels, random_crop=random_crop, seed=seed),
     )
     # Rows arrive in shard order whatever task finishes first: with the seeded local shuffle and seeded crops,
     # a run is reproducible.
@@ -204,5 +206,5 @@ def read_clips(
     return to_model_batch(
         {k: np.asarray(v, dtype=object) for k, v in data.items()},
         mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
-        num_classes=len(card["class_names"]), labels=labels,
+        num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"], labels=labels,
     )

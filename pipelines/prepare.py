@@ -20,10 +20,10 @@ import numpy as np
 
 from model.features import FEATURE_SETTINGS, NUM_MEL_BINS, SAMPLE_RATE
 
+from .card import CARD_NAME, load_card
 from .datasets import DatasetIndex, build_index
 from .runtime import code_version, ensure_ray
 
-CARD_NAME = "dataset.json"
 SCHEMA_VERSION = 1
 REJECTED_DIR = "_rejected"
 BYTES_PER_FRAME = NUM_MEL_BINS * 2  # float16
@@ -106,14 +106,6 @@ def _index_rows(index: DatasetIndex) -> list[dict[str, Any]]:
         }
         for c in index.clips
     ]
-
-
-def load_card(prepared: str | Path) -> dict:
-    """The dataset card of a prepared folder, or a clear error saying how to make one."""
-    path = Path(prepared) / CARD_NAME
-    if not path.is_file():
-        raise ValueError(f"{Path(prepared)} is not a prepared data set (no {CARD_NAME}); run `asda prepare` first")
-    return json.loads(path.read_text())
 
 
 def prepare(

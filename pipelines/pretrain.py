@@ -158,19 +158,23 @@ def step_metrics(out: dict, grad_norm, optimiser, model: ASDA, window: dict) -> 
 # --------------------------------------------------------------------------------------------------- driver
 
 
-def pretrain(config: ASDAConfig, settings: PretrainSettings) -> dict[str, Any]:
-    """Run (or resume) a pretraining run; returns {"run_id", "checkpoint", "metrics", "run_dir", "name"}."""
+def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, str] | None = None,
+             callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns {"run_id", "checkpoint", "metrics", "run_dir", "name"}.
+
+    ``tags`` go on the MLflow run; ``callbacks`` on the Ray Train run (a sweep passes TuneReportCallback).
+    """
     from .analysis import log_pretraining_artifacts
     from .feed import feed_dataset
 
     settings = settings.resolved("pretrain")
     card = check_data(settings)
     resume_file = str(loop.resolve_checkpoint_file(settings.resume)) if settings.resume else None
-    run_id = start_tracking(config, settings, card, kind="pretrain")
+    run_id = start_tracking(config, settings, card, kind="pretrain", tags=tags)
     dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length, labels="none",
                            random_crop=True, seed=settings.seed)
     result = fit(pretrain_loop, config=config, settings=settings, run_id=run_id, datasets={"train": dataset},
-                 extra={"resume_file": resume_file})
+                 extra={"resume_file": resume_file}, callbacks=callbacks)
     run_dir = Path(settings.storage) / settings.name
     # A portable copy next to the run: what `asda probe` / `asda finetune --checkpoint` take.
     state = torch.load(Path(result.checkpoint.path) / loop.CHECKPOINT_FILE, map_location="cpu", weights_only=True)

@@ -94,8 +94,8 @@ def evaluate(scores: torch.Tensor, labels: np.ndarray, num_classes: int, multila
 def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str, Any]:
     """Fit and evaluate the probe; metrics go to MLflow. ``config`` builds the random encoder when there is
     no checkpoint (default: the tiny preset)."""
+    from .card import load_card
     from .feed import read_clips
-    from .prepare import load_card
 
     card = load_card(settings.data)
     eval_split = settings.eval_split or next((s for s in ("test", "valid") if s in card["splits"]), None)

@@ -34,13 +34,24 @@ def local_num_cpus() -> int:
     return max(4, 2 * (os.cpu_count() or 1))
 
 
+RUNNING_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head` (make ray-up)
+
+
 def ensure_ray(num_cpus: int | None = None):
-    """Connect to ``RAY_ADDRESS`` if set, else start (once) a local instance. Returns the ray module."""
+    """Connect to ``RAY_ADDRESS`` if set, else to a cluster started here with ``make ray-up``, else start (once)
+    a local instance. Returns the ray module."""
     import ray
 
     if ray.is_initialized():
         return ray
     address = os.environ.get("RAY_ADDRESS")
+    if not address and RUNNING_CLUSTER_FILE.is_file():
+        try:
+            ray.init(address="auto", log_to_driver=True)
+            log.info("joined the Ray cluster started on this machine")
+            return ray
+        except (ConnectionError, RuntimeError):
+            pass  # a stale file from a cluster that is gone
     # Workers run with the driver's interpreter and the project installed editable, so they import the same code;
     # the working directory is not shipped (it holds data and the venv).
     if address:

@@ -80,8 +80,8 @@ class NonFiniteLossError(RuntimeError):
 
 def check_data(settings: TrainSettings, splits: list[str] | None = None) -> dict:
     """The prepared data exists, is intact and can fill one update; returns its card. No Ray needed."""
+    from .card import load_card
     from .feed import verify_shards
-    from .prepare import load_card
 
     card = load_card(settings.data)
     for split in splits or [settings.split]:
@@ -110,7 +110,7 @@ def resources(settings: TrainSettings) -> tuple[float, int]:
 
 
 def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, kind: str,
-                   extra_params: dict[str, str] | None = None) -> str:
+                   extra_params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> str:
     """Create the MLflow run of a training, or find the one of the same name to continue it."""
     import yaml
     from mlflow import MlflowClient
@@ -126,7 +126,7 @@ def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, k
         client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {"asda.run_name": settings.name, "asda.kind": kind, "asda.code_version": code_version(),
-            "asda.data": card["name"]}
+            "asda.data": card["name"], **(tags or {})}
     if settings.parent_run_id:
         tags["mlflow.parentRunId"] = settings.parent_run_id
     run_id = client.create_run(experiment_id, run_name=settings.name, tags=tags).info.run_id
@@ -141,7 +141,7 @@ def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, k
 
 
 def fit(loop_fn: Callable[[dict], Any], *, config: ASDAConfig, settings: TrainSettings, run_id: str,
-        datasets: dict, extra: dict[str, Any] | None = None):
+        datasets: dict, extra: dict[str, Any] | None = None, callbacks: list | None = None):
     """``TorchTrainer(loop_fn).fit()`` with this project's conventions; returns the Ray Train Result.
 
     A worker that stopped the run on purpose (non-finite loss) leaves a note that becomes NonFiniteLossError.
@@ -165,7 +165,7 @@ def fit(loop_fn: Callable[[dict], Any], *, config: ASDAConfig, settings: TrainSe
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=settings.name, storage_path=settings.storage,
                              failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
         datasets=datasets,
     )
     try:

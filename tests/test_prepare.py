@@ -15,8 +15,9 @@ from layouts import (
 )
 
 from model.features import log_mel
+from pipelines.card import CARD_NAME, load_card
 from pipelines.cli import main
-from pipelines.prepare import CARD_NAME, load_card, prepare
+from pipelines.prepare import prepare
 
 pytestmark = pytest.mark.ray
 

@@ -1,0 +1,177 @@
+"""Sweep grids: YAML files naming the data, the model, the training budget, the evaluation, the seeds and the
+factors (ASDAConfig field names). A grid is validated and expanded into trials before any cluster starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model import ASDAConfig
+
+GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+DESIGNS = ("one_at_a_time", "factorial")
+EVALUATIONS = {"probe": ("eval_accuracy", "eval_map"), "finetune": ("eval_accuracy", "eval_map")}
+_KEYS = {"name", "description", "design", "data", "model", "train", "evaluation", "seeds", "centre_seeds",
+         "centre", "factors"}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One pretraining + evaluation: a cell of the grid with one seed."""
+
+    cell: str  # e.g. "centre", "diff_lambda=0.5", or "alpha=1.0,diff_lambda=0.0" (factorial)
+    factor: str  # the varied factor ("centre" for the centre run, "factorial" in a factorial design)
+    value: Any
+    seed: int
+    overrides: dict[str, Any]  # ASDAConfig fields of this cell (centre + its change)
+
+    @property
+    def trial_id(self) -> str:
+        return f"{self.cell}|seed={self.seed}"
+
+    def slug(self) -> str:
+        """A short name usable in run names and paths."""
+        text = self.cell.replace("=", "").replace(",", "-").replace(".", "p")
+        return f"{text}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    path: str
+    description: str
+    design: str
+    data: dict[str, Any]
+    model: dict[str, Any]
+    train: dict[str, Any]
+    evaluation: dict[str, Any]
+    seeds: list[int]
+    centre_seeds: list[int]
+    centre: dict[str, Any]
+    factors: dict[str, list[Any]]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return self.evaluation["metric"]
+
+    def base_config(self) -> ASDAConfig:
+        preset = self.model.get("preset", "tiny")
+        base = ASDAConfig.tiny() if preset == "tiny" else ASDAConfig()
+        return base.with_overrides(self.model.get("overrides") or {})
+
+    def config_for(self, trial: Trial) -> ASDAConfig:
+        return self.base_config().with_overrides(trial.overrides)
+
+    def trials(self) -> list[Trial]:
+        """Every (cell, seed) of the grid. One-at-a-time designs share the centre cell between factors."""
+        trials = [Trial("centre", "centre", None, s, dict(self.centre)) for s in self.centre_seeds]
+        if self.design == "one_at_a_time":
+            for factor, values in self.factors.items():
+                for value in values:
+                    if value == self.centre.get(factor):
+                        continue
+                    cell = {**self.centre, factor: value}
+                    trials += [Trial(f"{factor}={value}", factor, value, s, cell) for s in self.seeds]
+        else:
+            trials = []
+            names = list(self.factors)
+            for combo in itertools.product(*(self.factors[n] for n in names)):
+                cell = {**self.centre, **dict(zip(names, combo, strict=True))}
+                label = ",".join(f"{n}={v}" for n, v in zip(names, combo, strict=True))
+                is_centre = all(cell.get(k) == v for k, v in self.centre.items())
+                trials += [Trial("centre" if is_centre else label, "centre" if is_centre else "factorial",
+                                 None if is_centre else label, s, cell) for s in self.seeds]
+        return trials
+
+    def fingerprint(self) -> str:
+        """Changes whenever anything that affects results changes (a resumed sweep must be the same grid)."""
+        return hashlib.sha1(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def resolve_grid_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path.resolve()
+    candidate = GRIDS_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+    raise ValueError(f"no grid {str(name_or_path)!r}: give a YAML file or one of {known}")
+
+
+def load_grid(name_or_path: str | Path) -> Grid:
+    """Read and validate a grid; every cell's ASDAConfig is built here, so a bad value fails before Ray starts."""
+    path = resolve_grid_path(name_or_path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    where = f"grid {path}"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping")
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+    for key in ("name", "data", "train", "evaluation", "factors"):
+        if key not in raw:
+            raise ValueError(f"{where} lacks '{key}'")
+    design = raw.get("design", "one_at_a_time")
+    if design not in DESIGNS:
+        raise ValueError(f"{where}: design={design!r} is not allowed: expected one of {DESIGNS}")
+    evaluation = dict(raw["evaluation"])
+    kind = evaluation.get("kind", "probe")
+    if kind not in EVALUATIONS:
+        raise ValueError(f"{where}: evaluation.kind={kind!r} is not allowed: expected one of {sorted(EVALUATIONS)}")
+    evaluation["kind"] = kind
+    metric = evaluation.setdefault("metric", EVALUATIONS[kind][0])
+    if metric not in EVALUATIONS[kind]:
+        raise ValueError(f"{where}: evaluation.metric={metric!r} is not allowed: expected one of {EVALUATIONS[kind]}")
+    factors = raw["factors"]
+    if not isinstance(factors, dict) or not factors or not all(isinstance(v, list) and v for v in factors.values()):
+        raise ValueError(f"{where}: factors must map ASDAConfig fields to non-empty lists of values")
+    fields = {f.name for f in dataclasses.fields(ASDAConfig)}
+    centre = dict(raw.get("centre") or {})
+    for name in list(factors) + list(centre):
+        if name not in fields:
+            raise ValueError(f"{where}: {name!r} is not an ASDAConfig field; allowed: {sorted(fields)}")
+    seeds = [int(s) for s in raw.get("seeds", [0])]
+    if not seeds:
+        raise ValueError(f"{where}: seeds must list at least one seed")
+    grid = Grid(name=str(raw["name"]), path=str(path), description=str(raw.get("description", "")), design=design,
+                data=dict(raw["data"]), model=dict(raw.get("model") or {}), train=dict(raw["train"]),
+                evaluation=evaluation, seeds=seeds,
+                centre_seeds=[int(s) for s in raw.get("centre_seeds", seeds)], centre=centre,
+                factors=factors, raw=raw)
+    if grid.model.get("preset", "tiny") not in ("tiny", "base"):
+        raise ValueError(f"{where}: model.preset={grid.model.get('preset')!r} is not allowed: expected tiny or base")
+    for trial in grid.trials():
+        try:
+            grid.config_for(trial)
+        except ValueError as exc:
+            raise ValueError(f"{where}, cell {trial.cell}: {exc}") from None
+    _check_train_keys(grid, where)
+    return grid
+
+
+def _check_train_keys(grid: Grid, where: str) -> None:
+    from pipelines.finetune import FinetuneSettings
+    from pipelines.pretrain import PretrainSettings
+
+    allowed = {f.name for f in dataclasses.fields(PretrainSettings)} - {"data", "name", "storage", "experiment",
+                                                                         "parent_run_id", "seed"}
+    unknown = sorted(set(grid.train) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown train setting(s) {unknown}; allowed: {sorted(allowed)}")
+    PretrainSettings(data="-", **grid.train)  # value checks
+    tuned = grid.evaluation.get("settings") or {}
+    if grid.evaluation["kind"] == "finetune":
+        allowed_ft = {f.name for f in dataclasses.fields(FinetuneSettings)} - {"data", "checkpoint", "name"}
+        unknown = sorted(set(tuned) - allowed_ft)
+        if unknown:
+            raise ValueError(f"{where}: unknown evaluation setting(s) {unknown}; allowed: {sorted(allowed_ft)}")
+        FinetuneSettings(data="-", **tuned)

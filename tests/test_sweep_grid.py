@@ -1,0 +1,90 @@
+"""Grids and the ablation report, without Ray."""
+
+import math
+
+import pytest
+import yaml
+
+from sweeps.grid import load_grid
+from sweeps.report import ablation_table, build_report, seed_noise
+
+
+@pytest.mark.parametrize("name", ["ablation", "factorial", "smoke", "paper"])
+def test_every_shipped_grid_loads_and_builds_every_cell(name):
+    grid = load_grid(name)
+    trials = grid.trials()
+    assert trials and len({t.trial_id for t in trials}) == len(trials)
+    assert len({t.slug() for t in trials}) == len(trials)  # unique run names
+    for trial in trials:
+        grid.config_for(trial)
+
+
+def test_ablation_varies_one_factor_at_a_time_around_a_shared_centre():
+    grid = load_grid("ablation")
+    trials = grid.trials()
+    centre = [t for t in trials if t.cell == "centre"]
+    assert len(centre) == 3  # the centre is repeated to measure seed noise
+    assert {t.factor for t in trials} == {"centre", "diff_lambda", "alpha", "num_students", "cls_position"}
+    for t in trials:
+        changed = {k for k, v in t.overrides.items() if grid.centre.get(k) != v}
+        assert changed == (set() if t.cell == "centre" else {t.factor})
+    assert {t.value for t in trials if t.factor == "diff_lambda"} == {0.0, 0.5}
+
+
+def _write(tmp_path, **changes):
+    raw = yaml.safe_load(open(load_grid("smoke").path))
+    raw.update(changes)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"factors": {"lamda": [0.1]}}, "'lamda' is not an ASDAConfig field"),
+        ({"factors": {"diff_lambda": [0.0, 1.5]}}, r"cell diff_lambda=1.5: ASDAConfig.diff_lambda=1.5"),
+        ({"evaluation": {"kind": "probe", "metric": "eval_auc"}}, "evaluation.metric='eval_auc'"),
+        ({"design": "latin"}, "design='latin'"),
+        ({"train": {"steps": 0}}, "steps=0"),
+        ({"train": {"stepz": 3}}, "unknown train setting"),
+        ({"colour": "red"}, "unknown key"),
+    ],
+)
+def test_bad_grids_fail_with_the_reason_before_anything_runs(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        load_grid(_write(tmp_path, **changes))
+
+
+def test_unknown_grid_name_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match="ablation.*smoke"):
+        load_grid("nope")
+
+
+def _rows(values):
+    rows = []
+    for cell, factor, value, seeds in values:
+        for seed, metric in enumerate(seeds):
+            rows.append({"cell": cell, "factor": factor, "value": metric, "seed": seed, "error": None,
+                         "overrides": {}, "checkpoint": None})
+            rows[-1]["value_of_factor"] = value
+    return rows
+
+
+def test_report_gives_delta_vs_centre_and_judges_it_against_seed_noise(tmp_path):
+    grid = load_grid("smoke")  # factor diff_lambda, values 0.0 and 0.3 (centre)
+    rows = _rows([("centre", "centre", None, [0.50, 0.52, 0.48]),
+                  ("diff_lambda=0.0", "diff_lambda", 0.0, [0.30, 0.32])])
+    noise = seed_noise(rows)
+    assert noise == pytest.approx(math.sqrt((0.0008 + 0.0002) / 3), rel=1e-6)
+    table = ablation_table(rows, grid)
+    zero = next(r for r in table if r["value"] == 0.0)
+    centre = next(r for r in table if r["centre"])
+    assert centre["mean"] == pytest.approx(0.50) and centre["n"] == 3
+    assert zero["delta"] == pytest.approx(-0.19) and zero["clear_of_noise"] is True
+    close = ablation_table(_rows([("centre", "centre", None, [0.50, 0.52, 0.48]),
+                                  ("diff_lambda=0.0", "diff_lambda", 0.0, [0.51, 0.49])]), grid)
+    assert next(r for r in close if r["value"] == 0.0)["clear_of_noise"] is False
+    report = build_report(rows, grid, tmp_path / "report")
+    assert (tmp_path / "report" / "report.csv").is_file() and (tmp_path / "report" / "factor_diff_lambda.png").is_file()
+    assert "| diff_lambda | 0.0 | 0.310 ± 0.014 | 2 | -0.190 | yes |" in report["markdown"]

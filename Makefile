@@ -58,7 +58,7 @@ report: setup
 	$(BIN)/asda report --sweep $(SWEEP) $(ARGS)
 
 ## ray-up / ray-down: a local Ray head (dashboard on 127.0.0.1:8265, token auth on) that sweeps then join
-RAY_CPUS ?= $(shell echo $$(( $$(nproc) * 2 )))
+RAY_CPUS ?= $(shell echo $$(( $$(nproc) * 3 )))
 ray-up: setup
 	$(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --dashboard-host=127.0.0.1 --dashboard-port=8265 --port=6379
 

@@ -52,6 +52,23 @@ def _bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_data(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.data import bench_data
+
+    r = bench_data(clips=args.clips, batch_size=args.batch, epochs=args.epochs)
+    print(f"prepare: {r['clips']} clips in {r['prepare']['seconds']:.1f} s = {r['prepare']['clips_per_s']:.1f} "
+          f"clips/s ({r['prepare']['clips_per_s_per_core']:.1f} per core, {r['cores']} cores)")
+    print(f"bare torchaudio decode + fbank: {r['bare_torchaudio']['clips_per_s_per_core']:.1f} clips/s per core; "
+          f"prepare per core / bare = {r['prepare_per_core_over_bare']:.2f}")
+    print(f"feed: {r['feed']['batches_per_s']:.1f} batches/s of {args.batch} ({r['feed']['mb_per_s']:.1f} MB/s)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     which = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -63,6 +80,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--json", help="also write the results to this JSON file")
     step.add_argument("overrides", nargs="*", metavar="field=value", help="ASDAConfig fields to override")
     step.set_defaults(func=_bench_step)
+    data = which.add_parser("data", help="prepare throughput vs bare torchaudio fbank, and the feed's rate")
+    data.add_argument("--clips", type=int, default=320, help="synthetic clips to prepare (default: 320)")
+    data.add_argument("--batch", type=int, default=32, help="feed batch size (default: 32)")
+    data.add_argument("--epochs", type=int, default=2, help="passes over the prepared split (default: 2)")
+    data.add_argument("--json", help="also write the results to this JSON file")
+    data.set_defaults(func=_bench_data)
 
 
 def _parse_options(items: list[str]) -> dict:

@@ -127,7 +127,14 @@ def read_stop(run_dir: str | Path) -> dict | None:
 
 
 def write_pid(run_dir: str | Path, rank: int) -> None:
-    """Record which process is which rank: for operators (and the failure-recovery test) to find a worker."""
+    """Record which process on which node is which rank: for operators (and the recovery and multi-node tests)
+    to find a worker."""
+    import socket
+
+    import ray
+
     folder = Path(run_dir, "workers")
     folder.mkdir(parents=True, exist_ok=True)
     Path(folder, f"rank{rank}.pid").write_text(str(os.getpid()))
+    where = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(where))

@@ -29,9 +29,10 @@ def code_version() -> str:
 
 
 def local_num_cpus() -> int:
-    """Logical CPUs for a local instance: twice the cores (at least 4). On small machines Train workers and Tune
-    trials otherwise take every CPU and Ray Data's read tasks starve."""
-    return max(4, 2 * (os.cpu_count() or 1))
+    """Logical CPUs for a local instance: three times the cores (at least 4). On small machines Train workers and
+    Tune trials otherwise take every CPU and Ray Data's read tasks starve; much of a trial's time is start-up
+    latency, so logical CPUs beyond the cores let three trials overlap it."""
+    return max(4, 3 * (os.cpu_count() or 1))
 
 
 RUNNING_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head` (make ray-up)

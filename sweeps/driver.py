@@ -122,10 +122,10 @@ def _concurrency(grid: Grid, n_trials: int, requested: int | None) -> tuple[int,
         per_worker = float(grid.train.get("cpus_per_worker") or 1.0)
         auto = max(1, int((cpus * 0.75) // (workers * per_worker + TRIAL_CPU)))  # leave a quarter for Ray Data
         return min(requested or auto, n_trials), per_worker, max(1, int(per_worker))
-    # A local instance has 2x the cores as logical CPUs (see runtime): two trials at a time overlap one trial's
-    # start-up with the other's training; threads share the physical cores.
+    # A local instance has 3x the cores as logical CPUs (see runtime): three trials at a time overlap their
+    # start-up latency (process spawns, Ray Data's executor) with each other's training; threads share the cores.
     cores = os.cpu_count() or 1
-    concurrent = min(requested or (2 if cores >= 2 else 1), n_trials)
+    concurrent = min(requested or (3 if cores >= 2 else 1), n_trials)
     return concurrent, 1.0, max(1, cores // (concurrent * workers))
 
 

@@ -15,3 +15,12 @@ def test_bench_step_quick_mode_writes_its_report(tmp_path, capsys):
     assert all(r["median_ms"] > 0 and r["clips_per_s"] > 0 for r in report["results"])
     assert report["differential_over_standard"] > 0
     assert "differential / standard" in capsys.readouterr().out
+
+
+def test_bench_data_quick_mode_reports_prepare_and_feed_rates(ray_local, tmp_path, capsys):
+    out = tmp_path / "data.json"
+    assert main(["bench", "data", "--clips", "16", "--epochs", "1", "--batch", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["prepare"]["clips_per_s"] > 0 and report["bare_torchaudio"]["clips_per_s_per_core"] > 0
+    assert report["feed"]["batches"] == 2 and report["feed"]["mb_per_s"] > 0
+    assert "prepare per core / bare" in capsys.readouterr().out

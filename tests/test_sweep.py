@@ -70,7 +70,7 @@ def mlflow_server(tmp_path):
         stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 240  # ~20 s on an idle 2-core machine; far longer under load
         while time.time() < deadline:
             try:
                 if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:

@@ -107,17 +107,12 @@ def build_classifier(config: ASDAConfig, num_classes: int, checkpoint: str | Non
 def finetune_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: one DDP rank of fine-tuning; rank 0 evaluates at the end."""
     import ray.train
-    import ray.train.torch
 
     from .feed import iter_torch
 
     s = FinetuneSettings(**cfg["settings"])
     config = ASDAConfig.from_dict(cfg["model"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    loop.worker_threads(cfg["threads"])
-    loop.write_pid(cfg["run_dir"], rank)
-    device = ray.train.torch.get_device()
+    rank, world, device = loop.start_worker(cfg)
     num_classes, loss_kind = cfg["num_classes"], cfg["loss"]
 
     torch.manual_seed(s.seed)

@@ -37,6 +37,18 @@ def worker_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def start_worker(cfg: dict[str, Any]) -> tuple[int, int, torch.device]:
+    """Common start of every worker loop: (rank, world size, device), threads pinned, pid and node recorded."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_threads(cfg["threads"])
+    write_pid(cfg["run_dir"], rank)
+    return rank, world, ray.train.torch.get_device()
+
+
 class RankZeroLogger:
     """MLflow from rank 0 only (SQLite stores lock under concurrent writers); a no-op on other ranks."""
 

@@ -40,15 +40,10 @@ class PretrainSettings(TrainSettings):
 def pretrain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: one DDP rank of ASDA pretraining."""
     import ray.train
-    import ray.train.torch
 
     settings = PretrainSettings(**cfg["settings"])
     config = ASDAConfig.from_dict(cfg["model"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    loop.worker_threads(cfg["threads"])
-    loop.write_pid(cfg["run_dir"], rank)
-    device = ray.train.torch.get_device()
+    rank, world, device = loop.start_worker(cfg)
 
     torch.manual_seed(settings.seed)  # identical initial weights on every rank
     model = ASDA(config).to(device)

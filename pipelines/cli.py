@@ -43,12 +43,41 @@ def _bench_step(args: argparse.Namespace) -> int:
     config = (ASDAConfig.tiny() if args.preset == "tiny" else ASDAConfig()).with_overrides(args.overrides)
     report = bench_step(config, batch_size=args.batch, repeats=args.repeats, device=args.device)
     for r in report["results"]:
-        print(f"{r['name']:>12}: {r['median_ms']:8.1f} ms/update  {r['clips_per_s']:7.1f} clips/s")
-    print(f"differential / standard: {report['differential_over_standard']:.2f}x "
-          f"(batch {args.batch}, {config.num_students} students, {report['device']}, {report['threads']} threads)")
+        print(f"{r['name']:>12}: {r['median_ms']:8.1f} ms/update  {r['clips_per_s']:7.1f} clips/s  "
+              f"{r['gflops_per_update']:8.1f} GFLOP/update  {r['achieved_tflops']:6.2f} TFLOP/s  MFU {r['mfu']:.1%}")
+    print(f"differential / standard: {report['differential_over_standard']:.2f}x time, "
+          f"{report['flops_ratio']:.2f}x FLOPs (batch {args.batch}, {config.num_students} students, "
+          f"{report['device']}, {report['threads']} threads; MFU against a measured "
+          f"{report['matmul_peak_dtype']} matmul peak of {report['matmul_peak_tflops']:.2f} TFLOP/s)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
+    return 0
+
+
+def _bench_attention(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.attention import bench_attention
+
+    try:
+        seq_lens = tuple(int(n) for n in args.seq_lens.split(","))
+    except ValueError:
+        raise ValueError(f"--seq-lens {args.seq_lens!r} is not allowed: expected comma-separated integers") from None
+    versions = tuple(args.versions.split(","))
+    r = bench_attention(device=args.device, dtype=args.dtype, seq_lens=seq_lens, batch=args.batch,
+                        repeats=args.repeats, warmup=args.warmup, versions=versions)
+    print(f"one attention layer, forward + backward: width {r['dim']}, {r['heads']} heads, {r['device']}, "
+          f"{r['dtype']}, {r['threads']} threads, median of {r['repeats']}")
+    for row in r["results"]:
+        mem = "" if row["peak_mem_mb"] is None else f"  {row['peak_mem_mb']:9.1f} MB"
+        print(f"{row['name']:>13}  seq {row['seq_len']:5d}  batch {row['batch']:3d}  {row['median_ms']:9.2f} ms{mem}")
+    for row in r["ratios"]:
+        parts = [f"{k.replace('_', ' ')} {v:.2f}x" for k, v in row.items() if k != "seq_len"]
+        print(f"differential at {row['seq_len']}: " + ", ".join(parts))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
     return 0
 
 
@@ -80,6 +109,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--json", help="also write the results to this JSON file")
     step.add_argument("overrides", nargs="*", metavar="field=value", help="ASDAConfig fields to override")
     step.set_defaults(func=_bench_step)
+    attn = which.add_parser("attention", help="one attention layer: standard vs differential vs naive (maps)")
+    attn.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    attn.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                      help="compute dtype (default: float32 on CPU, bfloat16 autocast on CUDA)")
+    attn.add_argument("--seq-lens", default="103,513,1025", help="comma-separated (default: 103,513,1025)")
+    attn.add_argument("--batch", type=int, help="sequences per step (default: 2 on CPU, 8 on CUDA)")
+    attn.add_argument("--repeats", type=int, default=5, help="timed steps per version (default: 5)")
+    attn.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    attn.add_argument("--versions", default="standard,differential,naive",
+                      help="comma-separated among standard, differential, naive, stacked")
+    attn.add_argument("--json", help="also write the results to this JSON file")
+    attn.set_defaults(func=_bench_attention)
     data = which.add_parser("data", help="prepare throughput vs bare torchaudio fbank, and the feed's rate")
     data.add_argument("--clips", type=int, default=320, help="synthetic clips to prepare (default: 320)")
     data.add_argument("--batch", type=int, default=32, help="feed batch size (default: 32)")

@@ -24,3 +24,56 @@ def test_bench_data_quick_mode_reports_prepare_and_feed_rates(ray_local, tmp_pat
     assert report["prepare"]["clips_per_s"] > 0 and report["bare_torchaudio"]["clips_per_s_per_core"] > 0
     assert report["feed"]["batches"] == 2 and report["feed"]["mb_per_s"] > 0
     assert "prepare per core / bare" in capsys.readouterr().out
+
+
+def test_bench_step_counts_flops_and_reports_mfu(tmp_path):
+    from bench.step import bench_step
+    from model import ASDAConfig
+
+    config = ASDAConfig.tiny().with_overrides(["depth=1", "average_top_k_layers=1", "target_length=64",
+                                              "num_students=2"])
+    report = bench_step(config, batch_size=2, repeats=1, warmup=1)
+    by = {r["name"]: r for r in report["results"]}
+    # The differential layer projects 5·D instead of 3·D and runs a second attention: strictly more FLOPs.
+    assert by["differential"]["gflops_per_update"] > by["standard"]["gflops_per_update"] > 0
+    assert report["flops_ratio"] > 1 and report["matmul_peak_tflops"] > 0
+    assert all(0 < r["mfu"] for r in report["results"])
+
+
+def test_bench_attention_quick_mode_writes_the_documented_schema(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    args = ["bench", "attention", "--seq-lens", "9,17", "--batch", "1", "--repeats", "1", "--warmup", "0",
+            "--json", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert [(r["name"], r["seq_len"]) for r in report["results"]] == [
+        (name, n) for n in (9, 17) for name in ("standard", "differential", "naive")]
+    for r in report["results"]:
+        assert set(r) == {"name", "seq_len", "batch", "median_ms", "peak_mem_mb"}
+        assert r["batch"] == 1 and r["median_ms"] > 0 and r["peak_mem_mb"] is None
+    assert [r["seq_len"] for r in report["ratios"]] == [9, 17]
+    assert "differential at 17" in capsys.readouterr().out
+
+
+def test_bench_attention_rejects_unknown_versions_and_seq_lens():
+    assert main(["bench", "attention", "--versions", "standard,flash3"]) == 2
+    assert main(["bench", "attention", "--seq-lens", "513,many"]) == 2
+
+
+def test_naive_and_stacked_baselines_compute_the_training_path_function():
+    import torch
+
+    from bench.attention import build_layer
+
+    torch.manual_seed(0)
+    reference = build_layer("differential", 64, 4, 0.3)
+    x = torch.randn(2, 17, 64, dtype=torch.float64)
+    padding = torch.zeros(2, 17, dtype=torch.bool)
+    padding[1, -3:] = True
+    reference.double()
+    for name in ("naive", "stacked"):
+        layer = build_layer(name, 64, 4, 0.3).double()
+        layer.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(layer(x, padding)[:, :14], reference(x, padding)[:, :14])
+        torch.testing.assert_close(layer(x), reference(x))

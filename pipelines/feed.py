@@ -23,6 +23,10 @@ from .card import load_card
 LabelMode = Literal["index", "multihot", "none"]
 _READ_COLUMNS = ["id", "split", "fold", "labels", "frames", "fbank", "event_start", "event_end"]
 DATA_TASK_CPUS = 0.25  # decoding float16 rows is light; whole CPUs would starve beside Train workers and trials
+# At most this many read or decode tasks of one feed per Train worker run at once. One task turns a block of 64
+# float16 clips into model rows far faster than a worker trains on them, and every concurrent task is a Ray worker
+# process to start (~3 s of CPU each): left unbounded, a small run spends more CPU starting processes than training.
+DATA_TASKS_PER_WORKER = 2
 
 
 def verify_shards(prepared: str | Path, card: dict | None = None) -> list[Path]:
@@ -120,10 +124,12 @@ def feed_dataset(
     random_crop: bool = True,
     seed: int = 0,
     folds: Iterable[int] | None = None,
+    workers: int = 1,
 ):
     """A Ray Dataset of model-ready rows for ``split`` (one name or several) of a prepared folder.
 
-    target_length defaults to the card's; ``folds`` keeps only those folds (ESC-50 cross-validation).
+    target_length defaults to the card's; ``folds`` keeps only those folds (ESC-50 cross-validation);
+    ``workers`` (the Train workers it feeds) bounds the concurrent tasks to ``DATA_TASKS_PER_WORKER`` each.
     """
     import ray.data
     from ray.data.expressions import col
@@ -136,14 +142,16 @@ def feed_dataset(
     _check_labels(card, labels)
     shards = verify_shards(prepared, card)
     ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
+    tasks = DATA_TASKS_PER_WORKER * max(1, workers)
     ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
-                               num_cpus=DATA_TASK_CPUS)
+                               num_cpus=DATA_TASK_CPUS, concurrency=tasks)
     ds = ds.filter(expr=col("split").is_in(splits))
     if folds is not None:
         ds = ds.filter(expr=col("fold").is_in([int(f) for f in folds]))
     norm = card["normalisation"]
     ds = ds.map_batches(
         _feed_batch, batch_format="numpy", batch_size=64, num_cpus=DATA_TASK_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
         fn_kwargs=dict(mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
                        num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"],
                        labels=labels, random_crop=random_crop, seed=seed),

@@ -233,7 +233,7 @@ def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, extra: dict
                             extra_params={"finetune.loss": extra["loss"], "finetune.eval_split": extra["eval_split"]})
     labels = "multihot" if extra["multilabel"] else "index"
     dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length, labels=labels,
-                           random_crop=True, seed=settings.seed, folds=folds)
+                           random_crop=True, seed=settings.seed, folds=folds, workers=settings.workers)
     result = fit(finetune_loop, config=config, settings=settings, run_id=run_id, datasets={"train": dataset},
                  extra=extra)
     metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval_")}
@@ -243,11 +243,9 @@ def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, extra: dict
 
 
 def _cross_validate(config: ASDAConfig, settings: FinetuneSettings, card: dict, base: dict) -> dict[str, Any]:
-    folds = list(range(1, settings.cv_folds + 1))
-    missing = [k for k in folds if str(k) not in card.get("folds", {}).get(settings.split, {})]
-    if missing:
-        raise ValueError(f"cv_folds={settings.cv_folds}: split {settings.split!r} of {settings.data} has no fold "
-                         f"{missing}; it has {card.get('folds', {}).get(settings.split, {})}")
+    from .card import cv_folds
+
+    folds = cv_folds(card, settings.split, settings.cv_folds, settings.data)
     per_fold = []
     for k in folds:
         train_folds = [f for f in folds if f != k]

@@ -167,7 +167,7 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     resume_file = str(loop.resolve_checkpoint_file(settings.resume)) if settings.resume else None
     run_id = start_tracking(config, settings, card, kind="pretrain", tags=tags)
     dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length, labels="none",
-                           random_crop=True, seed=settings.seed)
+                           random_crop=True, seed=settings.seed, workers=settings.workers)
     result = fit(pretrain_loop, config=config, settings=settings, run_id=run_id, datasets={"train": dataset},
                  extra={"resume_file": resume_file}, callbacks=callbacks)
     run_dir = Path(settings.storage) / settings.name

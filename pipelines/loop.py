@@ -49,6 +49,9 @@ def start_worker(cfg: dict[str, Any]) -> tuple[int, int, torch.device]:
     return rank, world, ray.train.torch.get_device()
 
 
+SYSTEM_METRICS_EVERY_S = 5
+
+
 class RankZeroLogger:
     """MLflow from rank 0 only (SQLite stores lock under concurrent writers); a no-op on other ranks."""
 
@@ -59,6 +62,9 @@ class RankZeroLogger:
             import mlflow
 
             mlflow.set_tracking_uri(tracking_uri)
+            # CPU, memory (and GPU) every SYSTEM_METRICS_EVERY_S seconds, each sample logged as it is taken.
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_EVERY_S)
+            mlflow.set_system_metrics_samples_before_logging(1)
             mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
             self.mlflow = mlflow
 

@@ -15,3 +15,14 @@ def load_card(prepared: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{Path(prepared)} is not a prepared data set (no {CARD_NAME}); run `asda prepare` first")
     return json.loads(path.read_text())
+
+
+def cv_folds(card: dict, split: str, k: int, data: str | Path) -> list[int]:
+    """Folds 1..k of ``split`` for k-fold cross-validation, or a clear error naming the folds the card has."""
+    folds = list(range(1, k + 1))
+    present = card.get("folds", {}).get(split, {})
+    missing = [f for f in folds if str(f) not in present]
+    if missing:
+        raise ValueError(f"cv_folds={k}: split {split!r} of {data} has no fold {missing}; it has "
+                         f"{sorted(present) or 'no folds'} (ESC-50 has folds 1-5)")
+    return folds

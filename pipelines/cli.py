@@ -309,10 +309,12 @@ def _probe(args: argparse.Namespace) -> int:
     if checkpoint is None and not args.random_init:
         raise ValueError("give --checkpoint (a pretraining run folder or .pt file) or --random-init for the baseline")
     settings = ProbeSettings(data=str(data), checkpoint=checkpoint, which=args.which, eval_split=args.eval_split,
-                             l2=args.l2, seed=args.seed, experiment=args.experiment, name=args.name)
+                             cv_folds=args.cv_folds, l2=args.l2, seed=args.seed, experiment=args.experiment,
+                             name=args.name)
     _ensure_default_data(data)
     result = probe(settings, _model_config(args) if checkpoint is None else None)
-    shown = {k: round(v, 4) for k, v in result.items() if k.startswith(("eval_", "train_")) and k != "eval_split"}
+    shown = {k: round(v, 4) for k, v in result.items()
+             if k.startswith(("eval_", "train_")) and k != "eval_split" and "_fold" not in k}
     print(f"probe on {result['eval_split']} ({result['num_train']} train / {result['num_eval']} eval clips): {shown}")
     print(f"MLflow run {result['run_id']}")
     return 0
@@ -325,6 +327,8 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-init", action="store_true", help="probe a randomly initialised encoder (baseline)")
     p.add_argument("--which", choices=("student", "teacher"), default="student", help="encoder of the checkpoint")
     p.add_argument("--eval-split", help="split to evaluate on (default: test, else valid)")
+    p.add_argument("--cv-folds", type=int, default=0,
+                   help="k-fold cross-validation over the train split's folds 1..k (ESC-50: 5); reports the mean")
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the classifier (default: 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")

@@ -28,6 +28,7 @@ class ProbeSettings:
     which: str = "student"  # encoder of a pretraining checkpoint: student or teacher
     train_split: str = "train"
     eval_split: str | None = None  # default: test, else valid
+    cv_folds: int = 0  # > 0: k-fold cross-validation over the train split's folds 1..k (ESC-50: 5)
     l2: float = 1e-3  # weight of the L2 penalty on the classifier weights
     max_iter: int = 300
     batch_size: int = 64  # clips per feature-extraction batch
@@ -40,8 +41,8 @@ class ProbeSettings:
     def __post_init__(self) -> None:
         if self.which not in ("student", "teacher"):
             raise ValueError(f"which={self.which!r} is not allowed: expected 'student' or 'teacher'")
-        if self.l2 < 0 or self.max_iter < 1 or self.batch_size < 1:
-            raise ValueError("l2 must be >= 0, max_iter and batch_size >= 1")
+        if self.l2 < 0 or self.max_iter < 1 or self.batch_size < 1 or self.cv_folds < 0:
+            raise ValueError("l2 and cv_folds must be >= 0, max_iter and batch_size >= 1")
 
 
 @torch.no_grad()
@@ -98,32 +99,55 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
     from .feed import read_clips
 
     card = load_card(settings.data)
-    eval_split = settings.eval_split or next((s for s in ("test", "valid") if s in card["splits"]), None)
-    if eval_split is None:
-        raise ValueError(f"{settings.data} has no test or valid split; name one with --eval-split")
+    if settings.cv_folds:
+        from .card import cv_folds
+
+        folds = cv_folds(card, settings.train_split, settings.cv_folds, settings.data)
+        eval_split = f"{settings.train_split} folds 1-{settings.cv_folds}"
+    else:
+        eval_split = settings.eval_split or next((s for s in ("test", "valid") if s in card["splits"]), None)
+        if eval_split is None:
+            raise ValueError(f"{settings.data} has no test or valid split; name one with --eval-split, or "
+                             f"cross-validate over its folds with --cv-folds")
     if settings.checkpoint:
         encoder = load_encoder(settings.checkpoint, settings.which)
     else:
         torch.manual_seed(settings.seed)
         encoder = ASDAEncoder(config or ASDAConfig.tiny())
     multilabel, num_classes = card["multilabel"], len(card["class_names"])
-    labels = "multihot" if multilabel else "index"
-    target_length = encoder.config.target_length
-    train = read_clips(settings.data, settings.train_split, target_length=target_length, labels=labels)
-    test = read_clips(settings.data, eval_split, target_length=target_length, labels=labels)
-    x_train = utterance_features(encoder, train["fbank"], settings.batch_size)
-    x_test = utterance_features(encoder, test["fbank"], settings.batch_size)
-    classifier = fit_linear(x_train, torch.as_tensor(train["label"]), num_classes, multilabel=multilabel,
-                            l2=settings.l2, max_iter=settings.max_iter, seed=settings.seed)
-    with torch.no_grad():
-        scores = classifier(x_test)
-        train_scores = classifier(x_train)
-    metrics = evaluate(scores, test["label"], num_classes, multilabel)
-    metrics.update({f"train_{k[5:]}": v for k, v in evaluate(train_scores, train["label"], num_classes,
-                                                             multilabel).items()})
+
+    def features(split: str, folds: list[int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        clips = read_clips(settings.data, split, target_length=encoder.config.target_length,
+                           labels="multihot" if multilabel else "index", folds=folds)
+        return utterance_features(encoder, clips["fbank"], settings.batch_size), clips["label"]
+
+    def fit_and_score(train: tuple, test: tuple) -> dict[str, float]:
+        classifier = fit_linear(train[0], torch.as_tensor(train[1]), num_classes, multilabel=multilabel,
+                                l2=settings.l2, max_iter=settings.max_iter, seed=settings.seed)
+        with torch.no_grad():
+            metrics = evaluate(classifier(test[0]), test[1], num_classes, multilabel)
+            train_metrics = evaluate(classifier(train[0]), train[1], num_classes, multilabel)
+        return {**metrics, **{f"train_{k[5:]}": v for k, v in train_metrics.items()}}
+
+    if settings.cv_folds:
+        parts = {k: features(settings.train_split, [k]) for k in folds}  # the encoder runs once per clip
+        per_fold = {}
+        for k in folds:
+            rest = [parts[j] for j in folds if j != k]
+            train = (torch.cat([x for x, _ in rest]), np.concatenate([y for _, y in rest]))
+            per_fold[k] = fit_and_score(train, parts[k])
+        metrics = {key: float(np.mean([m[key] for m in per_fold.values()])) for key in per_fold[folds[0]]}
+        metrics.update({f"{key}_std": float(np.std([m[key] for m in per_fold.values()]))
+                        for key in per_fold[folds[0]] if key.startswith("eval_")})
+        metrics.update({f"{key}_fold{k}": m[key] for k, m in per_fold.items() for key in m if key.startswith("eval_")})
+        num_train = sum(len(x) for x, _ in parts.values())
+        num_eval = num_train
+    else:
+        train, test = features(settings.train_split), features(eval_split)
+        metrics = fit_and_score(train, test)
+        num_train, num_eval = len(train[0]), len(test[0])
     run_id = _log(settings, metrics, eval_split, encoder.config)
-    return {**metrics, "run_id": run_id, "eval_split": eval_split, "num_train": len(x_train),
-            "num_eval": len(x_test)}
+    return {**metrics, "run_id": run_id, "eval_split": eval_split, "num_train": num_train, "num_eval": num_eval}
 
 
 def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, config: ASDAConfig) -> str:

@@ -13,7 +13,6 @@ import torch
 from mlflow import MlflowClient
 
 from model import ASDAConfig, load_checkpoint
-from pipelines.finetune import FinetuneSettings, finetune
 from pipelines.pretrain import PretrainSettings, pretrain
 from pipelines.probe import ProbeSettings, probe
 from pipelines.training import NonFiniteLossError
@@ -146,11 +145,39 @@ def test_probe_is_clearly_above_chance_on_an_easy_split(pretrained, easy_synthet
     assert run.data.metrics["eval_accuracy"] == result["eval_accuracy"]
 
 
-def test_finetune_a_few_steps_reports_eval_metrics(pretrained, synthetic_prepared, tmp_path, tracking_store):
-    settings = FinetuneSettings(data=str(synthetic_prepared), storage=str(tmp_path), name="ft", steps=3,
-                                batch_size=8, checkpoint_every=3, log_every=1,
-                                checkpoint=pretrained["result"]["checkpoint"])
-    result = finetune(TINY, settings)
-    assert 0 <= result["eval_accuracy"] <= 1 and 0 < result["eval_map"] <= 1
-    run = MlflowClient().get_run(result["run_id"])
-    assert "eval_accuracy" in run.data.metrics and run.data.params["train.layer_decay"] == "0.65"
+def test_pretrain_probe_and_finetune_commands_run_on_a_prepared_esc50_layout_with_fold_cv(
+        ray_local, tracking_store, tmp_path, capsys):
+    from layouts import write_esc50
+
+    from pipelines.cli import main
+    from pipelines.prepare import prepare
+
+    source = write_esc50(tmp_path / "ESC-50-master", n_per_fold=2, classes=3)
+    data = tmp_path / "esc50"
+    prepare("esc50", source, data)
+    runs = tmp_path / "runs"
+    small = ["embed_dim=64", "depth=2", "average_top_k_layers=2", "num_students=2", "decoder_layers=1"]
+    common = ["--data", str(data), "--storage", str(runs), "--batch-size", "4", "--warmup-steps", "1",
+              "--log-every", "1"]
+    assert main(["pretrain", *common, "--name", "esc", "--steps", "2", "--checkpoint-every", "2", *small]) == 0
+    assert (runs / "esc" / "final.pt").is_file()
+
+    # ESC-50 has no test split: the probe and fine-tuning cross-validate over its folds.
+    assert main(["probe", "--data", str(data), "--checkpoint", str(runs / "esc"), "--cv-folds", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "train folds 1-5 (30 train / 30 eval clips)" in out
+    probe_run = MlflowClient().get_run(out.strip().rsplit(" ", 1)[-1])
+    folds = [probe_run.data.metrics[f"eval_accuracy_fold{k}"] for k in range(1, 6)]
+    assert probe_run.data.metrics["eval_accuracy"] == pytest.approx(sum(folds) / 5)
+
+    assert main(["finetune", *common, "--checkpoint", str(runs / "esc"), "--name", "esc-ft", "--steps", "1",
+                 "--checkpoint-every", "1", "--cv-folds", "2"]) == 0
+    client = MlflowClient()
+    for k in (1, 2):
+        run = client.search_runs([probe_run.info.experiment_id], filter_string=f"tags.mlflow.runName = 'esc-ft-fold{k}'")
+        assert len(run) == 1 and 0 <= run[0].data.metrics["eval_accuracy"] <= 1
+
+
+def test_cross_validation_names_the_folds_a_data_set_lacks(synthetic_prepared):
+    with pytest.raises(ValueError, match=r"has no fold \[1, 2\].*ESC-50 has folds 1-5"):
+        probe(ProbeSettings(data=str(synthetic_prepared), cv_folds=2))

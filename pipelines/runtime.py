@@ -36,6 +36,17 @@ def local_num_cpus() -> int:
 
 
 RUNNING_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head` (make ray-up)
+_dashboard: dict[str, str | None] = {"url": None}
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard of the instance ``ensure_ray`` connected to or started (None if it has none or did not)."""
+    return _dashboard["url"]
+
+
+def _remember(context) -> None:
+    url = getattr(context, "dashboard_url", None)
+    _dashboard["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
 
 
 def ensure_ray(num_cpus: int | None = None):
@@ -48,7 +59,7 @@ def ensure_ray(num_cpus: int | None = None):
     address = os.environ.get("RAY_ADDRESS")
     if not address and RUNNING_CLUSTER_FILE.is_file():
         try:
-            ray.init(address="auto", log_to_driver=True)
+            _remember(ray.init(address="auto", log_to_driver=True))
             log.info("joined the Ray cluster started on this machine")
             return ray
         except (ConnectionError, RuntimeError):
@@ -57,8 +68,8 @@ def ensure_ray(num_cpus: int | None = None):
     # the working directory is not shipped (it holds data and the venv).
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        _remember(ray.init(address=address, log_to_driver=True))
     else:
-        ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+        _remember(ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True))
     return ray

@@ -159,7 +159,7 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     """Run (or resume) a sweep; returns {"dir", "parent_run_id", "trials", "report"}."""
     from ray import tune
 
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime import dashboard_url, ensure_ray
 
     from .report import build_report, print_report
 
@@ -174,7 +174,7 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
         "sweep_id": f"{grid.name}-{time.strftime('%m%d-%H%M%S')}", "grid": grid.path,
         "fingerprint": grid.fingerprint()}
     data = prepared_data(grid)
-    ray = ensure_ray()
+    ensure_ray()
     state["parent_run_id"] = _parent_run(grid, state, experiment)
     state_path.write_text(json.dumps(state, indent=2))
 
@@ -197,7 +197,8 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
                                       grid.train.get("steps", 300)) // 4))
     tune_path = folder / "tune"
     print(f"sweep {state['sweep_id']}: {len(trials)} trials, {concurrent} at a time; folder {folder}")
-    print(f"  Ray dashboard: {_dashboard_url(ray)}   MLflow: {tracking.ui_command()}")
+    print(f"  Ray dashboard: {dashboard_url() or 'unknown (Ray was started elsewhere)'}   "
+          f"MLflow: {tracking.ui_command()}")
     if tune.Tuner.can_restore(str(tune_path)):
         print("  resuming: finished trials are kept")
         tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
@@ -245,12 +246,3 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
                "error": str(result.error).splitlines()[0] if result.error else None}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["factor"] != "centre", r["factor"], str(r["value"]), r["seed"]))
-
-
-def _dashboard_url(ray) -> str:
-    try:
-        context = ray.get_runtime_context()
-        url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()
-    except Exception:
-        url = None
-    return f"http://{url}" if url and not url.startswith("http") else (url or "http://127.0.0.1:8265")

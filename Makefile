@@ -57,10 +57,23 @@ sweep: setup
 report: setup
 	$(BIN)/asda report --sweep $(SWEEP) $(ARGS)
 
-## ray-up / ray-down: a local Ray head (dashboard on 127.0.0.1:8265, token auth on) that sweeps then join
-RAY_CPUS ?= $(shell echo $$(( $$(nproc) * 3 )))
+## ray-up / ray-down: a local Ray head (dashboard on 127.0.0.1:8265, token auth on) that sweeps then join;
+## WORKERS=N also starts N more nodes on this machine over loopback, so the multi-node path runs here too
+RAY_CPUS    ?= $(shell echo $$(( $$(nproc) * 3 )))
+WORKERS     ?= 0
+WORKER_CPUS ?= 3
+RAY_PORT    ?= 6379
+RAY_DASHBOARD_PORT ?= 8265
+RAY_TEMP_DIR ?=
 ray-up: setup
-	$(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --dashboard-host=127.0.0.1 --dashboard-port=8265 --port=6379
+	$(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --node-ip-address=127.0.0.1 --port=$(RAY_PORT) \
+		--dashboard-host=127.0.0.1 --dashboard-port=$(RAY_DASHBOARD_PORT) --disable-usage-stats \
+		$(if $(RAY_TEMP_DIR),--temp-dir=$(RAY_TEMP_DIR))
+	for i in $$(seq 1 $(WORKERS)); do \
+		$(BIN)/ray start --address=127.0.0.1:$(RAY_PORT) --node-ip-address=127.0.0.1 \
+			--num-cpus=$(WORKER_CPUS) --disable-usage-stats || exit 1; \
+	done
+	@echo "cluster: RAY_ADDRESS=127.0.0.1:$(RAY_PORT), dashboard and job API http://127.0.0.1:$(RAY_DASHBOARD_PORT)"
 
 ray-down: setup
 	$(BIN)/ray stop

@@ -1,5 +1,6 @@
-"""A two-node Ray cluster on loopback (a head plus a second `ray start --address`) runs a sweep trial whose two
-Train workers land on different nodes. Every process the test starts is stopped by id afterwards."""
+"""The multi-node path, for real on this machine: `make ray-up WORKERS=1` (a head plus a second node over loopback),
+a sweep submitted with `ray job submit -- make sweep ...` whose two Train workers land on different nodes, then
+`asda sweep` run directly against the same cluster. Every process the test starts is stopped by id afterwards."""
 
 import json
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -26,7 +28,7 @@ def _free_port() -> int:
 
 
 def _session_members(sid: int) -> list[int]:
-    """Processes whose session id is ``sid``: everything one `ray start` spawned."""
+    """Processes whose session id is ``sid``: everything one `make ray-up` spawned."""
     members = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -39,53 +41,76 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return {**env, **extra}
+
+
 @pytest.fixture
-def two_node_cluster(tmp_path):
-    port = _free_port()
+def make_ray_up():
+    """`make ray-up WORKERS=1` on free ports; yields (gcs address, dashboard URL)."""
+    port, dashboard = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    starts = []
-
-    def start(*args):
-        proc = subprocess.Popen([str(BIN / "ray"), "start", *args, "--num-cpus=3", "--disable-usage-stats"],
-                                env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        out, _ = proc.communicate(timeout=180)
-        starts.append(proc.pid)
-        assert proc.returncode == 0, out
-
+    # 3 CPUs per node: one 2-CPU Train worker fits on each, leaving a CPU per node for Ray Data's tasks.
+    proc = subprocess.Popen(
+        ["make", "-C", str(REPO), "ray-up", "WORKERS=1", "RAY_CPUS=3", "WORKER_CPUS=3", f"RAY_PORT={port}",
+         f"RAY_DASHBOARD_PORT={dashboard}", f"RAY_TEMP_DIR={temp_dir}"],
+        env=_clean_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        start("--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-              f"--temp-dir={temp_dir}")
-        start(f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1")
-        yield f"127.0.0.1:{port}"
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
     finally:
-        for sid in starts:  # stop what these `ray start` calls spawned, and nothing else
-            for pid in _session_members(sid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for pid in _session_members(proc.pid):  # what `make ray-up` spawned, and nothing else
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_a_sweep_trial_spreads_its_workers_over_two_nodes(two_node_cluster, synthetic_prepared, tmp_path):
-    grid = yaml.safe_load(open(Path(__file__).parents[1] / "sweeps" / "grids" / "smoke.yaml"))
+def test_ray_job_submit_runs_a_sweep_across_two_nodes_and_asda_sweep_joins_the_same_cluster(
+        make_ray_up, synthetic_prepared, tmp_path):
+    from mlflow import MlflowClient
+
+    address, dashboard = make_ray_up
+    grid = yaml.safe_load(open(REPO / "sweeps" / "grids" / "smoke.yaml"))
     grid["name"] = "two-node"
     grid["data"] = {"prepared": str(synthetic_prepared)}
-    # 3 CPUs per node: one 2-CPU worker fits on each, leaving a CPU per node for Ray Data's tasks.
     grid["train"].update(workers=2, cpus_per_worker=2.0)
     grid["factors"] = {"diff_lambda": [0.3]}
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
-    env = {**os.environ, "RAY_ADDRESS": two_node_cluster,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "sweeps"
+
     started = time.time()
-    run = subprocess.run([str(BIN / "asda"), "sweep", "--grid", str(path), "--storage", str(tmp_path / "sweeps")],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    workers = [json.loads(p.read_text()) for p in (tmp_path / "sweeps").rglob("workers/rank*.json")]
-    assert len(workers) == 2
-    assert len({w["node_id"] for w in workers}) == 2, workers
-    print(f"two-node sweep trial: {time.time() - started:.0f} s")
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", "asda-two-node",
+         "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking}}),
+         "--", "make", "-C", str(REPO), "sweep", f"GRID={grid_file}", f"ARGS=--storage {storage}"],
+        env=_clean_env(), capture_output=True, text=True, timeout=900)
+    log = job.stdout[-4000:] + job.stderr[-3000:]
+    assert job.returncode == 0 and "succeeded" in job.stdout, log
+    print(f"ray job submit, one two-worker trial: {time.time() - started:.0f} s")
+
+    workers = [json.loads(p.read_text()) for p in storage.rglob("workers/rank*.json")]
+    assert len(workers) == 2, log
+    assert len({w["node_id"] for w in workers}) == 2, workers  # one Train worker on each node
+
+    client = MlflowClient(tracking)
+
+    def trial_runs():
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+    children = trial_runs()
+    assert len(children) == 1 and 0.0 <= children[0].data.metrics["eval_accuracy"] <= 1.0
+
+    # The same grid run directly against the cluster joins it and resumes: the finished trial is not redone.
+    direct = subprocess.run([str(BIN / "asda"), "sweep", "--grid", str(grid_file), "--storage", str(storage)],
+                            env=_clean_env(RAY_ADDRESS=address, MLFLOW_TRACKING_URI=tracking),
+                            capture_output=True, text=True, timeout=600)
+    assert direct.returncode == 0, direct.stdout[-3000:] + direct.stderr[-3000:]
+    assert "resuming" in direct.stdout and "| diff_lambda | 0.3 |" in direct.stdout
+    assert len(trial_runs()) == 1

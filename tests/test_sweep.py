@@ -1,10 +1,15 @@
 """The smoke grid end to end: real Ray Tune + Ray Train, real MLflow (sqlite, and a server over HTTP)."""
 
+import contextlib
+import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -58,37 +63,104 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@contextlib.contextmanager
+def _mlflow_server(backend_store_uri: str, artifacts: Path, log: Path):
     """An `mlflow server` on loopback in its own process group, stopped (the whole group) afterwards."""
     port = _free_port()
     exe = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
-        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_store_uri,
+         "--artifacts-destination", str(artifacts), "--workers", "1"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240  # ~20 s on an idle 2-core machine; far longer under load
         while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
             try:
                 if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
                     break
             except OSError:
                 time.sleep(0.5)
         else:
-            raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        _stop_group(proc, signal.SIGTERM)
+
+
+def _stop_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with _mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts",
+                        tmp_path / "server.log") as url:
+        yield url
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture
+def postgres():
+    """A throw-away PostgreSQL cluster on loopback (its own data folder, port and process group); yields a URI."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) on this machine; .ci/run installs Debian's postgresql")
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no 'postgres' user to run the PostgreSQL server as")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data = Path(tempfile.mkdtemp(prefix="asda-pg-", dir="/tmp"))
+    if run_as:
+        shutil.chown(data, user="postgres")
+    port = _free_port()
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data / "db"), "-U", "asda", "-A", "trust",
+                    "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(
+        [*run_as, str(bindir / "postgres"), "-D", str(data / "db"), "-h", "127.0.0.1", "-p", str(port),
+         "-k", str(data), "-c", "fsync=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        import psycopg2
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                conn = psycopg2.connect(host="127.0.0.1", port=port, user="asda", dbname="postgres")
+                break
+            except psycopg2.OperationalError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE mlflow")
+        conn.close()
+        yield f"postgresql://asda@127.0.0.1:{port}/mlflow"
+    finally:
+        _stop_group(proc, signal.SIGINT)  # PostgreSQL's fast shutdown
+        shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow  # the PostgreSQL-backed test below covers the same HTTP path in the fast suite
 def test_smoke_grid_logs_to_an_mlflow_server_over_http(ray_local, mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     result = run_sweep("smoke", storage=tmp_path)
@@ -96,3 +168,36 @@ def test_smoke_grid_logs_to_an_mlflow_server_over_http(ray_local, mlflow_server,
     # What the test reads back came over HTTP from the server, and the artifacts live in its store.
     assert all(c.info.artifact_uri.startswith("mlflow-artifacts:") for c in children)
     assert any((tmp_path / "server-artifacts").rglob("report.md"))
+
+
+def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_rest(
+        ray_local, postgres, tmp_path, monkeypatch):
+    with _mlflow_server(postgres, tmp_path / "server-artifacts", tmp_path / "server.log") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        result = run_sweep("smoke", storage=tmp_path)
+        _check_sweep(result)
+        # Read the nested runs back through the REST API itself, not the client library.
+        parent = result["parent_run_id"]
+        body = json.dumps({"experiment_ids": [_get(url, f"runs/get?run_id={parent}")["run"]["info"]["experiment_id"]],
+                           "filter": f"tags.mlflow.parentRunId = '{parent}'"}).encode()
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body,
+                                         headers={"Content-Type": "application/json"})
+        runs = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
+        assert len(runs) == len(load_grid("smoke").trials())
+        for run in runs:
+            metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+            assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    # The runs live in PostgreSQL: the server's tables hold them, not a file next to it.
+    import psycopg2
+
+    conn = psycopg2.connect(postgres)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM runs")
+            assert cur.fetchone()[0] == len(runs) + 1  # the trials and their parent
+    finally:
+        conn.close()
+
+
+def _get(url: str, path: str) -> dict:
+    return json.load(urllib.request.urlopen(f"{url}/api/2.0/mlflow/{path}", timeout=30))

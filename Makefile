@@ -64,14 +64,20 @@ WORKERS     ?= 0
 WORKER_CPUS ?= 3
 RAY_PORT    ?= 6379
 RAY_DASHBOARD_PORT ?= 8265
+RAY_AGENT_PORT ?= 52365
 RAY_TEMP_DIR ?=
+# Token authentication, explicitly: every node and client of this user shares the token in ~/.ray/auth_token,
+# made here the first time. Nodes on one machine each need their own dashboard-agent port (node i: base + i).
 ray-up: setup
-	$(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --node-ip-address=127.0.0.1 --port=$(RAY_PORT) \
-		--dashboard-host=127.0.0.1 --dashboard-port=$(RAY_DASHBOARD_PORT) --disable-usage-stats \
+	test -s $(HOME)/.ray/auth_token || $(BIN)/ray get-auth-token --generate >/dev/null
+	RAY_AUTH_MODE=token $(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --node-ip-address=127.0.0.1 \
+		--port=$(RAY_PORT) --dashboard-host=127.0.0.1 --dashboard-port=$(RAY_DASHBOARD_PORT) \
+		--dashboard-agent-listen-port=$(RAY_AGENT_PORT) --disable-usage-stats \
 		$(if $(RAY_TEMP_DIR),--temp-dir=$(RAY_TEMP_DIR))
 	for i in $$(seq 1 $(WORKERS)); do \
-		$(BIN)/ray start --address=127.0.0.1:$(RAY_PORT) --node-ip-address=127.0.0.1 \
-			--num-cpus=$(WORKER_CPUS) --disable-usage-stats || exit 1; \
+		RAY_AUTH_MODE=token $(BIN)/ray start --address=127.0.0.1:$(RAY_PORT) --node-ip-address=127.0.0.1 \
+			--num-cpus=$(WORKER_CPUS) --dashboard-agent-listen-port=$$(( $(RAY_AGENT_PORT) + i )) \
+			--disable-usage-stats || exit 1; \
 	done
 	@echo "cluster: RAY_ADDRESS=127.0.0.1:$(RAY_PORT), dashboard and job API http://127.0.0.1:$(RAY_DASHBOARD_PORT)"
 

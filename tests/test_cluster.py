@@ -42,19 +42,34 @@ def _session_members(sid: int) -> list[int]:
 
 
 def _clean_env(**extra) -> dict:
+    """This environment without a cluster or tracking store of the user's; clients use the token `make ray-up`
+    keeps in ~/.ray/auth_token."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, **extra}
+    return {**env, "RAY_AUTH_MODE": "token", **extra}
+
+
+def _free_port_pair() -> int:
+    """A port p with p + 1 free as well (the head's and the second node's dashboard agents)."""
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two adjacent free ports")
 
 
 @pytest.fixture
 def make_ray_up():
     """`make ray-up WORKERS=1` on free ports; yields (gcs address, dashboard URL)."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agents = _free_port(), _free_port(), _free_port_pair()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     # 3 CPUs per node: one 2-CPU Train worker fits on each, leaving a CPU per node for Ray Data's tasks.
     proc = subprocess.Popen(
         ["make", "-C", str(REPO), "ray-up", "WORKERS=1", "RAY_CPUS=3", "WORKER_CPUS=3", f"RAY_PORT={port}",
-         f"RAY_DASHBOARD_PORT={dashboard}", f"RAY_TEMP_DIR={temp_dir}"],
+         f"RAY_DASHBOARD_PORT={dashboard}", f"RAY_AGENT_PORT={agents}", f"RAY_TEMP_DIR={temp_dir}"],
         env=_clean_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=300)
@@ -85,11 +100,14 @@ def test_ray_job_submit_runs_a_sweep_across_two_nodes_and_asda_sweep_joins_the_s
     storage = tmp_path / "sweeps"
 
     started = time.time()
-    job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", "asda-two-node",
-         "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking}}),
-         "--", "make", "-C", str(REPO), "sweep", f"GRID={grid_file}", f"ARGS=--storage {storage}"],
-        env=_clean_env(), capture_output=True, text=True, timeout=900)
+    submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", "asda-two-node",
+              "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking}}),
+              "--", "make", "-C", str(REPO), "sweep", f"GRID={grid_file}", f"ARGS=--storage {storage}"]
+    for _ in range(15):  # the head's job agent registers a little after `ray start` returns
+        job = subprocess.run(submit, env=_clean_env(), capture_output=True, text=True, timeout=900)
+        if "No available agent" not in job.stderr:
+            break
+        time.sleep(2)
     log = job.stdout[-4000:] + job.stderr[-3000:]
     assert job.returncode == 0 and "succeeded" in job.stdout, log
     print(f"ray job submit, one two-worker trial: {time.time() - started:.0f} s")

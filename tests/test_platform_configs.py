@@ -470,7 +470,7 @@ def test_compose_files_build_contexts_and_scripts_exist():
 def test_compose_runs_start_server_script_for_mlflow():
     mlflow = compose_services()["mlflow"]
     assert json.dumps(mlflow["command"]).count("platform/mlflow/start-server.sh") == 1
-    assert {"boto3", "psycopg2-binary"} <= set(mlflow["build"]["args"]["EXTRA_PIP_PACKAGES"].split())
+    assert {"boto3", "psycopg[binary]"} <= set(mlflow["build"]["args"]["EXTRA_PIP_PACKAGES"].split())
     assert os.access(START_SERVER, os.X_OK)
 
 
@@ -563,8 +563,8 @@ def fake_server_env(tmp_path):
     packages import (stand-ins), so the script runs to its exec."""
     bin_dir, site = tmp_path / "bin", tmp_path / "site"
     bin_dir.mkdir()
-    (site / "psycopg2").mkdir(parents=True)
-    (site / "psycopg2" / "__init__.py").write_text("")
+    (site / "psycopg").mkdir(parents=True)
+    (site / "psycopg" / "__init__.py").write_text("")
     (site / "boto3.py").write_text("")
     fake = bin_dir / "mlflow"
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$OUT/args"\nprintf "%s" "$MLFLOW_BACKEND_STORE_URI" > "$OUT/uri"\n')
@@ -591,13 +591,13 @@ def test_start_server_script_serves_proxied_s3_artifacts_on_loopback(fake_server
 @pytest.mark.parametrize("change, named", [
     ({"AWS_SECRET_ACCESS_KEY": ""}, "AWS_SECRET_ACCESS_KEY"),
     ({"MLFLOW_ARTIFACTS_DESTINATION": "file:///tmp/artifacts"}, "MLFLOW_ARTIFACTS_DESTINATION"),
-    ({"PYTHONPATH": ""}, "psycopg2-binary"),
+    ({"PYTHONPATH": ""}, "psycopg[binary]"),
 ])
 def test_start_server_script_refuses_an_incomplete_setup(fake_server_env, tmp_path, change, named):
     env = {**fake_server_env, **change}
     if "PYTHONPATH" in change:  # the stand-ins gone: boto3 is not a project dependency
-        if subprocess.run([sys.executable, "-c", "import boto3, psycopg2"], capture_output=True).returncode == 0:
-            pytest.skip("boto3 and psycopg2 are installed here, so nothing is missing")
+        if subprocess.run([sys.executable, "-c", "import boto3, psycopg"], capture_output=True).returncode == 0:
+            pytest.skip("boto3 and psycopg are installed here, so nothing is missing")
     result = run_start_server(env)
     assert result.returncode != 0 and named in result.stderr
     assert not (tmp_path / "args").exists()

@@ -140,18 +140,17 @@ def postgres():
          "-k", str(data), "-c", "fsync=off"],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        import psycopg2
+        import psycopg
 
         deadline = time.time() + 120
         while True:
             try:
-                conn = psycopg2.connect(host="127.0.0.1", port=port, user="asda", dbname="postgres")
+                conn = psycopg.connect(host="127.0.0.1", port=port, user="asda", dbname="postgres", autocommit=True)
                 break
-            except psycopg2.OperationalError:
+            except psycopg.OperationalError:
                 if time.time() > deadline or proc.poll() is not None:
                     raise
                 time.sleep(0.5)
-        conn.autocommit = True
         conn.cursor().execute("CREATE DATABASE mlflow")
         conn.close()
         yield f"postgresql://asda@127.0.0.1:{port}/mlflow"
@@ -188,9 +187,9 @@ def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_res
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
             assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     # The runs live in PostgreSQL: the server's tables hold them, not a file next to it.
-    import psycopg2
+    import psycopg
 
-    conn = psycopg2.connect(postgres)
+    conn = psycopg.connect(postgres)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM runs")

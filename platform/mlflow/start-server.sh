@@ -31,8 +31,8 @@ if [[ "$MLFLOW_ARTIFACTS_DESTINATION" != s3://* ]]; then
 fi
 
 # Fail now rather than at the first run or the first artifact upload.
-if ! python3 -c 'import boto3, psycopg2' 2>/dev/null; then
-    echo "start-server.sh: the server needs boto3 and psycopg2 (pip install boto3 psycopg2-binary)" >&2
+if ! python3 -c 'import boto3, psycopg' 2>/dev/null; then
+    echo "start-server.sh: the server needs boto3 and psycopg (pip install boto3 'psycopg[binary]')" >&2
     exit 2
 fi
 

@@ -51,9 +51,10 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, *, size: int | 
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def _update(model: ASDA, optimiser: torch.optim.Optimizer, batch: torch.Tensor, device: torch.device) -> None:
+def _update(model: ASDA, optimiser: torch.optim.Optimizer, batch: torch.Tensor, device: torch.device,
+            forward=None) -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = model(batch)["loss"]
+        loss = (model if forward is None else forward)(batch)["loss"]
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()
@@ -66,8 +67,11 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_step(config: ASDAConfig, *, batch_size: int = 8, repeats: int = 10, warmup: int = 3,
-               device: str = "cpu", seed: int = 0) -> dict:
-    """Median seconds per update and clips/s of ``config`` and of its standard-attention twin."""
+               device: str = "cpu", seed: int = 0, compile: bool = False) -> dict:
+    """Median seconds per update and clips/s of ``config`` and of its standard-attention twin.
+
+    ``compile`` times the forward through ``torch.compile`` (FLOPs are still counted on the eager model, which
+    computes the same function)."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     variants = {"differential": config, "standard": dataclasses.replace(config, attention="standard")}
@@ -75,24 +79,24 @@ def bench_step(config: ASDAConfig, *, batch_size: int = 8, repeats: int = 10, wa
     for name, cfg in variants.items():
         model = ASDA(cfg).to(dev).train()
         opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-        runs[name] = (model, opt, [])
+        runs[name] = (model, opt, [], torch.compile(model) if compile else model)
     batch = torch.randn(batch_size, config.target_length, config.num_mel_bins, device=dev)
     flops = {}
-    for name, (model, opt, _) in runs.items():
+    for name, (model, opt, _, forward) in runs.items():
         for _ in range(warmup):
-            _update(model, opt, batch, dev)
+            _update(model, opt, batch, dev, forward)
         flops[name] = update_flops(model, opt, batch, dev)
     for _ in range(repeats):  # interleaved so drift in machine load hits both alike
-        for model, opt, times in runs.values():
+        for model, opt, times, forward in runs.values():
             _sync(dev)
             start = time.perf_counter()
-            _update(model, opt, batch, dev)
+            _update(model, opt, batch, dev, forward)
             _sync(dev)
             times.append(time.perf_counter() - start)
     peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # what the update's matmuls run in
     peak = matmul_peak_tflops(dev, peak_dtype)
     results = []
-    for name, (_, _, times) in runs.items():
+    for name, (_, _, times, _) in runs.items():
         median = statistics.median(times)
         achieved = flops[name] / median / 1e12
         results.append({"name": name, "median_ms": median * 1000, "clips_per_s": batch_size / median,
@@ -100,7 +104,7 @@ def bench_step(config: ASDAConfig, *, batch_size: int = 8, repeats: int = 10, wa
                         "mfu": achieved / peak})
     return {"device": dev.type if dev.type == "cpu" else torch.cuda.get_device_name(dev),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": batch_size,
-            "num_students": config.num_students, "config": config.to_dict(), "results": results,
+            "num_students": config.num_students, "compiled": compile, "config": config.to_dict(), "results": results,
             "matmul_peak_tflops": peak, "matmul_peak_dtype": str(peak_dtype).removeprefix("torch."),
             "differential_over_standard": results[0]["median_ms"] / results[1]["median_ms"],
             "flops_ratio": flops["differential"] / flops["standard"]}

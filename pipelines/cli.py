@@ -41,7 +41,8 @@ def _bench_step(args: argparse.Namespace) -> int:
     from model import ASDAConfig
 
     config = (ASDAConfig.tiny() if args.preset == "tiny" else ASDAConfig()).with_overrides(args.overrides)
-    report = bench_step(config, batch_size=args.batch, repeats=args.repeats, device=args.device)
+    report = bench_step(config, batch_size=args.batch, repeats=args.repeats, device=args.device,
+                        compile=args.compile)
     for r in report["results"]:
         print(f"{r['name']:>12}: {r['median_ms']:8.1f} ms/update  {r['clips_per_s']:7.1f} clips/s  "
               f"{r['gflops_per_update']:8.1f} GFLOP/update  {r['achieved_tflops']:6.2f} TFLOP/s  MFU {r['mfu']:.1%}")
@@ -106,6 +107,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--batch", type=int, default=8, help="clips per update (default: 8)")
     step.add_argument("--repeats", type=int, default=10, help="timed updates per variant (default: 10)")
     step.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    step.add_argument("--compile", action="store_true", help="run the forward through torch.compile")
     step.add_argument("--json", help="also write the results to this JSON file")
     step.add_argument("overrides", nargs="*", metavar="field=value", help="ASDAConfig fields to override")
     step.set_defaults(func=_bench_step)

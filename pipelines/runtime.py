@@ -30,8 +30,8 @@ def code_version() -> str:
 
 def local_num_cpus() -> int:
     """Logical CPUs for a local instance: three times the cores (at least 4). On small machines Train workers and
-    Tune trials otherwise take every CPU and Ray Data's read tasks starve; much of a trial's time is start-up
-    latency, so logical CPUs beyond the cores let three trials overlap it."""
+    Tune trials otherwise take every CPU and Ray Data's read tasks (0.25 CPU each, one whole CPU to list files)
+    starve."""
     return max(4, 3 * (os.cpu_count() or 1))
 
 

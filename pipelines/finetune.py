@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -252,8 +251,8 @@ def _cross_validate(config: ASDAConfig, settings: FinetuneSettings, card: dict, 
         fold_settings = dataclasses.replace(settings, name=f"{settings.name}-fold{k}")
         per_fold.append(_one(config, fold_settings, card,
                              {**base, "eval_split": settings.split, "eval_folds": [k]}, folds=train_folds))
-    keys = [k for k in per_fold[0] if k.startswith("eval_")]
-    summary = {k: float(np.mean([r[k] for r in per_fold])) for k in keys}
-    summary.update({f"{k}_std": float(np.std([r[k] for r in per_fold])) for k in keys})
+    from .metrics import fold_summary
+
+    summary = fold_summary(per_fold, [k for k in per_fold[0] if k.startswith("eval_")])
     return {**summary, "folds": per_fold, "name": settings.name, "run_id": per_fold[-1]["run_id"]}
 

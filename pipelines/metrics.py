@@ -41,3 +41,10 @@ def accuracy(scores, labels) -> float:
     if scores.ndim != 2 or labels.shape != (scores.shape[0],):
         raise ValueError(f"scores {scores.shape} must be (N, C) and labels {labels.shape} (N,)")
     return float(np.mean(scores.argmax(axis=1) == labels))
+
+
+def fold_summary(per_fold: list[dict[str, float]], keys) -> dict[str, float]:
+    """Mean and spread (``<key>_std``) over cross-validation folds of each metric in ``keys``."""
+    summary = {k: float(np.mean([m[k] for m in per_fold])) for k in keys}
+    summary.update({f"{k}_std": float(np.std([m[k] for m in per_fold])) for k in keys})
+    return summary

@@ -18,7 +18,7 @@ import torch
 from model import ASDAConfig, ASDAEncoder, load_encoder
 
 from . import tracking
-from .metrics import accuracy, mean_average_precision
+from .metrics import accuracy, fold_summary, mean_average_precision
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,10 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
             rest = [parts[j] for j in folds if j != k]
             train = (torch.cat([x for x, _ in rest]), np.concatenate([y for _, y in rest]))
             per_fold[k] = fit_and_score(train, parts[k])
-        metrics = {key: float(np.mean([m[key] for m in per_fold.values()])) for key in per_fold[folds[0]]}
-        metrics.update({f"{key}_std": float(np.std([m[key] for m in per_fold.values()]))
-                        for key in per_fold[folds[0]] if key.startswith("eval_")})
+        first = per_fold[folds[0]]
+        metrics = fold_summary(list(per_fold.values()), [k for k in first if k.startswith("eval_")])
+        metrics.update({key: float(np.mean([m[key] for m in per_fold.values()])) for key in first
+                        if key.startswith("train_")})
         metrics.update({f"{key}_fold{k}": m[key] for k, m in per_fold.items() for key in m if key.startswith("eval_")})
         num_train = sum(len(x) for x, _ in parts.values())
         num_eval = num_train

@@ -32,10 +32,10 @@ def _bare_fbank_rate(paths: list[str]) -> float:
 def bench_data(*, clips: int = 320, batch_size: int = 32, epochs: int = 2, workdir: str | None = None) -> dict:
     """Prepare ``clips`` synthetic clips end to end, time bare fbank on the same files, then read the prepared
     train split through the feed ``epochs`` times."""
-    from pipelines.card import load_card
-    from pipelines.datasets import build_index
-    from pipelines.feed import feed_dataset, iter_torch
-    from pipelines.prepare import prepare
+    from pipelines.data.adapters import build_index
+    from pipelines.data.card import load_card
+    from pipelines.data.feed import feed_dataset, iter_torch
+    from pipelines.data.prepare import prepare
     from pipelines.runtime import ensure_ray
 
     cores = os.cpu_count() or 1

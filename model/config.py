@@ -116,11 +116,14 @@ class ASDAConfig:
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
     # --- presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ASDAConfig:
+        """A named starting point: "base" (the paper's encoder, the defaults) or "tiny" (the CPU preset)."""
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r} is not allowed: expected one of {PRESETS}")
+        return cls.tiny(**overrides) if name == "tiny" else cls(**overrides)
+
     @classmethod
     def tiny(cls, **overrides: Any) -> ASDAConfig:
         """The CPU preset: same architecture, small enough for a 2-core machine (~0.9 M encoder parameters)."""
@@ -172,6 +175,9 @@ class ASDAConfig:
                 parsed[key.strip()] = yaml.safe_load(raw)
             assignments = parsed
         return ASDAConfig.from_dict({**self.to_dict(), **assignments})
+
+
+PRESETS = ("base", "tiny")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:

@@ -77,10 +77,7 @@ def event_shares(layers: list[dict[str, torch.Tensor]], event_mask: torch.Tensor
 def attention_figure(encoder: ASDAEncoder, clips: dict[str, np.ndarray], title: str = ""):
     """A figure: one row per clip — the spectrogram with the event marked, then the last layer's utterance-query
     attention over the patch grid (A1, A2, A1 − λA2 for differential attention; A for standard)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipelines.plotting import plt
 
     config: ASDAConfig = encoder.config
     fbank = torch.as_tensor(clips["fbank"])
@@ -118,8 +115,8 @@ def attention_figure(encoder: ASDAEncoder, clips: dict[str, np.ndarray], title: 
 
 def figure_clips(data: str | Path, split: str | None, limit: int, target_length: int) -> dict[str, np.ndarray]:
     """A few held-out clips: the named split, else valid, test, train — preferring clips with a known event."""
-    from .card import load_card
-    from .feed import read_clips
+    from .data.card import load_card
+    from .data.feed import read_clips
 
     card = load_card(data)
     for name in ([split] if split else ["valid", "test", "train"]):
@@ -132,10 +129,7 @@ def figure_clips(data: str | Path, split: str | None, limit: int, target_length:
 
 
 def loss_curve_figure(history: dict[str, list[tuple[int, float]]], title: str = "pretraining losses"):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipelines.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, points in history.items():
@@ -154,10 +148,10 @@ def loss_curve_figure(history: dict[str, list[tuple[int, float]]], title: str = 
 
 def log_pretraining_artifacts(run_id: str, config: ASDAConfig, settings, checkpoint: str | Path) -> dict[str, Any]:
     """Loss curves, the attention figure and the event-share metrics of a finished run, into its MLflow run."""
-    import matplotlib.pyplot as plt
     from mlflow import MlflowClient
 
     from model import load_encoder
+    from pipelines.plotting import plt
 
     client = MlflowClient()
     history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]

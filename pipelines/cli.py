@@ -1,4 +1,8 @@
-"""The `asda` command line: one subcommand per stage. Makefile targets are thin calls of these."""
+"""The `asda` command line: one subcommand per stage. Makefile targets are thin calls of these.
+
+Building the parser imports nothing heavy (no torch, Ray or MLflow): `asda --help` answers at once, and each command
+imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+# Spelled out here rather than imported, because importing either home imports torch; tests/test_cli.py checks they
+# equal model.config.PRESETS and pipelines.data.adapters.ADAPTERS.
+PRESETS = ("base", "tiny")
+DATASETS = ("audioset", "esc50", "folder", "manifest", "speechcommands", "synthetic")
+
 
 def _model_info(args: argparse.Namespace) -> int:
-    from model import ASDAConfig, ASDAEncoder
+    from model import ASDAEncoder
 
-    config = ASDAConfig.tiny() if args.preset == "tiny" else ASDAConfig()
-    if args.config:
-        config = ASDAConfig.from_yaml(args.config)
-    config = config.with_overrides(args.overrides)
+    config = _model_config(args)
     print(config.to_yaml(), end="")
     import torch
 
@@ -28,7 +34,7 @@ def _model_info(args: argparse.Namespace) -> int:
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="print the resolved model config and its parameter count")
-    p.add_argument("--preset", choices=("base", "tiny"), default="base", help="starting point (default: base)")
+    p.add_argument("--preset", choices=PRESETS, default="base", help="starting point (default: base)")
     p.add_argument("--config", help="YAML file of ASDAConfig fields (replaces the preset)")
     p.add_argument("overrides", nargs="*", metavar="field=value", help="ASDAConfig fields to override")
     p.set_defaults(func=_model_info)
@@ -40,7 +46,7 @@ def _bench_step(args: argparse.Namespace) -> int:
     from bench.step import bench_step
     from model import ASDAConfig
 
-    config = (ASDAConfig.tiny() if args.preset == "tiny" else ASDAConfig()).with_overrides(args.overrides)
+    config = ASDAConfig.preset(args.preset).with_overrides(args.overrides)
     report = bench_step(config, batch_size=args.batch, repeats=args.repeats, device=args.device,
                         compile=args.compile)
     for r in report["results"]:
@@ -103,7 +109,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     which = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     step = which.add_parser("step", help="one pretraining update: differential vs standard attention")
-    step.add_argument("--preset", choices=("base", "tiny"), default="tiny")
+    step.add_argument("--preset", choices=PRESETS, default="tiny")
     step.add_argument("--batch", type=int, default=8, help="clips per update (default: 8)")
     step.add_argument("--repeats", type=int, default=10, help="timed updates per variant (default: 10)")
     step.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -144,7 +150,7 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from .data.prepare import prepare
     from .runtime import DATA_ROOT
 
     if args.source is None and args.dataset != "synthetic":
@@ -163,10 +169,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    from .datasets import ADAPTERS
-
     p = sub.add_parser("prepare", help="audio -> fbank Parquet shards + dataset.json, in parallel on Ray Data")
-    p.add_argument("--dataset", choices=sorted(ADAPTERS), default="synthetic",
+    p.add_argument("--dataset", choices=DATASETS, default="synthetic",
                    help="source layout (default: synthetic, generated if missing)")
     p.add_argument("--source", type=Path, help="the data set as its release lays it out "
                    "(default for synthetic: data/raw/synthetic)")
@@ -183,14 +187,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _model_config(args: argparse.Namespace):
     from model import ASDAConfig
 
-    config = ASDAConfig.tiny() if args.preset == "tiny" else ASDAConfig()
-    if args.config:
-        config = ASDAConfig.from_yaml(args.config)
+    config = ASDAConfig.from_yaml(args.config) if args.config else ASDAConfig.preset(args.preset)
     return config.with_overrides(args.overrides)
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
-    p.add_argument("--preset", choices=("base", "tiny"), default=default_preset,
+    p.add_argument("--preset", choices=PRESETS, default=default_preset,
                    help=f"model preset (default: {default_preset}; base = the paper's 92 M encoder)")
     p.add_argument("--config", type=Path, help="YAML file of ASDAConfig fields (replaces the preset)")
     p.add_argument("overrides", nargs="*", metavar="field=value",
@@ -206,7 +208,7 @@ def _default_data() -> Path:
 def _ensure_default_data(data: Path) -> None:
     """The embedded default: prepare the synthetic set on first use."""
     if data == _default_data() and not (data / "dataset.json").is_file():
-        from .prepare import prepare
+        from .data.prepare import prepare
         from .runtime import DATA_ROOT
 
         print(f"preparing the synthetic data set into {data} (first use)")
@@ -267,7 +269,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneSettings, finetune
-    from .probe import resolve_checkpoint
+    from .worker import resolve_checkpoint
 
     data = (args.data or _default_data()).resolve()
     checkpoint = resolve_checkpoint(args.checkpoint)
@@ -304,7 +306,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .probe import ProbeSettings, probe, resolve_checkpoint
+    from .probe import ProbeSettings, probe
+    from .worker import resolve_checkpoint
 
     data = (args.data or _default_data()).resolve()
     checkpoint = resolve_checkpoint(args.checkpoint)
@@ -379,7 +382,7 @@ def _report(args: argparse.Namespace) -> int:
     grid = load_grid(state["grid"])
     rows = json.loads((folder / TRIALS_FILE).read_text())
     report = build_report(rows, grid, folder / "report", data=args.data and str(args.data.resolve()))
-    print_report(report, grid)
+    print_report(report)
     print(f"written to {report['folder']}")
     return 0
 
@@ -391,8 +394,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_report)
 
 
-# Each stage module contributes a function that adds its subparser(s).
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_prepare, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report, _add_bench]
+# The functions above that add each command's subparser, in the order `asda --help` lists them.
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_model, _add_prepare, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from model import ASDAClassifier, ASDAConfig, load_checkpoint, load_encoder, param_groups_layer_decay
 
-from . import loop, tracking
-from .training import TrainSettings, check_data, fit, start_tracking
+from . import tracking, worker
+from .training import TrainSettings, WorkerConfig, check_data, fit, start_tracking
 
 
 @dataclass(frozen=True)
@@ -103,101 +103,105 @@ def build_classifier(config: ASDAConfig, num_classes: int, checkpoint: str | Non
     return ASDAClassifier(config, num_classes, encoder=encoder)
 
 
+@dataclass(frozen=True)
+class FinetuneWorkerConfig(WorkerConfig):
+    SETTINGS = FinetuneSettings
+
+    num_classes: int
+    multilabel: bool
+    loss: str  # "ce" | "bce"
+    norm_std: float  # the card's normalisation std (the gain augmentation shifts normalised log-mel)
+    eval_split: str
+    eval_folds: list[int] | None = None  # cross-validation: the held-out fold
+
+
 def finetune_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: one DDP rank of fine-tuning; rank 0 evaluates at the end."""
     import ray.train
 
-    from .feed import iter_torch
-
-    s = FinetuneSettings(**cfg["settings"])
-    config = ASDAConfig.from_dict(cfg["model"])
-    rank, world, device = loop.start_worker(cfg)
-    num_classes, loss_kind = cfg["num_classes"], cfg["loss"]
-
-    torch.manual_seed(s.seed)
-    model = build_classifier(config, num_classes, s.checkpoint, s.which).to(device)
-    groups = param_groups_layer_decay(model, s.weight_decay, s.layer_decay, depth=config.depth)
+    w = FinetuneWorkerConfig(**cfg)
+    s = w.settings
+    rank, world, device = worker.start_worker(w.threads, w.run_dir)
+    torch.manual_seed(s.seed)  # identical initial weights on every rank
+    model = build_classifier(w.model, w.num_classes, s.checkpoint, s.which).to(device)
+    groups = param_groups_layer_decay(model, s.weight_decay, s.layer_decay, depth=w.model.depth)
     for g in groups:
         g["lr"] = s.lr * g["lr_scale"]
     optimiser = torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, loop.warmup_cosine(s.warmup_steps, s.steps,
-                                                                                  s.min_lr_ratio))
-    step, epoch = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state, rng = loop.load_state(folder, rank)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch = state["step"], state["epoch"]
-        if rng is not None:
-            loop.set_rng_state(rng)
-    else:
-        torch.manual_seed(s.seed + 1000 * rank)
-    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-           if world > 1 else model)
-    logger = loop.RankZeroLogger(cfg["tracking_uri"], cfg["run_id"], enabled=rank == 0)
-    shard = ray.train.get_dataset_shard("train")
-    params = [p for p in model.parameters() if p.requires_grad]
-    metrics: dict[str, float] = {}
-    try:
-        while step < s.steps:
-            for batch in iter_torch(shard, s.batch_size, seed=s.seed + epoch):
-                x, y = batch["fbank"], batch["label"]
-                y = F.one_hot(y, num_classes).float() if y.dim() == 1 else y.float()  # index or multi-hot
-                x, y = augment(x, y, s, cfg["norm_std"])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = ddp(x.to(device))
-                loss = classification_loss(logits, y.to(device), loss_kind, s.label_smoothing)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-                step += 1
-                if not torch.isfinite(grad_norm):
-                    reason = f"non-finite loss/gradient at update {step} (loss {loss.item():.4g})"
-                    if rank == 0:
-                        loop.record_stop(cfg["run_dir"], reason, step=step)
-                    return {"stopped": reason}
-                optimiser.step()
-                scheduler.step()
-                if step % s.log_every == 0 or step == s.steps:
-                    metrics = {"loss": loss.item(), "lr": optimiser.param_groups[-1]["lr"],
-                               "grad_norm": float(grad_norm)}
-                    logger.log(metrics, step=step)
-                if step % s.checkpoint_every == 0 or step == s.steps:
-                    if step == s.steps and rank == 0:
-                        metrics.update(evaluate_model(model, cfg, device))
-                        logger.log({k: v for k, v in metrics.items() if k.startswith("eval_")}, step=step)
-                    state = None
-                    if rank == 0:
-                        state = {"format": 1, "config": config.to_dict(), "model": model.state_dict(),
-                                 "optimizer": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "step": step, "epoch": epoch, "num_classes": num_classes}
-                    loop.report({"step": step, **metrics}, rank=rank,
-                                save=lambda d, st=state: loop.save_rank_files(d, rank, state=st),
-                                name=f"checkpoint_{step:07d}")
-                if step >= s.steps:
-                    break
-            epoch += 1
-    finally:
-        logger.close()
-    return {"step": step}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, worker.warmup_cosine(s.warmup_steps, s.steps, s.min_lr_ratio))
+    checkpointer = worker.Checkpointer(rank=rank, run_dir=w.run_dir, every=s.checkpoint_every, last_step=s.steps,
+                                       model=model, optimiser=optimiser, scheduler=scheduler, config=w.model,
+                                       extra={"num_classes": w.num_classes})
+    step, epoch = checkpointer.restore(ray.train.get_checkpoint(), s.seed)
+    logger = worker.RankZeroLogger(w.tracking_uri, w.run_id, enabled=rank == 0)
+    job = FinetuneJob(worker.wrap_ddp(model, device, world), model, optimiser, scheduler, w, rank, device, world)
+    return worker.run_steps(job, checkpointer, logger, steps=s.steps, log_every=s.log_every, start=(step, epoch))
+
+
+class FinetuneJob:
+    """One rank's fine-tuning: augmented labelled crops in, one supervised update per batch; rank 0 evaluates."""
+
+    def __init__(self, ddp, model: ASDAClassifier, optimiser, scheduler, w: FinetuneWorkerConfig, rank: int,
+                 device, world: int):
+        import ray.train
+
+        self.ddp, self.model, self.optimiser, self.scheduler, self.w = ddp, model, optimiser, scheduler, w
+        self.rank, self.device, self.world = rank, device, world
+        self.shard = ray.train.get_dataset_shard("train")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def batches(self, epoch: int):
+        from .data.feed import iter_torch
+
+        s = self.w.settings
+        return iter_torch(self.shard, s.batch_size, seed=s.seed + epoch, drop_last=True)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> worker.StepOutput:
+        """One update: augment, forward (bf16 autocast on GPU), loss, backward, clip, step, schedule."""
+        s, w = self.w.settings, self.w
+        x, y = batch["fbank"], batch["label"]
+        y = F.one_hot(y, w.num_classes).float() if y.dim() == 1 else y.float()  # index or multi-hot
+        x, y = augment(x, y, s, w.norm_std)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.ddp(x.to(self.device))
+        loss = classification_loss(logits, y.to(self.device), w.loss, s.label_smoothing)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimiser.step()
+            self.scheduler.step()
+        return worker.StepOutput(loss, grad_norm, x.shape[0] * self.world)
+
+    def metrics(self, out: worker.StepOutput) -> dict[str, float]:
+        return {"loss": out.loss.item(), "lr": self.optimiser.param_groups[-1]["lr"],
+                "grad_norm": float(out.grad_norm)}
+
+    def finish(self) -> dict[str, float]:
+        return evaluate_classifier(self.model, self.w, self.device) if self.rank == 0 else {}
+
+    def no_batch_reason(self) -> str:
+        s = self.w.settings
+        return (f"split {s.split!r} of {s.data} gives no batch of {s.batch_size} clips per worker; "
+                f"lower --batch-size or --workers")
 
 
 @torch.no_grad()
-def evaluate_model(model: ASDAClassifier, cfg: dict, device) -> dict[str, float]:
-    from .feed import read_clips
-    from .probe import evaluate
+def evaluate_classifier(model: ASDAClassifier, w: FinetuneWorkerConfig, device) -> dict[str, float]:
+    """The classifier's eval_* metrics on the evaluation split (or held-out fold)."""
+    from .data.feed import read_clips
+    from .metrics import evaluate
 
     model.eval()
-    clips = read_clips(cfg["settings"]["data"], cfg["eval_split"], target_length=model.encoder.config.target_length,
-                       labels="multihot" if cfg["multilabel"] else "index", folds=cfg.get("eval_folds"))
-    size = cfg["settings"]["eval_batch_size"]
+    s = w.settings
+    clips = read_clips(s.data, w.eval_split, target_length=model.encoder.config.target_length,
+                       labels="multihot" if w.multilabel else "index", folds=w.eval_folds)
+    size = s.eval_batch_size
     scores = torch.cat([model(torch.as_tensor(clips["fbank"][i:i + size]).to(device)).float().cpu()
                         for i in range(0, len(clips["fbank"]), size)])
     model.train()
-    return evaluate(scores, clips["label"], cfg["num_classes"], cfg["multilabel"])
+    return evaluate(scores, clips["label"], w.num_classes, w.multilabel)
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -215,44 +219,44 @@ def finetune(config: ASDAConfig, settings: FinetuneSettings) -> dict[str, Any]:
     if loss == "ce" and multilabel:
         raise ValueError(f"{card['name']} is multi-label: use loss 'bce'")
     config = dataclasses.replace(config, drop_path=settings.drop_path)
-    base = {"num_classes": len(card["class_names"]), "multilabel": multilabel, "loss": loss,
-            "norm_std": card["normalisation"]["std"]}
+    task = {"num_classes": len(card["class_names"]), "multilabel": multilabel, "loss": loss,
+            "norm_std": card["normalisation"]["std"]}  # the FinetuneWorkerConfig fields every fold shares
     if settings.cv_folds:
-        return _cross_validate(config, settings, card, base)
+        return _cross_validate(config, settings, card, task)
     eval_split = settings.eval_split or next((s for s in ("test", "valid") if s in card["splits"]), None)
     if eval_split is None:
         raise ValueError(f"{settings.data} has no test or valid split; name one with --eval-split")
-    return _one(config, settings, card, {**base, "eval_split": eval_split}, folds=None)
+    return _one(config, settings, card, task, eval_split=eval_split)
 
 
-def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, extra: dict, folds) -> dict[str, Any]:
-    from .feed import feed_dataset
+def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, task: dict[str, Any], *, eval_split: str,
+         train_folds: list[int] | None = None, eval_folds: list[int] | None = None) -> dict[str, Any]:
+    from .data.feed import feed_dataset
 
-    run_id = start_tracking(config, settings, card, kind="finetune",
-                            extra_params={"finetune.loss": extra["loss"], "finetune.eval_split": extra["eval_split"]})
-    labels = "multihot" if extra["multilabel"] else "index"
-    dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length, labels=labels,
-                           random_crop=True, seed=settings.seed, folds=folds, workers=settings.workers)
-    result = fit(finetune_loop, config=config, settings=settings, run_id=run_id, datasets={"train": dataset},
-                 extra=extra)
+    run_id = start_tracking(config, settings, card, kind=tracking.KIND_FINETUNE,
+                            extra_params={tracking.PARAM_FINETUNE_LOSS: task["loss"],
+                                          tracking.PARAM_FINETUNE_EVAL_SPLIT: eval_split})
+    dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length,
+                           labels="multihot" if task["multilabel"] else "index", random_crop=True,
+                           seed=settings.seed, folds=train_folds, workers=settings.workers)
+    result = fit(finetune_loop, FinetuneWorkerConfig, config=config, settings=settings, run_id=run_id,
+                 datasets={"train": dataset}, eval_split=eval_split, eval_folds=eval_folds, **task)
     metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval_")}
     tracking.end_run(run_id, "FINISHED")
-    return {**metrics, "run_id": run_id, "checkpoint": str(Path(result.checkpoint.path) / loop.CHECKPOINT_FILE),
+    return {**metrics, "run_id": run_id, "checkpoint": str(Path(result.checkpoint.path) / worker.CHECKPOINT_FILE),
             "name": settings.name}
 
 
-def _cross_validate(config: ASDAConfig, settings: FinetuneSettings, card: dict, base: dict) -> dict[str, Any]:
-    from .card import cv_folds
-
-    folds = cv_folds(card, settings.split, settings.cv_folds, settings.data)
-    per_fold = []
-    for k in folds:
-        train_folds = [f for f in folds if f != k]
-        fold_settings = dataclasses.replace(settings, name=f"{settings.name}-fold{k}")
-        per_fold.append(_one(config, fold_settings, card,
-                             {**base, "eval_split": settings.split, "eval_folds": [k]}, folds=train_folds))
+def _cross_validate(config: ASDAConfig, settings: FinetuneSettings, card: dict, task: dict[str, Any]):
+    from .data.card import cv_folds
     from .metrics import fold_summary
 
+    folds = cv_folds(card, settings.split, settings.cv_folds, settings.data)
+    plan = {k: [f for f in folds if f != k] for k in folds}  # held-out fold -> training folds
+    for train_folds in plan.values():  # every fold can fill an update: checked before any training starts
+        check_data(settings, folds=train_folds)
+    per_fold = [_one(config, dataclasses.replace(settings, name=f"{settings.name}-fold{k}"), card, task,
+                     eval_split=settings.split, train_folds=train_folds, eval_folds=[k])
+                for k, train_folds in plan.items()]
     summary = fold_summary(per_fold, [k for k in per_fold[0] if k.startswith("eval_")])
     return {**summary, "folds": per_fold, "name": settings.name, "run_id": per_fold[-1]["run_id"]}
-

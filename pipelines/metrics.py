@@ -43,6 +43,14 @@ def accuracy(scores, labels) -> float:
     return float(np.mean(scores.argmax(axis=1) == labels))
 
 
+def evaluate(scores, labels: np.ndarray, num_classes: int, multilabel: bool) -> dict[str, float]:
+    """eval_map always; eval_accuracy for single-label data."""
+    if multilabel:
+        return {"eval_map": mean_average_precision(scores, labels)}
+    onehot = np.eye(num_classes, dtype=np.float32)[labels]
+    return {"eval_accuracy": accuracy(scores, labels), "eval_map": mean_average_precision(scores, onehot)}
+
+
 def fold_summary(per_fold: list[dict[str, float]], keys) -> dict[str, float]:
     """Mean and spread (``<key>_std``) over cross-validation folds of each metric in ``keys``."""
     summary = {k: float(np.mean([m[k] for m in per_fold])) for k in keys}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from model import ASDAConfig, ASDAEncoder, load_encoder
 
 from . import tracking
-from .metrics import accuracy, fold_summary, mean_average_precision
+from .metrics import evaluate, fold_summary
 
 
 @dataclass(frozen=True)
@@ -84,23 +83,15 @@ class _Standardise(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
-def evaluate(scores: torch.Tensor, labels: np.ndarray, num_classes: int, multilabel: bool) -> dict[str, float]:
-    """eval_map always; eval_accuracy for single-label data."""
-    if multilabel:
-        return {"eval_map": mean_average_precision(scores, labels)}
-    onehot = np.eye(num_classes, dtype=np.float32)[labels]
-    return {"eval_accuracy": accuracy(scores, labels), "eval_map": mean_average_precision(scores, onehot)}
-
-
 def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str, Any]:
     """Fit and evaluate the probe; metrics go to MLflow. ``config`` builds the random encoder when there is
     no checkpoint (default: the tiny preset)."""
-    from .card import load_card
-    from .feed import read_clips
+    from .data.card import load_card
+    from .data.feed import read_clips
 
     card = load_card(settings.data)
     if settings.cv_folds:
-        from .card import cv_folds
+        from .data.card import cv_folds
 
         folds = cv_folds(card, settings.train_split, settings.cv_folds, settings.data)
         eval_split = f"{settings.train_split} folds 1-{settings.cv_folds}"
@@ -157,30 +148,20 @@ def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, co
     experiment_id = tracking.setup(settings.experiment)
     client = MlflowClient()
     run_id = settings.run_id
-    params = {f"probe.{k}": str(v) for k, v in dataclasses.asdict(settings).items()
+    params = {f"{tracking.PARAM_PROBE}{k}": str(v) for k, v in dataclasses.asdict(settings).items()
               if k not in ("run_id", "parent_run_id", "name")}
-    params["probe.eval_split_resolved"] = eval_split
+    params[tracking.PARAM_PROBE_EVAL_SPLIT] = eval_split
     if run_id is None:
-        tags = {"asda.kind": "probe", "asda.checkpoint": str(settings.checkpoint or "random-init")}
+        tags = {tracking.TAG_KIND: tracking.KIND_PROBE,
+                tracking.TAG_CHECKPOINT: str(settings.checkpoint or "random-init")}
         if settings.parent_run_id:
-            tags["mlflow.parentRunId"] = settings.parent_run_id
+            tags[tracking.TAG_PARENT] = settings.parent_run_id
         run = client.create_run(experiment_id, run_name=settings.name or "probe", tags=tags)
         run_id = run.info.run_id
-        params.update(tracking.flatten(config.to_dict(), "model."))
+        params.update(tracking.flatten(config.to_dict(), tracking.PARAM_MODEL))
     tracking.log_params(client, run_id, params)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     if settings.run_id is None:
         tracking.end_run(run_id, "FINISHED")
     return run_id
-
-
-def resolve_checkpoint(path: str | Path | None) -> str | None:
-    """A pretraining run folder (its final.pt), a checkpoint folder (model.pt) or a file."""
-    if path is None:
-        return None
-    path = Path(path).resolve()
-    for candidate in (path / "final.pt", path / "model.pt", path):
-        if candidate.is_file():
-            return str(candidate)
-    raise ValueError(f"no checkpoint at {path} (expected a .pt file, or a folder with final.pt or model.pt)")

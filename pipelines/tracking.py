@@ -16,6 +16,35 @@ LOCAL_STORE = REPO_ROOT / "mlruns"
 DEFAULT_EXPERIMENT = "asda"
 MAX_PARAM_LENGTH = 6000
 
+# --- the names of every tag and param the platform writes (filters in the UI and in tests use these)
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under a sweep's run
+TAG_RUN_NAME = "asda.run_name"  # a training run's name: the same name again resumes the run
+TAG_KIND = "asda.kind"  # one of the KIND_* values
+TAG_CODE_VERSION = "asda.code_version"
+TAG_DATA = "asda.data"  # the data set's name, from its card
+TAG_CHECKPOINT = "asda.checkpoint"  # what a probe evaluated ("random-init" for the baseline)
+TAG_SWEEP = "asda.sweep"  # the sweep id
+TAG_GRID = "asda.grid"
+TAG_CELL = "asda.cell"  # e.g. "centre", "diff_lambda=0.5"
+TAG_FACTOR = "asda.factor"  # the factor a trial varies ("centre", "factorial")
+TAG_FACTOR_VALUE = "asda.factor_value"
+TAG_SEED = "asda.seed"
+TAG_FACTOR_PREFIX = "factor."  # factor.<ASDAConfig field>: that factor's value in the trial
+
+KIND_PRETRAIN, KIND_FINETUNE, KIND_PROBE = "pretrain", "finetune", "probe"
+KIND_SWEEP, KIND_TRIAL = "sweep", "sweep-trial"
+
+PARAM_MODEL = "model."  # + an ASDAConfig field
+PARAM_TRAIN = "train."  # + a training settings field
+PARAM_PROBE = "probe."  # + a ProbeSettings field
+PARAM_GRID = "grid."  # + name, file, fingerprint, design, metric, trials, factors
+PARAM_DATA_CLIPS = "data.clips"
+PARAM_DATA_CLASSES = "data.classes"
+PARAM_PROBE_EVAL_SPLIT = "probe.eval_split_resolved"
+PARAM_FINETUNE_LOSS = "finetune.loss"
+PARAM_FINETUNE_EVAL_SPLIT = "finetune.eval_split"
+PARAM_CODE_VERSION = "code_version"
+
 
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")

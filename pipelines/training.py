@@ -9,13 +9,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from model import ASDAConfig
 
-from . import loop, tracking
+from . import tracking, worker
 from .runtime import REPO_ROOT
 
 DEFAULT_STORAGE = REPO_ROOT / "results"
@@ -74,23 +74,58 @@ class TrainSettings:
                                    name=self.name or time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver hands every Train worker of a run. Built (and so validated) on the driver, sent as
+    ``to_dict()``, rebuilt in the worker with ``cls(**cfg)``; subclasses add what their loop needs."""
+
+    SETTINGS: ClassVar[type] = TrainSettings
+
+    model: ASDAConfig
+    settings: TrainSettings
+    run_id: str | None
+    tracking_uri: str
+    run_dir: str
+    threads: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ASDAConfig.from_dict(self.model))
+        if isinstance(self.settings, dict):
+            object.__setattr__(self, "settings", self.SETTINGS(**self.settings))
+        if not isinstance(self.settings, self.SETTINGS):
+            raise TypeError(f"{type(self).__name__}.settings must be {self.SETTINGS.__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss; the message names the update and the last good checkpoint."""
 
 
-def check_data(settings: TrainSettings, splits: list[str] | None = None) -> dict:
-    """The prepared data exists, is intact and can fill one update; returns its card. No Ray needed."""
-    from .card import load_card
-    from .feed import verify_shards
+class NoBatchError(ValueError):
+    """A worker's shard gave no full batch in an epoch: the run stopped instead of spinning."""
+
+
+def check_data(settings: TrainSettings, folds: list[int] | None = None) -> dict:
+    """The prepared data exists, is intact and can fill one update; returns its card. No Ray needed.
+    ``folds``: only these folds of the split are used (cross-validation)."""
+    from .data.card import load_card
+    from .data.feed import verify_shards
 
     card = load_card(settings.data)
-    for split in splits or [settings.split]:
-        if split not in card["splits"]:
-            raise ValueError(f"split {split!r} not in {settings.data}; it has {sorted(card['splits'])}")
+    if settings.split not in card["splits"]:
+        raise ValueError(f"split {settings.split!r} not in {settings.data}; it has {sorted(card['splits'])}")
     verify_shards(settings.data, card)
     available = card["splits"][settings.split]
+    what = f"split {settings.split!r}"
+    if folds is not None:
+        per_fold = card.get("folds", {}).get(settings.split, {})
+        available = sum(per_fold.get(str(f), 0) for f in folds)
+        what += f" folds {list(folds)}"
     if available < settings.batch_size * settings.workers:
-        raise ValueError(f"split {settings.split!r} of {settings.data} has {available} clips, fewer than one "
+        raise ValueError(f"{what} of {settings.data} has {available} clips, fewer than one "
                          f"update needs ({settings.batch_size} per worker x {settings.workers} workers)")
     if settings.use_gpu and not (torch.cuda.is_available() or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--use-gpu given but no GPU is visible here and no RAY_ADDRESS names a cluster")
@@ -119,20 +154,21 @@ def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, k
 
     experiment_id = tracking.setup(settings.experiment)
     client = MlflowClient()
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`asda.run_name` = '{settings.name}'",
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.TAG_RUN_NAME}` = '{settings.name}'",
                                   max_results=1)
     if existing:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    tags = {"asda.run_name": settings.name, "asda.kind": kind, "asda.code_version": code_version(),
-            "asda.data": card["name"], **(tags or {})}
+    tags = {tracking.TAG_RUN_NAME: settings.name, tracking.TAG_KIND: kind, tracking.TAG_CODE_VERSION: code_version(),
+            tracking.TAG_DATA: card["name"], **(tags or {})}
     if settings.parent_run_id:
-        tags["mlflow.parentRunId"] = settings.parent_run_id
+        tags[tracking.TAG_PARENT] = settings.parent_run_id
     run_id = client.create_run(experiment_id, run_name=settings.name, tags=tags).info.run_id
-    params = {**tracking.flatten(config.to_dict(), "model."),
-              **tracking.flatten(dataclasses.asdict(settings), "train."),
-              "data.clips": str(card["num_clips"]), "data.classes": str(len(card["class_names"])),
+    params = {**tracking.flatten(config.to_dict(), tracking.PARAM_MODEL),
+              **tracking.flatten(dataclasses.asdict(settings), tracking.PARAM_TRAIN),
+              tracking.PARAM_DATA_CLIPS: str(card["num_clips"]),
+              tracking.PARAM_DATA_CLASSES: str(len(card["class_names"])),
               **(extra_params or {})}
     tracking.log_params(client, run_id, params)
     client.log_text(run_id, config.to_yaml(), "config/model.yaml")
@@ -140,11 +176,12 @@ def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, k
     return run_id
 
 
-def fit(loop_fn: Callable[[dict], Any], *, config: ASDAConfig, settings: TrainSettings, run_id: str,
-        datasets: dict, extra: dict[str, Any] | None = None, callbacks: list | None = None):
+def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, config: ASDAConfig,
+        settings: TrainSettings, run_id: str, datasets: dict, callbacks: list | None = None, **fields: Any):
     """``TorchTrainer(loop_fn).fit()`` with this project's conventions; returns the Ray Train Result.
 
-    A worker that stopped the run on purpose (non-finite loss) leaves a note that becomes NonFiniteLossError.
+    The workers get ``worker_type(model=config, settings=settings, run_id=..., **fields)``. A worker that stopped
+    the run on purpose leaves a note that becomes NonFiniteLossError (non-finite loss) or NoBatchError.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -154,12 +191,12 @@ def fit(loop_fn: Callable[[dict], Any], *, config: ASDAConfig, settings: TrainSe
     ensure_ray()
     cpus, threads = resources(settings)
     run_dir = Path(settings.storage) / settings.name
-    loop.clear_stop(run_dir)  # a note from an earlier attempt of this run must not end this one
+    worker.clear_stop(run_dir)  # a note from an earlier attempt of this run must not end this one
+    handed = worker_type(model=config, settings=settings, run_id=run_id, tracking_uri=tracking.tracking_uri(),
+                         run_dir=str(run_dir), threads=threads, **fields)
     trainer = TorchTrainer(
         loop_fn,
-        train_loop_config={"model": config.to_dict(), "settings": dataclasses.asdict(settings), "run_id": run_id,
-                           "tracking_uri": tracking.tracking_uri(), "run_dir": str(run_dir), "threads": threads,
-                           **(extra or {})},
+        train_loop_config=handed.to_dict(),
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
@@ -173,8 +210,9 @@ def fit(loop_fn: Callable[[dict], Any], *, config: ASDAConfig, settings: TrainSe
     except Exception:
         tracking.end_run(run_id, "FAILED")
         raise
-    stopped = loop.read_stop(run_dir)
+    stopped = worker.read_stop(run_dir)
     if stopped:
         tracking.end_run(run_id, "FAILED")
-        raise NonFiniteLossError(stopped["reason"])
+        error = NoBatchError if stopped.get("kind") == worker.STOP_NO_BATCH else NonFiniteLossError
+        raise error(stopped["reason"])
     return result

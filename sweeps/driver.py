@@ -12,11 +12,15 @@ import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from model import ASDAConfig
 from pipelines import tracking
+from pipelines.finetune import FinetuneSettings
+from pipelines.pretrain import PretrainSettings
+from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version
 
 from .grid import Grid, Trial, load_grid
@@ -27,58 +31,89 @@ TRIALS_FILE = "trials.json"
 TRIAL_CPU = 0.25  # the trial's own process mostly waits on its Train run
 
 
-def run_trial(params: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SweepParams:
+    """What every trial of a sweep shares, handed to the trials through the object store
+    (``tune.with_parameters``); the trial itself is Tune's only parameter."""
+
+    sweep_id: str
+    tracking_uri: str  # the driver's store: trial processes' environments were fixed when Ray started
+    base: ASDAConfig  # the grid's model; a trial applies its cell's overrides
+    factor_names: tuple[str, ...]
+    pretrain: PretrainSettings  # every trial's pretraining but its name and seed
+    metric: str
+    probe: ProbeSettings | None = None  # the evaluation: a probe (but its checkpoint, seed and run) ...
+    finetune: FinetuneSettings | None = None  # ... or a fine-tuning (but its checkpoint, seed and name)
+
+    def __post_init__(self) -> None:
+        assert (self.probe is None) != (self.finetune is None), "a sweep evaluates with a probe or a fine-tuning"
+
+
+def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     """Tune function trainable: pretrain one cell with one seed, then evaluate it; reports the grid's metric."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.pretrain import PretrainSettings, pretrain
+    from pipelines.pretrain import pretrain
 
-    # The trial runs in a Ray worker process whose environment was fixed when Ray started: use the driver's store.
-    os.environ["MLFLOW_TRACKING_URI"] = params["tracking_uri"]
-    trial = Trial(**params["trial"])
-    config = ASDAConfig.from_dict(params["config"])
-    settings = PretrainSettings(data=params["data"], name=f"{params['sweep_id']}-{trial.slug()}",
-                                storage=params["storage"], experiment=params["experiment"],
-                                parent_run_id=params["parent_run_id"], seed=trial.seed, **params["train"])
-    tags = {"asda.sweep": params["sweep_id"], "asda.cell": trial.cell, "asda.factor": trial.factor,
-            "asda.seed": str(trial.seed), "asda.kind": "sweep-trial"}
-    for name in params["factor_names"]:
-        tags[f"factor.{name}"] = str(getattr(config, name))
+    os.environ["MLFLOW_TRACKING_URI"] = sweep.tracking_uri
+    config = sweep.base.with_overrides(trial.overrides)
+    settings = dataclasses.replace(sweep.pretrain, name=f"{sweep.sweep_id}-{trial.slug()}", seed=trial.seed)
+    tags = {tracking.TAG_SWEEP: sweep.sweep_id, tracking.TAG_CELL: trial.cell, tracking.TAG_FACTOR: trial.factor,
+            tracking.TAG_SEED: str(trial.seed), tracking.TAG_KIND: tracking.KIND_TRIAL}
+    for name in sweep.factor_names:
+        tags[tracking.TAG_FACTOR_PREFIX + name] = str(getattr(config, name))
     if trial.factor not in ("centre", "factorial"):
-        tags["asda.factor_value"] = str(trial.value)
+        tags[tracking.TAG_FACTOR_VALUE] = str(trial.value)
     result = pretrain(config, settings, tags=tags, callbacks=[TuneReportCallback()])
-    evaluation = _evaluate(params, trial, result)
+    evaluation = _evaluate(sweep, config, trial, result)
     metrics = {**evaluation, "pretrain_loss": float(result["metrics"].get("loss", float("nan"))),
                "checkpoint": result["checkpoint"], "run_id": result["run_id"]}
     tune.report(metrics)
     return metrics
 
 
-def _evaluate(params: dict[str, Any], trial: Trial, pretrained: dict[str, Any]) -> dict[str, float]:
+def _evaluate(sweep: SweepParams, config: ASDAConfig, trial: Trial, pretrained: dict[str, Any]) -> dict[str, float]:
     from mlflow import MlflowClient
 
-    evaluation = params["evaluation"]
-    data = evaluation.get("data") or params["data"]
-    if evaluation["kind"] == "probe":
-        from pipelines.probe import ProbeSettings, probe
+    if sweep.probe is not None:
+        from pipelines.probe import probe
 
-        out = probe(ProbeSettings(data=data, checkpoint=pretrained["checkpoint"], seed=trial.seed,
-                                  experiment=params["experiment"], run_id=pretrained["run_id"],
-                                  **(evaluation.get("settings") or {})))
+        out = probe(dataclasses.replace(sweep.probe, checkpoint=pretrained["checkpoint"], seed=trial.seed,
+                                        run_id=pretrained["run_id"]))
     else:
-        from pipelines.finetune import FinetuneSettings, finetune
+        from pipelines.finetune import finetune
 
-        settings = FinetuneSettings(data=data, checkpoint=pretrained["checkpoint"], seed=trial.seed,
-                                    name=f"{pretrained['name']}-finetune", storage=params["storage"],
-                                    experiment=params["experiment"], parent_run_id=params["parent_run_id"],
-                                    **(evaluation.get("settings") or {}))
-        out = finetune(ASDAConfig.from_dict(params["config"]), settings)
+        out = finetune(config, dataclasses.replace(sweep.finetune, checkpoint=pretrained["checkpoint"],
+                                                   seed=trial.seed, name=f"{pretrained['name']}-finetune"))
         client = MlflowClient()
         for key, value in out.items():  # the trial's run carries its final metric, whatever evaluated it
             if key.startswith("eval_") and isinstance(value, float):
                 client.log_metric(pretrained["run_id"], key, value)
     return {k: float(v) for k, v in out.items() if k.startswith(("eval_", "train_")) and isinstance(v, float)}
+
+
+def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment: str, cpus_per_worker: float,
+                  threads: int) -> SweepParams:
+    """Every trial's settings, built (and so validated) here on the driver."""
+    from pipelines.finetune import FinetuneSettings
+    from pipelines.probe import ProbeSettings
+
+    common = {"experiment": experiment, "parent_run_id": state["parent_run_id"]}
+    pretrain = PretrainSettings(**{"data": str(data), "storage": str(folder / "runs"), **common, **grid.train,
+                                   "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads,
+                                   "figure_clips": 2})
+    evaluation = grid.evaluation
+    eval_data = str(Path(evaluation.get("data") or data).resolve())
+    probe = finetune = None
+    if evaluation["kind"] == "probe":
+        probe = ProbeSettings(data=eval_data, experiment=experiment, **(evaluation.get("settings") or {}))
+    else:
+        finetune = FinetuneSettings(data=eval_data, storage=str(folder / "runs"), **common,
+                                    **(evaluation.get("settings") or {}))
+    return SweepParams(sweep_id=state["sweep_id"], tracking_uri=tracking.tracking_uri(), base=grid.base_config(),
+                       factor_names=tuple(grid.factors), pretrain=pretrain, metric=grid.metric, probe=probe,
+                       finetune=finetune)
 
 
 def sweep_dir(grid: Grid, storage: Path = SWEEPS_ROOT) -> Path:
@@ -100,7 +135,7 @@ def prepared_data(grid: Grid) -> Path:
     if not (path / "dataset.json").is_file():
         if dataset != "synthetic" and "source" not in data:
             raise ValueError(f"grid {grid.path}: data needs 'prepared' (a folder) or 'source' for {dataset}")
-        from pipelines.prepare import prepare
+        from pipelines.data.prepare import prepare
 
         source = Path(data.get("source") or DATA_ROOT / "raw" / f"{dataset}{suffix}")
         print(f"preparing {dataset} into {path} (first use)")
@@ -146,13 +181,13 @@ def _parent_run(grid: Grid, state: dict, experiment: str) -> str:
         except Exception:  # the tracking store was reset: start a new parent
             pass
     run = client.create_run(experiment_id, run_name=f"sweep-{state['sweep_id']}",
-                            tags={"asda.kind": "sweep", "asda.sweep": state["sweep_id"], "asda.grid": grid.name,
-                                  "asda.code_version": code_version()})
+                            tags={tracking.TAG_KIND: tracking.KIND_SWEEP, tracking.TAG_SWEEP: state["sweep_id"],
+                                  tracking.TAG_GRID: grid.name, tracking.TAG_CODE_VERSION: code_version()})
     run_id = run.info.run_id
-    tracking.log_params(client, run_id, {
-        "grid.name": grid.name, "grid.file": grid.path, "grid.fingerprint": grid.fingerprint(),
-        "grid.design": grid.design, "grid.metric": grid.metric, "grid.trials": str(len(grid.trials())),
-        "grid.factors": ",".join(grid.factors), "code_version": code_version()})
+    grid_params = {"name": grid.name, "file": grid.path, "fingerprint": grid.fingerprint(), "design": grid.design,
+                   "metric": grid.metric, "trials": str(len(grid.trials())), "factors": ",".join(grid.factors)}
+    tracking.log_params(client, run_id, {**{tracking.PARAM_GRID + k: v for k, v in grid_params.items()},
+                                         tracking.PARAM_CODE_VERSION: code_version()})
     client.log_text(run_id, Path(grid.path).read_text(), f"grid/{Path(grid.path).name}")
     return run_id
 
@@ -161,14 +196,35 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
               max_concurrent: int | None = None, asha: bool = False,
               experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict[str, Any]:
     """Run (or resume) a sweep; returns {"dir", "parent_run_id", "trials", "report"}."""
-    from ray import tune
-
     from pipelines.runtime import dashboard_url, ensure_ray
 
     from .report import build_report, print_report
 
     grid = load_grid(grid_name_or_path)  # every cell's config is validated here, before Ray starts
     trials = grid.trials()
+    folder, state = _open_sweep(grid, storage, fresh)
+    data = prepared_data(grid)
+    ensure_ray()
+    state["parent_run_id"] = _parent_run(grid, state, experiment)
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+    concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
+    sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads)
+    print(f"sweep {state['sweep_id']}: {len(trials)} trials, {concurrent} at a time; folder {folder}")
+    print(f"  Ray dashboard: {dashboard_url() or 'unknown (Ray was started elsewhere)'}   "
+          f"MLflow: {tracking.ui_command()}")
+    results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
+    rows = _collect(results, grid)
+    (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
+    report = build_report(rows, grid, folder / "report", parent_run_id=state["parent_run_id"], data=str(data))
+    failed = [r for r in rows if r.get("error")]
+    tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
+    print_report(report)
+    print(f"\nreport: {folder / 'report'}   MLflow parent run {state['parent_run_id']}: {tracking.ui_command()}")
+    return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "report": report}
+
+
+def _open_sweep(grid: Grid, storage: str | Path, fresh: bool) -> tuple[Path, dict[str, Any]]:
+    """The sweep's folder and its state: this grid's existing sweep (resumed), or a new one."""
     folder = sweep_dir(grid, storage)
     if fresh and folder.exists():
         folder = folder.with_name(f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -177,74 +233,44 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     state = json.loads(state_path.read_text()) if state_path.is_file() else {
         "sweep_id": f"{grid.name}-{time.strftime('%m%d-%H%M%S')}", "grid": grid.path,
         "fingerprint": grid.fingerprint()}
-    data = prepared_data(grid)
-    ensure_ray()
-    state["parent_run_id"] = _parent_run(grid, state, experiment)
-    state_path.write_text(json.dumps(state, indent=2))
+    return folder, state
 
-    concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
-    train = {**grid.train, "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads, "figure_clips": 2}
-    base = grid.base_config()
-    param_space = {
-        "trial": tune.grid_search([dataclasses.asdict(t) for t in trials]),
-        "data": str(data), "storage": str(folder / "runs"), "experiment": experiment,
-        "sweep_id": state["sweep_id"], "parent_run_id": state["parent_run_id"], "train": train,
-        "evaluation": grid.evaluation, "factor_names": list(grid.factors), "tracking_uri": tracking.tracking_uri(),
-    }
-    trainable = tune.with_resources(_trial_with_config(base), {"cpu": TRIAL_CPU})
+
+def _tuner(grid: Grid, trials: list[Trial], sweep: SweepParams, tune_path: Path, concurrent: int, asha: bool):
+    """The sweep's Tuner: restored from ``tune_path`` when it exists (finished trials are kept), else new."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(asda_trial, sweep=sweep), {"cpu": TRIAL_CPU})
+    if tune.Tuner.can_restore(str(tune_path)):
+        print("  resuming: finished trials are kept")
+        return tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
     scheduler = None
     if asha:
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min",
-                                  max_t=int(grid.train.get("steps", 300)), grace_period=max(1, int(
-                                      grid.train.get("steps", 300)) // 4))
-    tune_path = folder / "tune"
-    print(f"sweep {state['sweep_id']}: {len(trials)} trials, {concurrent} at a time; folder {folder}")
-    print(f"  Ray dashboard: {dashboard_url() or 'unknown (Ray was started elsewhere)'}   "
-          f"MLflow: {tracking.ui_command()}")
-    if tune.Tuner.can_restore(str(tune_path)):
-        print("  resuming: finished trials are kept")
-        tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler,
-                                        trial_name_creator=lambda t: Trial(**t.config["trial"]).slug(),
-                                        trial_dirname_creator=lambda t: Trial(**t.config["trial"]).slug()),
-            run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=1),
-        )
-    results = tuner.fit()
-    rows = _collect(results, grid)
-    (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
-    report = build_report(rows, grid, folder / "report", parent_run_id=state["parent_run_id"], data=str(data))
-    failed = [r for r in rows if r.get("error")]
-    tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
-    print_report(report, grid)
-    print(f"\nreport: {folder / 'report'}   MLflow parent run {state['parent_run_id']}: {tracking.ui_command()}")
-    return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "report": report}
+        steps = int(grid.train.get("steps", 300))
+        scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps,
+                                  grace_period=max(1, steps // 4))
+    return tune.Tuner(
+        trainable, param_space={"trial": tune.grid_search([dataclasses.asdict(t) for t in trials])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler,
+                                    trial_name_creator=lambda t: Trial(**t.config["trial"]).slug(),
+                                    trial_dirname_creator=lambda t: Trial(**t.config["trial"]).slug()),
+        run_config=tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent), verbose=1),
+    )
 
 
-def _trial_with_config(base: ASDAConfig):
-    """The trainable with the cell's full config resolved from the grid's base model (kept out of param_space so
-    the Tune table shows only the factors)."""
-    base_dict = base.to_dict()
-
-    def trainable(params: dict[str, Any]) -> dict[str, Any]:
-        trial = Trial(**params["trial"])
-        config = ASDAConfig.from_dict(base_dict).with_overrides(trial.overrides)
-        return run_trial({**params, "config": config.to_dict()})
-
-    trainable.__name__ = "asda_trial"
-    return trainable
+def asda_trial(params: dict[str, Any], sweep: SweepParams) -> dict[str, Any]:
+    """The Tune trainable: Tune's only parameter is the trial (the Tune table shows its cell and seed)."""
+    return run_trial(Trial(**params["trial"]), sweep)
 
 
 def _collect(results, grid: Grid) -> list[dict[str, Any]]:
+    """One row per trial: the trial (its factor ``value``), the grid's metric and its ``metric_value``."""
     rows = []
     for result in results:
-        trial = result.config["trial"]
         metrics = result.metrics or {}
-        row = {**trial, "metric": grid.metric, "value": metrics.get(grid.metric),
+        row = {**result.config["trial"], "metric": grid.metric, "metric_value": metrics.get(grid.metric),
                "checkpoint": metrics.get("checkpoint"), "run_id": metrics.get("run_id"),
                "pretrain_loss": metrics.get("pretrain_loss"),
                "error": str(result.error).splitlines()[0] if result.error else None}

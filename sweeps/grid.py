@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from model import ASDAConfig
+from model.config import PRESETS
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
 DESIGNS = ("one_at_a_time", "factorial")
@@ -63,9 +64,7 @@ class Grid:
         return self.evaluation["metric"]
 
     def base_config(self) -> ASDAConfig:
-        preset = self.model.get("preset", "tiny")
-        base = ASDAConfig.tiny() if preset == "tiny" else ASDAConfig()
-        return base.with_overrides(self.model.get("overrides") or {})
+        return ASDAConfig.preset(self.model.get("preset", "tiny")).with_overrides(self.model.get("overrides") or {})
 
     def config_for(self, trial: Trial) -> ASDAConfig:
         return self.base_config().with_overrides(trial.overrides)
@@ -147,8 +146,9 @@ def load_grid(name_or_path: str | Path) -> Grid:
                 evaluation=evaluation, seeds=seeds,
                 centre_seeds=[int(s) for s in raw.get("centre_seeds", seeds)], centre=centre,
                 factors=factors, raw=raw)
-    if grid.model.get("preset", "tiny") not in ("tiny", "base"):
-        raise ValueError(f"{where}: model.preset={grid.model.get('preset')!r} is not allowed: expected tiny or base")
+    if grid.model.get("preset", "tiny") not in PRESETS:
+        raise ValueError(f"{where}: model.preset={grid.model.get('preset')!r} is not allowed: expected one of "
+                         f"{PRESETS}")
     for trial in grid.trials():
         try:
             grid.config_for(trial)

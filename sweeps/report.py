@@ -26,8 +26,8 @@ def seed_noise(rows: list[dict[str, Any]]) -> float:
     """Seed-to-seed standard deviation, pooled over every cell that ran more than one seed (NaN if none did)."""
     cells: dict[str, list[float]] = {}
     for r in rows:
-        if r.get("value") is not None:
-            cells.setdefault(r["cell"], []).append(float(r["value"]))
+        if r.get("metric_value") is not None:
+            cells.setdefault(r["cell"], []).append(float(r["metric_value"]))
     num, den = 0.0, 0
     for values in cells.values():
         if len(values) > 1:
@@ -41,7 +41,7 @@ def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any
     by_cell: dict[str, list[dict]] = {}
     for r in rows:
         by_cell.setdefault(r["cell"], []).append(r)
-    centre_mean, centre_std, centre_n = _stats([r["value"] for r in by_cell.get("centre", [])])
+    centre_mean, centre_std, centre_n = _stats([r["metric_value"] for r in by_cell.get("centre", [])])
     sigma = seed_noise(rows)
     table = []
     factors = list(grid.factors) if grid.design == "one_at_a_time" else ["factorial"]
@@ -53,7 +53,7 @@ def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any
             cells = sorted({(r["cell"], r["cell"]) for r in rows})
         for cell, value in cells:
             members = by_cell.get(cell, [])
-            mean, std, n = _stats([r["value"] for r in members])
+            mean, std, n = _stats([r["metric_value"] for r in members])
             is_centre = cell == "centre"
             delta = mean - centre_mean if not is_centre else 0.0
             se = sigma * math.sqrt(1 / max(n, 1) + 1 / max(centre_n, 1)) if math.isfinite(sigma) else math.nan
@@ -87,10 +87,7 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: float) -> str:
 
 
 def factor_plots(table: list[dict[str, Any]], grid: Grid, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipelines.plotting import plt
 
     paths = []
     for factor in dict.fromkeys(r["factor"] for r in table):
@@ -138,14 +135,11 @@ def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, An
     paths = {"λ = 0": checkpoint(zero["cell"]), f"λ = {best['value']} (best)": checkpoint(best["cell"])}
     if not all(paths.values()) or not all(Path(p).is_file() for p in paths.values()):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     from model import load_encoder
     from pipelines.analysis import attention_summary, event_patch_mask, event_shares, figure_clips
+    from pipelines.plotting import plt
 
     encoders = {label: load_encoder(path).eval() for label, path in paths.items()}
     config = next(iter(encoders.values())).config
@@ -212,7 +206,7 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, parent
             "figures": [str(p) for p in figures]}
 
 
-def print_report(report: dict[str, Any], grid: Grid) -> None:
+def print_report(report: dict[str, Any]) -> None:
     print()
     print(report["markdown"])
 

@@ -1,5 +1,45 @@
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+
+# --- helpers for tests that start their own servers and clusters (import them: from conftest import ...)
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_members(sid: int) -> list[int]:
+    """Processes whose session id is ``sid``: everything a command started with ``start_new_session`` spawned."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                members.append(int(entry.name))
+    return members
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop the process group ``proc`` leads (started with ``start_new_session``): ``sig``, then SIGKILL."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +80,7 @@ def tracking_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_prepared(ray_local, tmp_path_factory):
     """A small prepared synthetic set (the embedded default's generator, fewer clips)."""
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("synthetic")
     prepare("synthetic", root / "raw", root / "prepared",
@@ -51,7 +91,7 @@ def synthetic_prepared(ray_local, tmp_path_factory):
 @pytest.fixture(scope="session")
 def easy_synthetic(ray_local, tmp_path_factory):
     """The synthetic generator with loud events: a split a probe must get well above chance on."""
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("easy")
     prepare("synthetic", root / "raw", root / "prepared",

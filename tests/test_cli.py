@@ -19,3 +19,29 @@ def test_console_script_is_installed():
     exe = __import__("pathlib").Path(sys.executable).with_name("asda")
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "model" in result.stdout
+
+
+def test_building_the_parser_and_every_help_imports_nothing_heavy():
+    """`asda --help` and `asda <command> --help` answer without importing torch, Ray, MLflow or pyarrow."""
+    probe = ("import sys\n"
+             "from pipelines.cli import build_parser\n"
+             "parser = build_parser()\n"
+             "for argv in ([], ['prepare'], ['pretrain'], ['probe'], ['finetune'], ['sweep'], ['bench', 'step']):\n"
+             "    try:\n"
+             "        parser.parse_args([*argv, '--help'])\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "heavy = sorted(m for m in ('torch', 'ray', 'mlflow', 'pyarrow', 'numpy', 'yaml') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in result.stdout, result.stdout[-500:]
+
+
+def test_parser_choices_match_the_presets_and_adapters_they_name():
+    from model.config import PRESETS
+    from pipelines.cli import DATASETS
+    from pipelines.cli import PRESETS as CLI_PRESETS
+    from pipelines.data.adapters import ADAPTERS
+
+    assert CLI_PRESETS == PRESETS
+    assert DATASETS == tuple(sorted(ADAPTERS))

@@ -15,30 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port, session_members
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_members(sid: int) -> list[int]:
-    """Processes whose session id is ``sid``: everything one `make ray-up` spawned."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:
-                members.append(int(entry.name))
-    return members
 
 
 def _clean_env(**extra) -> dict:
@@ -51,7 +32,7 @@ def _clean_env(**extra) -> dict:
 def _free_port_pair() -> int:
     """A port p with p + 1 free as well (the head's and the second node's dashboard agents)."""
     for _ in range(50):
-        port = _free_port()
+        port = free_port()
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 1))
@@ -64,7 +45,7 @@ def _free_port_pair() -> int:
 @pytest.fixture
 def make_ray_up():
     """`make ray-up WORKERS=1` on free ports; yields (gcs address, dashboard URL)."""
-    port, dashboard, agents = _free_port(), _free_port(), _free_port_pair()
+    port, dashboard, agents = free_port(), free_port(), _free_port_pair()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     # 3 CPUs per node: one 2-CPU Train worker fits on each, leaving a CPU per node for Ray Data's tasks.
     proc = subprocess.Popen(
@@ -76,7 +57,7 @@ def make_ray_up():
         assert proc.returncode == 0, out
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
     finally:
-        for pid in _session_members(proc.pid):  # what `make ray-up` spawned, and nothing else
+        for pid in session_members(proc.pid):  # what `make ray-up` spawned, and nothing else
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

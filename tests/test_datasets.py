@@ -19,7 +19,7 @@ from layouts import (
 )
 
 from model.features import DATASET_STATS
-from pipelines.datasets import ADAPTERS, ClipRef, DatasetIndex, build_index, hash_split
+from pipelines.data.adapters import ADAPTERS, ClipRef, DatasetIndex, build_index, hash_split
 
 WRITERS = {
     "esc50": write_esc50,

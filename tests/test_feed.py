@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.card import load_card
-from pipelines.feed import feed_dataset, iter_torch, read_clips, to_model_batch, verify_shards
+from pipelines.data.card import load_card
+from pipelines.data.feed import feed_dataset, iter_torch, read_clips, to_model_batch, verify_shards
 
 pytestmark = pytest.mark.ray
 

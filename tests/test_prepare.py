@@ -15,9 +15,9 @@ from layouts import (
 )
 
 from model.features import log_mel
-from pipelines.card import CARD_NAME, load_card
 from pipelines.cli import main
-from pipelines.prepare import prepare
+from pipelines.data.card import CARD_NAME, load_card
+from pipelines.data.prepare import prepare
 
 pytestmark = pytest.mark.ray
 

@@ -6,7 +6,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, stop_group
 from mlflow import MlflowClient
 
 from sweeps.driver import run_sweep
@@ -27,6 +27,9 @@ def _check_sweep(result, grid_name="smoke"):
     grid = load_grid(grid_name)
     trials = grid.trials()
     assert len(result["trials"]) == len(trials) and not any(t["error"] for t in result["trials"])
+    # trials.json keeps each trial's factor value and its metric under distinct keys
+    assert sorted(map(str, (t["value"] for t in result["trials"]))) == sorted(str(t.value) for t in trials)
+    assert all(0.0 <= t["metric_value"] <= 1.0 and t["metric"] == grid.metric for t in result["trials"])
     client = MlflowClient()
     parent = client.get_run(result["parent_run_id"])
     assert parent.data.params["grid.name"] == grid_name and parent.data.params["code_version"]
@@ -57,16 +60,10 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     assert len(after) == len(children)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _mlflow_server(backend_store_uri: str, artifacts: Path, log: Path):
     """An `mlflow server` on loopback in its own process group, stopped (the whole group) afterwards."""
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
         [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_store_uri,
@@ -87,18 +84,7 @@ def _mlflow_server(backend_store_uri: str, artifacts: Path, log: Path):
             raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}")
         yield url
     finally:
-        _stop_group(proc, signal.SIGTERM)
-
-
-def _stop_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+        stop_group(proc, signal.SIGTERM)
 
 
 @pytest.fixture
@@ -132,7 +118,7 @@ def postgres():
     data = Path(tempfile.mkdtemp(prefix="asda-pg-", dir="/tmp"))
     if run_as:
         shutil.chown(data, user="postgres")
-    port = _free_port()
+    port = free_port()
     subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data / "db"), "-U", "asda", "-A", "trust",
                     "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen(
@@ -155,7 +141,7 @@ def postgres():
         conn.close()
         yield f"postgresql://asda@127.0.0.1:{port}/mlflow"
     finally:
-        _stop_group(proc, signal.SIGINT)  # PostgreSQL's fast shutdown
+        stop_group(proc, signal.SIGINT)  # PostgreSQL's fast shutdown
         shutil.rmtree(data, ignore_errors=True)
 
 

@@ -65,9 +65,8 @@ def _rows(values):
     rows = []
     for cell, factor, value, seeds in values:
         for seed, metric in enumerate(seeds):
-            rows.append({"cell": cell, "factor": factor, "value": metric, "seed": seed, "error": None,
-                         "overrides": {}, "checkpoint": None})
-            rows[-1]["value_of_factor"] = value
+            rows.append({"cell": cell, "factor": factor, "value": value, "metric_value": metric, "seed": seed,
+                         "error": None, "overrides": {}, "checkpoint": None})
     return rows
 
 

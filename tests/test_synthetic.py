@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipelines import synthetic
-from pipelines.datasets import build_index
-from pipelines.synthetic import CLASS_NAMES, ensure_dataset, generate_clip
+from pipelines.data import synthetic
+from pipelines.data.adapters import build_index
+from pipelines.data.synthetic import CLASS_NAMES, ensure_dataset, generate_clip
 
 SMALL = dict(num_train=8, num_valid=4, num_test=4)
 SR = 16_000

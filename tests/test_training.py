@@ -126,6 +126,16 @@ def test_non_finite_loss_stops_the_run_naming_the_update_and_checkpoint(syntheti
         pretrain(TINY, settings)
 
 
+def test_non_finite_loss_stops_fine_tuning_too_naming_the_update_and_checkpoint(synthetic_prepared, tmp_path,
+                                                                               tracking_store):
+    from pipelines.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(data=str(synthetic_prepared), storage=str(tmp_path), name="ft-nan", steps=12,
+                                batch_size=4, lr=1e30, warmup_steps=0, checkpoint_every=1, log_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* at update \d+.*last good checkpoint: checkpoint_"):
+        finetune(TINY, settings)
+
+
 def test_bad_settings_fail_before_any_training(tmp_path):
     with pytest.raises(ValueError, match="steps=0"):
         PretrainSettings(data=str(tmp_path), steps=0)
@@ -150,7 +160,7 @@ def test_pretrain_probe_and_finetune_commands_run_on_a_prepared_esc50_layout_wit
     from layouts import write_esc50
 
     from pipelines.cli import main
-    from pipelines.prepare import prepare
+    from pipelines.data.prepare import prepare
 
     source = write_esc50(tmp_path / "ESC-50-master", n_per_fold=2, classes=3)
     data = tmp_path / "esc50"
@@ -176,6 +186,15 @@ def test_pretrain_probe_and_finetune_commands_run_on_a_prepared_esc50_layout_wit
     for k in (1, 2):
         run = client.search_runs([probe_run.info.experiment_id], filter_string=f"tags.mlflow.runName = 'esc-ft-fold{k}'")
         assert len(run) == 1 and 0 <= run[0].data.metrics["eval_accuracy"] <= 1
+
+    # Holding fold 1 out leaves fold 2's 6 clips: fewer than a batch of 8. A clear error before any run starts.
+    capsys.readouterr()
+    assert main(["finetune", *common, "--batch-size", "8", "--name", "esc-small", "--steps", "1",
+                 "--cv-folds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "split 'train' folds [2]" in err and "has 6 clips, fewer than one update needs (8 per worker" in err
+    assert not client.search_runs([probe_run.info.experiment_id],
+                                  filter_string="tags.mlflow.runName LIKE 'esc-small%'")
 
 
 def test_cross_validation_names_the_folds_a_data_set_lacks(synthetic_prepared):

@@ -29,7 +29,6 @@ DEFAULT_PARAMS: dict[str, Any] = dict(
     snr_min_db=-3.0, snr_max_db=9.0,  # the event's level over the background: the task's difficulty
 )
 EVENT_SECONDS = (0.3, 0.6)
-SNR_DB = (-3.0, 9.0)
 # Random overall gain, set on the clip's RMS, not its peak: peak normalisation would make peaky classes (clicks)
 # quieter on average, a loudness cue. The peak is then capped below full scale (PCM-16 never clips), which only
 # ever touches the loudest few click trains.
@@ -173,7 +172,7 @@ def _background(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
 
 def generate_clip(
     class_index: int, rng: np.random.Generator, clip_seconds: float = 2.56, sample_rate: int = 16_000,
-    snr_db: tuple[float, float] = SNR_DB,
+    snr_db: tuple[float, float] = (DEFAULT_PARAMS["snr_min_db"], DEFAULT_PARAMS["snr_max_db"]),
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """One clip of class ``class_index``: (waveform float32 (samples,), (event_start_s, event_end_s)).
 

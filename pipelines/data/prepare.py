@@ -20,9 +20,9 @@ import numpy as np
 
 from model.features import FEATURE_SETTINGS, NUM_MEL_BINS, SAMPLE_RATE
 
+from ..runtime import code_version, ensure_ray
+from .adapters import DatasetIndex, build_index
 from .card import CARD_NAME, load_card
-from .datasets import DatasetIndex, build_index
-from .runtime import code_version, ensure_ray
 
 SCHEMA_VERSION = 1
 REJECTED_DIR = "_rejected"

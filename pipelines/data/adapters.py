@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from model.features import DATASET_STATS
-from pipelines import synthetic as synthetic_set
+
+from . import synthetic as synthetic_set
 
 SPLITS = ("train", "valid", "test", "unbalanced")  # also the order of clips in an index
 GENERIC_TARGET_LENGTH = 1024
@@ -299,12 +300,46 @@ class _FileLookup:
         return name in self._listings[folder]
 
 
-def _segment_rows(path: Path) -> Iterable[tuple[int, list[str]]]:
-    """(line number, fields) of a segment CSV; ``#`` lines are comments, fields lose the space after commas."""
+def _segment_rows(path: Path) -> Iterable[tuple[Path, int, list[str]]]:
+    """(path, line number, fields) of a segment CSV; ``#`` lines are comments, fields lose the space after commas."""
     with path.open(newline="", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip() and not line.lstrip().startswith("#"):
-                yield lineno, next(csv.reader([line], skipinitialspace=True))
+                yield path, lineno, next(csv.reader([line], skipinitialspace=True))
+
+
+def _audioset_clip(row: tuple[Path, int, list[str]], split_name: str, audio_root: str, name_pattern: str,
+                   mid_index: dict[str, int], first_seen: dict[str, str], rejected: list[dict]) -> ClipRef | None:
+    """One segment CSV line as a clip (its file not yet checked), or None with the reasons added to ``rejected``."""
+    csv_path, lineno, fields = row
+    csv_name, split = AUDIOSET_SEGMENTS[split_name]
+    if fields[0] == "YTID":  # an uncommented header line
+        return None
+    try:
+        ytid, start, end = fields[0].strip(), fields[1].strip(), fields[2].strip()
+        start_s, end_s = float(start), float(end)
+        start_int, end_int = int(start_s), int(end_s)  # NaN and inf fail here too
+        mids = [m.strip() for m in ",".join(fields[3:]).split(",") if m.strip()]
+        if not ytid:
+            raise ValueError("empty YTID")
+    except (IndexError, ValueError, OverflowError):
+        rejected.append(_reject(csv_path, f"line {lineno}: expected YTID, start_seconds, end_seconds, "
+                                          f"positive_labels; got {fields}"))
+        return None
+    clip_id = f"{ytid}_{start_s:.3f}"
+    path = os.path.join(audio_root, name_pattern.format(
+        ytid=ytid, start=start, end=end, start_int=start_int, end_int=end_int, split=split_name))
+    if clip_id in first_seen:
+        rejected.append(_reject(path, f"duplicate id {clip_id} in {csv_name} (first in {first_seen[clip_id]})"))
+        return None
+    first_seen[clip_id] = csv_name
+    rejected.extend(_reject(path, f"unknown label MID {m} in {csv_name}") for m in mids if m not in mid_index)
+    labels = tuple(sorted({mid_index[m] for m in mids if m in mid_index}))
+    if not mids:
+        rejected.append(_reject(path, f"no labels in {csv_name} line {lineno}"))
+    if not labels:  # no labels, or every MID unknown (already rejected, one entry per MID)
+        return None
+    return ClipRef(id=clip_id, path=path, split=split, labels=labels)
 
 
 def audioset(
@@ -340,40 +375,12 @@ def audioset(
     clips, rejected = [], []
     first_seen: dict[str, str] = {}  # id -> segment CSV where it first appeared
     for split_name in present:
-        csv_name, split = AUDIOSET_SEGMENTS[split_name]
-        csv_path = source / csv_name
-        for lineno, fields in _segment_rows(csv_path):
-            if fields[0] == "YTID":  # an uncommented header line
-                continue
-            try:
-                ytid, start, end = fields[0].strip(), fields[1].strip(), fields[2].strip()
-                start_s, end_s = float(start), float(end)
-                start_int, end_int = int(start_s), int(end_s)  # NaN and inf fail here too
-                mids = [m.strip() for m in ",".join(fields[3:]).split(",") if m.strip()]
-                if not ytid:
-                    raise ValueError("empty YTID")
-            except (IndexError, ValueError, OverflowError):
-                rejected.append(_reject(csv_path, f"line {lineno}: expected YTID, start_seconds, end_seconds, "
-                                                  f"positive_labels; got {fields}"))
-                continue
-            clip_id = f"{ytid}_{start_s:.3f}"
-            path = os.path.join(audio_root, name_pattern.format(
-                ytid=ytid, start=start, end=end, start_int=start_int, end_int=end_int, split=split_name))
-            if clip_id in first_seen:
-                rejected.append(_reject(path, f"duplicate id {clip_id} in {csv_name} "
-                                              f"(first in {first_seen[clip_id]})"))
-                continue
-            first_seen[clip_id] = csv_name
-            rejected.extend(_reject(path, f"unknown label MID {m} in {csv_name}") for m in mids if m not in mid_index)
-            labels = tuple(sorted({mid_index[m] for m in mids if m in mid_index}))
-            if not mids:
-                rejected.append(_reject(path, f"no labels in {csv_name} line {lineno}"))
-            elif not labels:
-                continue  # every MID unknown: already rejected, one entry per MID
-            elif not exists(path):
-                rejected.append(_reject(path, "missing audio file"))
-            else:
-                clips.append(ClipRef(id=clip_id, path=path, split=split, labels=labels))
+        for row in _segment_rows(source / AUDIOSET_SEGMENTS[split_name][0]):
+            clip = _audioset_clip(row, split_name, audio_root, name_pattern, mid_index, first_seen, rejected)
+            if clip is not None and not exists(clip.path):
+                rejected.append(_reject(clip.path, "missing audio file"))
+            elif clip is not None:
+                clips.append(clip)
     return _finish("audioset", class_names, clips, rejected, multilabel=True, target_length=1024,
                    stats=DATASET_STATS["audioset"])
 
@@ -444,27 +451,8 @@ def _manifest_labels(value: str | None, multilabel: bool) -> list[str]:
     return sorted({part.strip() for part in re.split(r"[;,]", value or "") if part.strip()})
 
 
-def manifest(
-    source: str | Path,
-    *,
-    valid_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-) -> DatasetIndex:
-    """A CSV with columns ``path``, ``label`` (one class name) or ``labels`` (names separated by ``;`` or ``,``
-    inside the quoted field; multi-label), and optionally ``split`` (train, valid, test). ``source`` is the CSV
-    or a folder holding ``manifest.csv``. Relative paths resolve against the CSV's folder; ids are paths relative
-    to it. Without a split column, clips are split as in ``folder``.
-
-    Class names (sorted) come from every row with a readable label, so a missing file does not renumber classes.
-    """
-    source = _absolute(source)
-    if source.is_dir():
-        csv_path = _require_file(source, "manifest.csv", "manifest")
-    elif source.is_file():
-        csv_path = source
-    else:
-        raise FileNotFoundError(f"manifest source {source} does not exist")
-    valid_fraction, test_fraction = _check_fractions(valid_fraction, test_fraction)
+def _read_manifest(csv_path: Path) -> tuple[list[dict[str, str]], bool, bool]:
+    """(rows, multi-label, has a split column) of a manifest CSV, or an error naming the columns it lacks."""
     with csv_path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh, skipinitialspace=True)
         columns = [c.strip() for c in reader.fieldnames or ()]
@@ -473,11 +461,14 @@ def manifest(
     if "path" not in columns or ("label" in columns) == ("labels" in columns):
         raise ValueError(f"manifest {csv_path} has columns {columns}: expected 'path' and exactly one of "
                          "'label' or 'labels' (and optionally 'split')")
-    multilabel = "labels" in columns
-    has_split = "split" in columns
-    base = csv_path.parent
+    return rows, "labels" in columns, "split" in columns
 
-    accepted: list[tuple[str, Path, str, list[str]]] = []  # (id, path, split, label names)
+
+def _manifest_rows(csv_path: Path, rows: list[dict[str, str]], multilabel: bool, has_split: bool,
+                   valid_fraction: float, test_fraction: float):
+    """(accepted [(id, path, split, label names)], rejected, path -> first line) of a manifest's rows."""
+    base = csv_path.parent
+    accepted: list[tuple[str, Path, str, list[str]]] = []
     rejected = []
     first_line: dict[Path, int] = {}
     for lineno, row in enumerate(rows, 2):  # line 1 is the header
@@ -500,7 +491,33 @@ def manifest(
         else:
             first_line[path] = lineno
             accepted.append((Path(os.path.relpath(path, base)).as_posix(), path, split, names))
+    return accepted, rejected, first_line
 
+
+def manifest(
+    source: str | Path,
+    *,
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> DatasetIndex:
+    """A CSV with columns ``path``, ``label`` (one class name) or ``labels`` (names separated by ``;`` or ``,``
+    inside the quoted field; multi-label), and optionally ``split`` (train, valid, test). ``source`` is the CSV
+    or a folder holding ``manifest.csv``. Relative paths resolve against the CSV's folder; ids are paths relative
+    to it. Without a split column, clips are split as in ``folder``.
+
+    Class names (sorted) come from every row with a readable label, so a missing file does not renumber classes.
+    """
+    source = _absolute(source)
+    if source.is_dir():
+        csv_path = _require_file(source, "manifest.csv", "manifest")
+    elif source.is_file():
+        csv_path = source
+    else:
+        raise FileNotFoundError(f"manifest source {source} does not exist")
+    valid_fraction, test_fraction = _check_fractions(valid_fraction, test_fraction)
+    rows, multilabel, has_split = _read_manifest(csv_path)
+    accepted, rejected, first_line = _manifest_rows(csv_path, rows, multilabel, has_split, valid_fraction,
+                                                    test_fraction)
     class_names = sorted({name for *_, names in accepted for name in names})
     if not class_names:
         raise ValueError(f"manifest {csv_path} has no row with a path, a label and a valid split")
@@ -530,7 +547,7 @@ def synthetic(
     snr_min_db: float = synthetic_set.DEFAULT_PARAMS["snr_min_db"],
     snr_max_db: float = synthetic_set.DEFAULT_PARAMS["snr_max_db"],
 ) -> DatasetIndex:
-    """The embedded procedural set (``pipelines.synthetic``): generated into ``source`` unless a set with the same
+    """The embedded procedural set (``pipelines.data.synthetic``): generated into ``source`` unless a set with the same
     parameters is already there, then indexed. Each clip knows where its class event is (``ClipRef.event``).
     """
     source = _absolute(source)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -134,7 +135,7 @@ def feed_dataset(
     import ray.data
     from ray.data.expressions import col
 
-    from .runtime import ensure_ray
+    from ..runtime import ensure_ray
 
     prepared = Path(prepared).resolve()
     card = load_card(prepared)
@@ -143,12 +144,9 @@ def feed_dataset(
     shards = verify_shards(prepared, card)
     ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
     tasks = DATA_TASKS_PER_WORKER * max(1, workers)
-    # Ray Data's newer Parquet path lists files in a task that needs a whole CPU and reads footers in a pool of
-    # actors: four more processes for every feed. verify_shards has just read every footer on this process, so
-    # the classic path, which plans from the file list here, costs nothing more.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
-                               num_cpus=DATA_TASK_CPUS, concurrency=min(tasks, len(shards)))
+    with _classic_parquet_path():
+        ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
+                                   num_cpus=DATA_TASK_CPUS, concurrency=min(tasks, len(shards)))
     ds = ds.filter(expr=col("split").is_in(splits))
     if folds is not None:
         ds = ds.filter(expr=col("fold").is_in([int(f) for f in folds]))
@@ -164,6 +162,25 @@ def feed_dataset(
     # a run is reproducible.
     ds.context.execution_options.preserve_order = True
     return ds
+
+
+@contextlib.contextmanager
+def _classic_parquet_path():
+    """Plan this read on Ray Data's classic Parquet path, leaving the process-wide setting as it was.
+
+    The newer path lists files in a task that needs a whole CPU and reads footers in a pool of actors: four more
+    processes for every feed. verify_shards has already read every footer on this process, so the classic path,
+    which plans from the file list here, costs nothing more. ``read_parquet`` chooses the path when it is called.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    previous = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def _feed_batch(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:

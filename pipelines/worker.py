@@ -1,0 +1,303 @@
+"""The worker side of every Ray Train run: one step loop, one checkpointer, rank-0 MLflow logging.
+
+Pretraining and fine-tuning differ only in their ``TrainingJob`` (how batches are drawn, what one update does, what
+is logged, what happens at the end). Both run the same loop, in the manner of torchtitan's ``Trainer.train``:
+
+    step, epoch = checkpointer.restore(ray.train.get_checkpoint(), seed)
+    run_steps(job, checkpointer, logger, steps=..., log_every=..., start=(step, epoch))
+        # per batch: out = job.step(batch); checkpointer.save(step, epoch, metrics)
+
+The driver side (settings, checks, ``TorchTrainer.fit``) is ``training.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from model import ASDAConfig, save_checkpoint
+
+CHECKPOINT_FILE = "model.pt"  # rank 0's training state inside a Ray Train checkpoint folder
+FINAL_FILE = "final.pt"  # a pretraining run's portable weights, next to its checkpoints
+STOP_FILE = "stopped.json"
+SYSTEM_METRICS_EVERY_S = 5
+
+# Why a worker ended its run on purpose (the driver turns each into its own error).
+STOP_NON_FINITE = "non_finite"
+STOP_NO_BATCH = "no_batch"
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """lr multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio`` at the end."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def start_worker(threads: int | None, run_dir: str) -> tuple[int, int, torch.device]:
+    """Common start of every worker loop: (rank, world size, device), threads pinned, pid and node recorded."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if threads:  # the driver decides how many cores each worker may use
+        torch.set_num_threads(threads)
+    write_pid(run_dir, rank)
+    return rank, world, ray.train.torch.get_device()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """DistributedDataParallel when there is more than one rank; the model itself otherwise."""
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def write_pid(run_dir: str | Path, rank: int) -> None:
+    """Record which process on which node is which rank: for operators (and the recovery and multi-node tests)
+    to find a worker."""
+    import socket
+
+    import ray
+
+    folder = Path(run_dir, "workers")
+    folder.mkdir(parents=True, exist_ok=True)
+    Path(folder, f"rank{rank}.pid").write_text(str(os.getpid()))
+    where = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(where))
+
+
+class RankZeroLogger:
+    """MLflow from rank 0 only (SQLite stores lock under concurrent writers); a no-op on other ranks."""
+
+    def __init__(self, tracking_uri: str, run_id: str | None, enabled: bool, system_metrics: bool = True):
+        self.mlflow = None
+        if enabled and run_id is not None:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
+            # CPU, memory (and GPU) every SYSTEM_METRICS_EVERY_S seconds, each sample logged as it is taken.
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_EVERY_S)
+            mlflow.set_system_metrics_samples_before_logging(1)
+            mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+            self.mlflow = mlflow
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+            self.mlflow = None
+
+
+# --------------------------------------------------------------------------------------------------- stopping
+
+
+def record_stop(run_dir: str | Path, kind: str, reason: str, **details: Any) -> None:
+    """Leave a note for the driver: the run stopped early on purpose (``kind`` says why)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    note = {"kind": kind, "reason": reason, "time": time.time(), **details}
+    Path(run_dir, STOP_FILE).write_text(json.dumps(note))
+
+
+def clear_stop(run_dir: str | Path) -> None:
+    Path(run_dir, STOP_FILE).unlink(missing_ok=True)
+
+
+def read_stop(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir, STOP_FILE)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def resolve_checkpoint(path: str | Path | None) -> str | None:
+    """A pretraining run folder (its final.pt), a Ray Train checkpoint folder (its model.pt) or a file."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    for candidate in (path / FINAL_FILE, path / CHECKPOINT_FILE, path):
+        if candidate.is_file():
+            return str(candidate)
+    raise ValueError(f"no checkpoint at {path} (expected a .pt file, or a folder with {FINAL_FILE} or "
+                     f"{CHECKPOINT_FILE})")
+
+
+class Checkpointer:
+    """The one checkpointing component of every worker loop: restore, save at the interval and at the last update,
+    and the stop record that names the last good checkpoint.
+
+    A checkpoint is a Ray Train checkpoint folder: rank 0 writes the training state (``model.checkpoint``'s format
+    plus optimiser, scheduler, step, epoch and ``extra``), every rank its own RNG state (masks differ per rank).
+    """
+
+    def __init__(self, *, rank: int, run_dir: str, every: int, last_step: int, model: torch.nn.Module,
+                 optimiser: torch.optim.Optimizer, scheduler, config: ASDAConfig, extra: dict[str, Any] | None = None,
+                 report: Callable[..., None] | None = None):
+        self.rank, self.run_dir, self.every, self.last_step = rank, run_dir, every, last_step
+        self.model, self.optimiser, self.scheduler, self.config = model, optimiser, scheduler, config
+        self.extra = extra or {}
+        self._report = report
+        self.resumed_from = 0  # the step training continued from (0 for a fresh start)
+        self.last_checkpoint: str | None = None
+
+    def restore(self, checkpoint, seed: int) -> tuple[int, int]:
+        """Continue from a Ray Train checkpoint (or start at update 0); returns (step, epoch).
+
+        The RNG continues from this rank's saved state; where there is none it is reseeded with
+        ``seed + 1000 * rank + step``, so masks and augmentation differ per rank, reproducibly.
+        """
+        step, epoch, rng = 0, 0, None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+                rng_path = Path(folder) / f"rng_rank{self.rank}.pt"
+                rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+            self.model.load_state_dict(state["model"])
+            self.optimiser.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            step, epoch = state["step"], state["epoch"]
+            self.last_checkpoint = Path(checkpoint.path).name
+        self.resumed_from = step
+        if rng is not None:
+            set_rng_state(rng)
+        else:
+            torch.manual_seed(seed + 1000 * self.rank + step)
+        return step, epoch
+
+    def save(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        """At every ``every``-th update and at the last: a checkpoint reported to Ray Train with ``metrics``.
+        ``ray.train.report`` is a barrier: every rank calls it."""
+        if step % self.every and step != self.last_step:
+            return
+        import ray.train
+
+        name = f"checkpoint_{step:07d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank == 0:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, self.model, self.config,
+                                optimizer=self.optimiser.state_dict(), scheduler=self.scheduler.state_dict(),
+                                step=step, epoch=epoch, **self.extra)
+            torch.save(rng_state(), Path(tmp) / f"rng_rank{self.rank}.pt")
+            report = self._report or ray.train.report
+            report({"step": step, "epoch": epoch, "resumed_from_step": self.resumed_from, **metrics},
+                   checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        self.last_checkpoint = name
+
+    def stop(self, step: int, kind: str, reason: str) -> dict[str, Any]:
+        """End the run on purpose: rank 0 leaves the note the driver raises from; returns the worker's result."""
+        reason = f"{reason}; last good checkpoint: {self.last_checkpoint or 'none'}"
+        if self.rank == 0:
+            record_stop(self.run_dir, kind, reason, step=step, last_checkpoint=self.last_checkpoint)
+        return {"stopped": reason, "step": step, "resumed_from_step": self.resumed_from}
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StepOutput:
+    """What one update gives the loop: its loss and gradient norm (0-d tensors; a non-finite norm ends the run),
+    the clips it trained on across all ranks, and whatever else the job logs from it."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    clips: int
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingJob(Protocol):
+    """What differs between pretraining and fine-tuning; everything else is ``run_steps``."""
+
+    def batches(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]: ...
+
+    def step(self, batch: dict[str, torch.Tensor]) -> StepOutput: ...
+
+    def metrics(self, out: StepOutput) -> dict[str, float]: ...
+
+    def finish(self) -> dict[str, float]: ...
+
+    def no_batch_reason(self) -> str: ...
+
+
+class ClipRate:
+    """Clips per second since the last time it was read."""
+
+    def __init__(self) -> None:
+        self.clips, self.start = 0, time.perf_counter()
+
+    def add(self, clips: int) -> None:
+        self.clips += clips
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self.clips / max(now - self.start, 1e-9)
+        self.clips, self.start = 0, now
+        return rate
+
+
+def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogger, *, steps: int, log_every: int,
+              start: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """Train from ``start`` = (step, epoch) to ``steps`` updates: per batch, a step call and a checkpointer call.
+
+    Metrics go to MLflow every ``log_every`` updates and at the last, where ``job.finish()`` adds its own (the
+    fine-tuning evaluation). A non-finite gradient norm, or an epoch that yields no batch, ends the run with a
+    stop record (see ``Checkpointer.stop``) instead of spinning or training on.
+    """
+    step, epoch = start
+    rate, metrics = ClipRate(), {}
+    try:
+        while step < steps:
+            seen = 0
+            for batch in job.batches(epoch):
+                seen += 1
+                step += 1
+                out = job.step(batch)
+                if not torch.isfinite(out.grad_norm):  # identical on every rank: gradients are all-reduced
+                    return checkpointer.stop(step, STOP_NON_FINITE, f"non-finite loss/gradient at update {step} "
+                                                                    f"(loss {out.loss.item():.4g})")
+                rate.add(out.clips)
+                if step % log_every == 0 or step == steps:
+                    metrics = {**job.metrics(out), "clips_per_s": rate.take()}
+                    metrics.update(job.finish() if step == steps else {})
+                    logger.log(metrics, step=step)
+                checkpointer.save(step, epoch, metrics)
+                if step >= steps:
+                    break
+            if seen == 0:
+                return checkpointer.stop(step, STOP_NO_BATCH, job.no_batch_reason())
+            epoch += 1
+    finally:
+        logger.close()
+    return {"step": step, "resumed_from_step": checkpointer.resumed_from}

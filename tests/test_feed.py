@@ -27,6 +27,17 @@ def test_feed_batches_have_model_shapes_and_card_normalisation(synthetic_prepare
     assert abs(everything.std().item() - 0.5) < 0.05
 
 
+def test_the_feed_reads_on_the_classic_parquet_path_without_changing_the_process_wide_setting(synthetic_prepared):
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    ds = feed_dataset(synthetic_prepared, "train", labels="none")
+    assert context.use_datasource_v2 == before
+    ops = {type(op).__name__ for op in ds._logical_plan.dag.post_order_iter()}
+    assert "Read" in ops and "ListFiles" not in ops, ops  # the newer path plans ListFiles -> ReadFiles
+
+
 def test_a_fed_row_is_the_stored_fbank_padded_then_normalised(synthetic_prepared):
     card = load_card(synthetic_prepared)
     row = pq.read_table(synthetic_prepared / card["shards"][0]["file"]).slice(0, 1).to_pylist()[0]

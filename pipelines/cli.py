@@ -181,6 +181,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="fail when more than this share of clips is rejected (default: 0.5)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option, repeatable (e.g. name_pattern={ytid}.flac, num_train=2000)")
+    _add_verbose(p)
     p.set_defaults(func=_prepare)
 
 
@@ -189,6 +190,11 @@ def _model_config(args: argparse.Namespace):
 
     config = ASDAConfig.from_yaml(args.config) if args.config else ASDAConfig.preset(args.preset)
     return config.with_overrides(args.overrides)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's, Ray Data's and Tune's own output here (default: in Ray's log files)")
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -228,9 +234,12 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: f
     p.add_argument("--checkpoint-every", type=int, default=100, help="updates between checkpoints (default: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from (default: 1)")
+    p.add_argument("--in-process", action="store_true",
+                   help="train the one CPU worker in this process (Ray Train's local mode; no recovery)")
     p.add_argument("--name", help="run name; running the same name again resumes it")
     p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
     p.add_argument("--storage", type=Path, help="Ray Train storage folder (default: results/)")
+    _add_verbose(p)
     _add_model_args(p)
 
 
@@ -239,7 +248,8 @@ def _train_settings(args: argparse.Namespace, data: Path) -> dict:
         data=str(data), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         use_gpu=args.use_gpu, max_failures=args.max_failures, name=args.name, experiment=args.experiment,
-        cpus_per_worker=args.cpus_per_worker, **({"storage": str(args.storage)} if args.storage else {}),
+        cpus_per_worker=args.cpus_per_worker, in_process=args.in_process,
+        **({"storage": str(args.storage)} if args.storage else {}),
     )
 
 
@@ -251,12 +261,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     settings = PretrainSettings(**_train_settings(args, data), resume=str(args.resume) if args.resume else None)
     _ensure_default_data(data)
     result = pretrain(config, settings)
-    from .tracking import ui_command
+    from .tracking import run_url
 
     print(f"finished {result['name']}: step {result['metrics'].get('step')}, "
           f"loss {result['metrics'].get('loss', float('nan')):.4f}")
     print(f"checkpoint: {result['checkpoint']}")
-    print(f"MLflow run {result['run_id']}: {ui_command()}")
+    print(f"MLflow: {run_url(result['run_id'])}")
     return 0
 
 
@@ -338,6 +348,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
     p.add_argument("--name", help="MLflow run name")
+    _add_verbose(p)
     _add_model_args(p)
     p.set_defaults(func=_probe)
 
@@ -365,6 +376,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on the pretraining loss)")
     p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
     p.add_argument("--storage", type=Path, help="where sweeps live (default: results/sweeps)")
+    _add_verbose(p)
     p.set_defaults(func=_sweep)
 
 
@@ -409,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .console import set_verbose, show_progress
+
+    if getattr(args, "verbose", False):
+        set_verbose(True)
+    show_progress(args.command in ("pretrain", "probe", "finetune"))
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:  # user errors: bad config, bad path, bad data

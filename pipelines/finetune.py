@@ -103,7 +103,7 @@ def build_classifier(config: ASDAConfig, num_classes: int, checkpoint: str | Non
     return ASDAClassifier(config, num_classes, encoder=encoder)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinetuneWorkerConfig(WorkerConfig):
     SETTINGS = FinetuneSettings
 
@@ -117,11 +117,9 @@ class FinetuneWorkerConfig(WorkerConfig):
 
 def finetune_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: one DDP rank of fine-tuning; rank 0 evaluates at the end."""
-    import ray.train
-
     w = FinetuneWorkerConfig(**cfg)
     s = w.settings
-    rank, world, device = worker.start_worker(w.threads, w.run_dir)
+    rank, world, device = worker.start_worker(w.threads, w.run_dir, s.in_process)
     torch.manual_seed(s.seed)  # identical initial weights on every rank
     model = build_classifier(w.model, w.num_classes, s.checkpoint, s.which).to(device)
     groups = param_groups_layer_decay(model, s.weight_decay, s.layer_decay, depth=w.model.depth)
@@ -132,8 +130,9 @@ def finetune_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         optimiser, worker.warmup_cosine(s.warmup_steps, s.steps, s.min_lr_ratio))
     checkpointer = worker.Checkpointer(rank=rank, run_dir=w.run_dir, every=s.checkpoint_every, last_step=s.steps,
                                        model=model, optimiser=optimiser, scheduler=scheduler, config=w.model,
-                                       extra={"num_classes": w.num_classes})
-    step, epoch = checkpointer.restore(ray.train.get_checkpoint(), s.seed)
+                                       extra={"num_classes": w.num_classes}, in_process=s.in_process,
+                                       report_to_tune=w.report_to_tune)
+    step, epoch = checkpointer.restore(checkpointer.latest(), s.seed)
     logger = worker.RankZeroLogger(w.tracking_uri, w.run_id, enabled=rank == 0)
     job = FinetuneJob(worker.wrap_ddp(model, device, world), model, optimiser, scheduler, w, rank, device, world)
     return worker.run_steps(job, checkpointer, logger, steps=s.steps, log_every=s.log_every, start=(step, epoch))

@@ -45,11 +45,9 @@ class PretrainWorkerConfig(WorkerConfig):
 
 def pretrain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker: one DDP rank of ASDA pretraining."""
-    import ray.train
-
     w = PretrainWorkerConfig(**cfg)
     s = w.settings
-    rank, world, device = worker.start_worker(w.threads, w.run_dir)
+    rank, world, device = worker.start_worker(w.threads, w.run_dir, s.in_process)
     torch.manual_seed(s.seed)  # identical initial weights on every rank
     model = ASDA(w.model).to(device)
     optimiser = torch.optim.AdamW(param_groups_weight_decay(model, s.weight_decay), lr=s.lr,
@@ -58,8 +56,9 @@ def pretrain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         optimiser, worker.warmup_cosine(s.warmup_steps, s.steps, s.min_lr_ratio))
     checkpointer = worker.Checkpointer(rank=rank, run_dir=w.run_dir, every=s.checkpoint_every, last_step=s.steps,
                                        model=model, optimiser=optimiser, scheduler=scheduler, config=w.model,
-                                       extra={"settings": dataclasses.asdict(s)})
-    checkpoint = ray.train.get_checkpoint()
+                                       extra={"settings": dataclasses.asdict(s)}, in_process=s.in_process,
+                                       report_to_tune=w.report_to_tune)
+    checkpoint = checkpointer.latest()
     if checkpoint is None and w.resume_file:  # weights (student, teacher, decoder, EMA count) start a new run
         model.load_state_dict(torch.load(w.resume_file, map_location="cpu", weights_only=True)["model"])
     step, epoch = checkpointer.restore(checkpoint, s.seed)
@@ -120,10 +119,11 @@ class PretrainJob:
 
 
 def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, str] | None = None,
-             callbacks: list | None = None) -> dict[str, Any]:
+             report_to_tune: bool = False) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns {"run_id", "checkpoint", "metrics", "run_dir", "name"}.
 
-    ``tags`` go on the MLflow run; ``callbacks`` on the Ray Train run (a sweep passes TuneReportCallback).
+    ``tags`` go on the MLflow run; ``report_to_tune``: each checkpoint's metrics also reach the Tune trial this
+    runs in (a sweep with ASHA).
     """
     from .analysis import log_pretraining_artifacts
     from .data.feed import feed_dataset
@@ -135,7 +135,7 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length, labels="none",
                            random_crop=True, seed=settings.seed, workers=settings.workers)
     result = fit(pretrain_loop, PretrainWorkerConfig, config=config, settings=settings, run_id=run_id,
-                 datasets={"train": dataset}, callbacks=callbacks, resume_file=resume_file)
+                 datasets={"train": dataset}, report_to_tune=report_to_tune, resume_file=resume_file)
     run_dir = Path(settings.storage) / settings.name
     # A portable copy next to the run: what `asda probe` / `asda finetune --checkpoint` take.
     state = torch.load(Path(result.checkpoint.path) / worker.CHECKPOINT_FILE, map_location="cpu", weights_only=True)

@@ -46,9 +46,17 @@ class ProbeSettings:
 
 @torch.no_grad()
 def utterance_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    from .console import progress
+
     encoder.eval()
-    parts = [encoder.extract_features(torch.as_tensor(fbank[i:i + batch_size]))[0]
-             for i in range(0, len(fbank), batch_size)]
+    shown = progress(len(fbank), "clips encoded")
+    parts = []
+    for i in range(0, len(fbank), batch_size):
+        parts.append(encoder.extract_features(torch.as_tensor(fbank[i:i + batch_size]))[0])
+        if shown:
+            shown.update(min(i + batch_size, len(fbank)))
+    if shown:
+        shown.finish()
     return torch.cat(parts).float() if parts else torch.empty(0, encoder.config.embed_dim)
 
 

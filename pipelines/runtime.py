@@ -36,17 +36,35 @@ def local_num_cpus() -> int:
 
 
 RUNNING_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head` (make ray-up)
-_dashboard: dict[str, str | None] = {"url": None}
+_instance: dict[str, str | None] = {"url": None, "session_dir": None}
 
 
 def dashboard_url() -> str | None:
     """The Ray dashboard of the instance ``ensure_ray`` connected to or started (None if it has none or did not)."""
-    return _dashboard["url"]
+    return _instance["url"]
+
+
+def ray_logs() -> str:
+    """Where the Ray instance ``ensure_ray`` reached writes its processes' output (on its head node)."""
+    return str(Path(_instance["session_dir"] or "/tmp/ray/session_latest") / "logs")
 
 
 def _remember(context) -> None:
     url = getattr(context, "dashboard_url", None)
-    _dashboard["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
+    _instance["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
+    _instance["session_dir"] = (getattr(context, "address_info", None) or {}).get("session_dir")
+
+
+def auth_token_path() -> Path:
+    """The file Ray reads its authentication token from (the dashboard asks for this token)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def _private_token() -> None:
+    """The token is a secret: readable by its owner only (Ray writes it with the umask's mode)."""
+    path = auth_token_path()
+    if path.is_file() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 def ensure_ray(num_cpus: int | None = None):
@@ -54,12 +72,16 @@ def ensure_ray(num_cpus: int | None = None):
     a local instance. Returns the ray module."""
     import ray
 
+    from .console import is_verbose, set_verbose
+
     if ray.is_initialized():
         return ray
+    set_verbose(is_verbose())  # quiet unless asked: set before any Ray process starts, so they all inherit it
     address = os.environ.get("RAY_ADDRESS")
     if not address and RUNNING_CLUSTER_FILE.is_file():
         try:
-            _remember(ray.init(address="auto", log_to_driver=True))
+            _remember(ray.init(address="auto", log_to_driver=is_verbose(),
+                               logging_level=logging.INFO if is_verbose() else logging.WARNING))
             log.info("joined the Ray cluster started on this machine")
             return ray
         except (ConnectionError, RuntimeError):
@@ -68,8 +90,11 @@ def ensure_ray(num_cpus: int | None = None):
     # the working directory is not shipped (it holds data and the venv).
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        _remember(ray.init(address=address, log_to_driver=True))
+        _remember(ray.init(address=address, log_to_driver=is_verbose(),
+                           logging_level=logging.INFO if is_verbose() else logging.WARNING))
     else:
         _remember(ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True))
+                           dashboard_host="127.0.0.1", log_to_driver=is_verbose(),
+                           logging_level=logging.INFO if is_verbose() else logging.WARNING))
+    _private_token()
     return ray

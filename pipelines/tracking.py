@@ -16,6 +16,11 @@ LOCAL_STORE = REPO_ROOT / "mlruns"
 DEFAULT_EXPERIMENT = "asda"
 MAX_PARAM_LENGTH = 6000
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the local store
+# MLflow 3's experiment kind: the UI opens a model-training experiment on its runs table, not the GenAI overview.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 # --- the names of every tag and param the platform writes (filters in the UI and in tests use these)
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under a sweep's run
 TAG_RUN_NAME = "asda.run_name"  # a training run's name: the same name again resumes the run
@@ -66,17 +71,29 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         LOCAL_STORE.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    # A server chooses its own artifact store; the local store keeps artifacts beside the database.
-    location = (LOCAL_STORE / "artifacts").as_uri() if is_local_store(uri) else None
-    try:
-        return mlflow.create_experiment(experiment, artifact_location=location)
-    except Exception:  # created concurrently by another process
-        found = mlflow.get_experiment_by_name(experiment)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        # A server chooses its own artifact store; the local store keeps artifacts beside the database.
+        location = (LOCAL_STORE / "artifacts").as_uri() if is_local_store(uri) else None
+        try:
+            return mlflow.create_experiment(experiment, artifact_location=location,
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        except Exception:  # created concurrently by another process
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+    if found.tags.get(TAG_EXPERIMENT_KIND) is None:  # made elsewhere, or by an older version of the platform
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+    return found.experiment_id
+
+
+def run_url(run_id: str) -> str:
+    """Where a run opens in the MLflow UI: on the tracking server, or where ``ui_command()`` serves a store."""
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -107,8 +124,10 @@ def end_run(run_id: str, status: str) -> None:
 
 
 def ui_command() -> str:
-    """The command that shows this store in the MLflow UI."""
+    """How to see this store in the MLflow UI."""
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
     if is_local_store(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   (or: make mlflow-ui)"
-    return f"open {uri} in a browser"
+        return f"make mlflow-ui, then open {LOCAL_UI}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open {LOCAL_UI}"

@@ -15,7 +15,7 @@ import torch
 
 from model import ASDAConfig
 
-from . import tracking, worker
+from . import console, tracking, worker
 from .runtime import REPO_ROOT
 
 DEFAULT_STORAGE = REPO_ROOT / "results"
@@ -43,6 +43,7 @@ class TrainSettings:
     cpus_per_worker: float | None = None  # Ray logical CPUs per worker; default: derived from the instance
     threads_per_worker: int | None = None  # torch threads; default: physical cores / workers on a local instance
     max_failures: int = 1  # worker deaths survived (restart from the last checkpoint)
+    in_process: bool = False  # one CPU worker run in this process (Ray Train's local mode): no worker group
     split: str = "train"
     name: str | None = None  # run name: running the same name again resumes that run
     storage: str = str(DEFAULT_STORAGE)
@@ -65,6 +66,9 @@ class TrainSettings:
             raise ValueError(f"grad_clip={self.grad_clip!r} is not allowed: expected a positive number")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r} is not allowed: expected > 0")
+        if self.in_process and (self.workers != 1 or self.use_gpu):
+            raise ValueError(f"in_process=True is not allowed with workers={self.workers}, use_gpu={self.use_gpu}: "
+                             f"it runs one CPU worker inside this process")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ValueError(f"name={self.name!r} is not allowed: expected a non-empty name without '/'")
 
@@ -87,6 +91,7 @@ class WorkerConfig:
     tracking_uri: str
     run_dir: str
     threads: int
+    report_to_tune: bool = False  # in process: each checkpoint's metrics also go to the Tune trial (ASHA)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -177,13 +182,16 @@ def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, k
 
 
 def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, config: ASDAConfig,
-        settings: TrainSettings, run_id: str, datasets: dict, callbacks: list | None = None, **fields: Any):
+        settings: TrainSettings, run_id: str, datasets: dict, report_to_tune: bool = False, **fields: Any):
     """``TorchTrainer(loop_fn).fit()`` with this project's conventions; returns the Ray Train Result.
 
-    The workers get ``worker_type(model=config, settings=settings, run_id=..., **fields)``. A worker that stopped
+    The workers get ``worker_type(model=config, settings=settings, run_id=..., **fields)``. With
+    ``settings.in_process`` the one worker runs in this process (Ray Train's local mode: no controller, no worker
+    group, no dataset split); otherwise a worker group runs DDP with Ray Train's checkpointing and recovery.
+    ``report_to_tune``: intermediate results reach the Tune trial this runs in (for ASHA). A worker that stopped
     the run on purpose leaves a note that becomes NonFiniteLossError (non-finite loss) or NoBatchError.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .runtime import ensure_ray
@@ -193,20 +201,31 @@ def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, conf
     run_dir = Path(settings.storage) / settings.name
     worker.clear_stop(run_dir)  # a note from an earlier attempt of this run must not end this one
     handed = worker_type(model=config, settings=settings, run_id=run_id, tracking_uri=tracking.tracking_uri(),
-                         run_dir=str(run_dir), threads=threads, **fields)
+                         run_dir=str(run_dir), threads=threads, report_to_tune=report_to_tune and settings.in_process,
+                         **fields)
+    callbacks = []
+    if report_to_tune and not settings.in_process:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         loop_fn,
         train_loop_config=handed.to_dict(),
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+        scaling_config=(ScalingConfig(num_workers=0) if settings.in_process else
+                        ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
+                                      resources_per_worker={"CPU": cpus})),
         run_config=RunConfig(name=settings.name, storage_path=settings.storage,
                              failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=worker.KEEP_CHECKPOINTS),
+                             callbacks=callbacks),
         datasets=datasets,
+        # One worker reads the whole dataset: no split, so no SplitCoordinator actor.
+        dataset_config=DataConfig(datasets_to_split=[] if settings.workers == 1 else "all"),
     )
     try:
-        result = trainer.fit()
+        with console.run_progress(run_id, settings.steps):
+            result = trainer.fit()
     except Exception:
         tracking.end_run(run_id, "FAILED")
         raise

@@ -3,7 +3,7 @@
 Pretraining and fine-tuning differ only in their ``TrainingJob`` (how batches are drawn, what one update does, what
 is logged, what happens at the end). Both run the same loop, in the manner of torchtitan's ``Trainer.train``:
 
-    step, epoch = checkpointer.restore(ray.train.get_checkpoint(), seed)
+    step, epoch = checkpointer.restore(checkpointer.latest(), seed)
     run_steps(job, checkpointer, logger, steps=..., log_every=..., start=(step, epoch))
         # per batch: out = job.step(batch); checkpointer.save(step, epoch, metrics)
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +27,9 @@ import torch
 
 from model import ASDAConfig, save_checkpoint
 
-CHECKPOINT_FILE = "model.pt"  # rank 0's training state inside a Ray Train checkpoint folder
+CHECKPOINT_PREFIX = "checkpoint_"  # + the update, 7 digits: a checkpoint folder in the run folder
+CHECKPOINT_FILE = "model.pt"  # rank 0's training state inside a checkpoint folder
+KEEP_CHECKPOINTS = 2  # the newest checkpoint folders a run keeps
 FINAL_FILE = "final.pt"  # a pretraining run's portable weights, next to its checkpoints
 STOP_FILE = "stopped.json"
 SYSTEM_METRICS_EVERY_S = 5
@@ -48,12 +51,27 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
     return factor
 
 
-def start_worker(threads: int | None, run_dir: str) -> tuple[int, int, torch.device]:
-    """Common start of every worker loop: (rank, world size, device), threads pinned, pid and node recorded."""
+def train_api(in_process: bool):
+    """Ray Train's per-worker calls (``report``, ``get_context``) for this worker.
+
+    In process (local mode) inside a Tune trial, Ray 2.60's public ``ray.train.report`` and ``get_context`` refuse
+    to run (they tell Tune users to call ``ray.tune`` instead), although local mode supports them: the same
+    utilities are then reached one level down, where the public functions would have sent the call.
+    """
     import ray.train
+
+    if not in_process:
+        return ray.train
+    from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+    return get_train_fn_utils()
+
+
+def start_worker(threads: int | None, run_dir: str, in_process: bool) -> tuple[int, int, torch.device]:
+    """Common start of every worker loop: (rank, world size, device), threads pinned, pid and node recorded."""
     import ray.train.torch
 
-    ctx = ray.train.get_context()
+    ctx = train_api(in_process).get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if threads:  # the driver decides how many cores each worker may use
         torch.set_num_threads(threads)
@@ -164,13 +182,27 @@ class Checkpointer:
 
     def __init__(self, *, rank: int, run_dir: str, every: int, last_step: int, model: torch.nn.Module,
                  optimiser: torch.optim.Optimizer, scheduler, config: ASDAConfig, extra: dict[str, Any] | None = None,
-                 report: Callable[..., None] | None = None):
+                 in_process: bool = False, report_to_tune: bool = False, report: Callable[..., None] | None = None):
         self.rank, self.run_dir, self.every, self.last_step = rank, run_dir, every, last_step
         self.model, self.optimiser, self.scheduler, self.config = model, optimiser, scheduler, config
         self.extra = extra or {}
+        # In process (Ray Train's local mode) nothing persists or finds checkpoints for us: they are written to
+        # the run folder and found there again. report_to_tune: each checkpoint's metrics also go to the Tune
+        # trial this runs in (what TuneReportCallback does on the distributed path), for ASHA.
+        self.in_process, self.report_to_tune = in_process, report_to_tune
         self._report = report
         self.resumed_from = 0  # the step training continued from (0 for a fresh start)
         self.last_checkpoint: str | None = None
+        self._restored = None
+
+    def latest(self):
+        """The checkpoint to continue from, or None: Ray Train's, or in process the run folder's newest."""
+        import ray.train
+
+        if not self.in_process:
+            return ray.train.get_checkpoint()
+        found = sorted(p for p in Path(self.run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / CHECKPOINT_FILE).is_file())
+        return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
 
     def restore(self, checkpoint, seed: int) -> tuple[int, int]:
         """Continue from a Ray Train checkpoint (or start at update 0); returns (step, epoch).
@@ -189,6 +221,7 @@ class Checkpointer:
             self.scheduler.load_state_dict(state["scheduler"])
             step, epoch = state["step"], state["epoch"]
             self.last_checkpoint = Path(checkpoint.path).name
+            self._restored = checkpoint
         self.resumed_from = step
         if rng is not None:
             set_rng_state(rng)
@@ -203,17 +236,47 @@ class Checkpointer:
             return
         import ray.train
 
-        name = f"checkpoint_{step:07d}"
-        with tempfile.TemporaryDirectory() as tmp:
-            if self.rank == 0:
-                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, self.model, self.config,
-                                optimizer=self.optimiser.state_dict(), scheduler=self.scheduler.state_dict(),
-                                step=step, epoch=epoch, **self.extra)
-            torch.save(rng_state(), Path(tmp) / f"rng_rank{self.rank}.pt")
-            report = self._report or ray.train.report
-            report({"step": step, "epoch": epoch, "resumed_from_step": self.resumed_from, **metrics},
-                   checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        name = f"{CHECKPOINT_PREFIX}{step:07d}"
+        metrics = {"step": step, "epoch": epoch, "resumed_from_step": self.resumed_from, **metrics}
+        report = self._report or train_api(self.in_process).report
+        if self.in_process:
+            folder = self._write_in_run_folder(name, step, epoch)
+            report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
+            if self.report_to_tune:
+                import ray.tune
+
+                ray.tune.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:  # Ray Train copies it into the run folder
+                self._write(Path(tmp), step, epoch)
+                report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         self.last_checkpoint = name
+
+    def _write(self, folder: Path, step: int, epoch: int) -> None:
+        if self.rank == 0:
+            save_checkpoint(folder / CHECKPOINT_FILE, self.model, self.config, optimizer=self.optimiser.state_dict(),
+                            scheduler=self.scheduler.state_dict(), step=step, epoch=epoch, **self.extra)
+        torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
+
+    def _write_in_run_folder(self, name: str, step: int, epoch: int) -> Path:
+        """run_dir/name, complete or absent (written aside, then renamed); the newest KEEP_CHECKPOINTS are kept."""
+        folder, staging = Path(self.run_dir) / name, Path(self.run_dir) / f".{name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self._write(staging, step, epoch)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+        for old in sorted(Path(self.run_dir).glob(f"{CHECKPOINT_PREFIX}*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def finished_already(self, step: int, epoch: int) -> None:
+        """The run was complete when restored. Ray Train knows its last checkpoint; in process it is reported
+        again, so that the run's result names it."""
+        if self.in_process and self._restored is not None:
+            report = self._report or train_api(True).report
+            report({"step": step, "epoch": epoch, "resumed_from_step": step}, checkpoint=self._restored,
+                   checkpoint_dir_name=self.last_checkpoint)
 
     def stop(self, step: int, kind: str, reason: str) -> dict[str, Any]:
         """End the run on purpose: rank 0 leaves the note the driver raises from; returns the worker's result."""
@@ -272,11 +335,14 @@ def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogg
     """Train from ``start`` = (step, epoch) to ``steps`` updates: per batch, a step call and a checkpointer call.
 
     Metrics go to MLflow every ``log_every`` updates and at the last, where ``job.finish()`` adds its own (the
-    fine-tuning evaluation). A non-finite gradient norm, or an epoch that yields no batch, ends the run with a
+    fine-tuning evaluation) and the loop adds its own wall and CPU time (``train_loop_s``, ``train_loop_cpu_s``). A non-finite gradient norm, or an epoch that yields no batch, ends the run with a
     stop record (see ``Checkpointer.stop``) instead of spinning or training on.
     """
     step, epoch = start
     rate, metrics = ClipRate(), {}
+    started, started_cpu = time.perf_counter(), time.process_time()
+    if step >= steps:
+        checkpointer.finished_already(step, epoch)
     try:
         while step < steps:
             seen = 0
@@ -290,7 +356,10 @@ def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogg
                 rate.add(out.clips)
                 if step % log_every == 0 or step == steps:
                     metrics = {**job.metrics(out), "clips_per_s": rate.take()}
-                    metrics.update(job.finish() if step == steps else {})
+                    if step == steps:  # the evaluation, and what the loop cost (asda bench sweep reads it)
+                        metrics.update(job.finish())
+                        metrics.update(train_loop_s=time.perf_counter() - started,
+                                       train_loop_cpu_s=time.process_time() - started_cpu)
                     logger.log(metrics, step=step)
                 checkpointer.save(step, epoch, metrics)
                 if step >= steps:

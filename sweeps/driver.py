@@ -29,6 +29,7 @@ SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
 STATE_FILE = "sweep.json"
 TRIALS_FILE = "trials.json"
 TRIAL_CPU = 0.25  # the trial's own process mostly waits on its Train run
+ASHA_METRIC = "loss_frame"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class SweepParams:
     factor_names: tuple[str, ...]
     pretrain: PretrainSettings  # every trial's pretraining but its name and seed
     metric: str
+    asha: bool = False  # trials report intermediate results for ASHA
     probe: ProbeSettings | None = None  # the evaluation: a probe (but its checkpoint, seed and run) ...
     finetune: FinetuneSettings | None = None  # ... or a fine-tuning (but its checkpoint, seed and name)
 
@@ -52,10 +54,10 @@ class SweepParams:
 def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     """Tune function trainable: pretrain one cell with one seed, then evaluate it; reports the grid's metric."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.pretrain import pretrain
 
+    started = time.perf_counter()
     os.environ["MLFLOW_TRACKING_URI"] = sweep.tracking_uri
     config = sweep.base.with_overrides(trial.overrides)
     settings = dataclasses.replace(sweep.pretrain, name=f"{sweep.sweep_id}-{trial.slug()}", seed=trial.seed)
@@ -65,10 +67,17 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
         tags[tracking.TAG_FACTOR_PREFIX + name] = str(getattr(config, name))
     if trial.factor not in ("centre", "factorial"):
         tags[tracking.TAG_FACTOR_VALUE] = str(trial.value)
-    result = pretrain(config, settings, tags=tags, callbacks=[TuneReportCallback()])
+    result = pretrain(config, settings, tags=tags, report_to_tune=sweep.asha)
+    evaluating = time.perf_counter()
     evaluation = _evaluate(sweep, config, trial, result)
-    metrics = {**evaluation, "pretrain_loss": float(result["metrics"].get("loss", float("nan"))),
-               "checkpoint": result["checkpoint"], "run_id": result["run_id"]}
+    done = time.perf_counter()
+    pretrained = result["metrics"]
+    metrics = {**evaluation, "pretrain_loss": float(pretrained.get("loss", float("nan"))),
+               "checkpoint": result["checkpoint"], "run_id": result["run_id"],
+               # where the trial's time went (asda bench sweep): the training loop, the evaluation, the rest
+               "trial_s": done - started, "eval_s": done - evaluating,
+               "train_loop_s": float(pretrained.get("train_loop_s", float("nan"))),
+               "train_loop_cpu_s": float(pretrained.get("train_loop_cpu_s", float("nan")))}
     tune.report(metrics)
     return metrics
 
@@ -94,15 +103,19 @@ def _evaluate(sweep: SweepParams, config: ASDAConfig, trial: Trial, pretrained: 
 
 
 def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment: str, cpus_per_worker: float,
-                  threads: int) -> SweepParams:
+                  threads: int, asha: bool) -> SweepParams:
     """Every trial's settings, built (and so validated) here on the driver."""
     from pipelines.finetune import FinetuneSettings
     from pipelines.probe import ProbeSettings
 
     common = {"experiment": experiment, "parent_run_id": state["parent_run_id"]}
-    pretrain = PretrainSettings(**{"data": str(data), "storage": str(folder / "runs"), **common, **grid.train,
+    train = grid.train
+    # A trial with one CPU worker runs it in the trial's own process (Ray Train's local mode): no controller,
+    # worker group or dataset split to start. Retries then come from Tune's FailureConfig.
+    in_process = int(train.get("workers", 1)) == 1 and not train.get("use_gpu", False)
+    pretrain = PretrainSettings(**{"data": str(data), "storage": str(folder / "runs"), **common, **train,
                                    "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads,
-                                   "figure_clips": 2})
+                                   "figure_clips": 2, "in_process": in_process})
     evaluation = grid.evaluation
     eval_data = str(Path(evaluation.get("data") or data).resolve())
     probe = finetune = None
@@ -112,8 +125,8 @@ def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment:
         finetune = FinetuneSettings(data=eval_data, storage=str(folder / "runs"), **common,
                                     **(evaluation.get("settings") or {}))
     return SweepParams(sweep_id=state["sweep_id"], tracking_uri=tracking.tracking_uri(), base=grid.base_config(),
-                       factor_names=tuple(grid.factors), pretrain=pretrain, metric=grid.metric, probe=probe,
-                       finetune=finetune)
+                       factor_names=tuple(grid.factors), pretrain=pretrain, metric=grid.metric, asha=asha,
+                       probe=probe, finetune=finetune)
 
 
 def sweep_dir(grid: Grid, storage: Path = SWEEPS_ROOT) -> Path:
@@ -196,7 +209,7 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
               max_concurrent: int | None = None, asha: bool = False,
               experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict[str, Any]:
     """Run (or resume) a sweep; returns {"dir", "parent_run_id", "trials", "report"}."""
-    from pipelines.runtime import dashboard_url, ensure_ray
+    from pipelines.runtime import ensure_ray
 
     from .report import build_report, print_report
 
@@ -208,10 +221,8 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     state["parent_run_id"] = _parent_run(grid, state, experiment)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
-    sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads)
-    print(f"sweep {state['sweep_id']}: {len(trials)} trials, {concurrent} at a time; folder {folder}")
-    print(f"  Ray dashboard: {dashboard_url() or 'unknown (Ray was started elsewhere)'}   "
-          f"MLflow: {tracking.ui_command()}")
+    sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha)
+    _header(state, grid, trials, concurrent, folder, sweep)
     results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
     rows = _collect(results, grid)
     (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
@@ -219,8 +230,26 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     failed = [r for r in rows if r.get("error")]
     tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
     print_report(report)
-    print(f"\nreport: {folder / 'report'}   MLflow parent run {state['parent_run_id']}: {tracking.ui_command()}")
+    print(f"report: {folder / 'report'}")
+    print(f"MLflow: {tracking.run_url(state['parent_run_id'])}")
     return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "report": report}
+
+
+def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams) -> None:
+    """Where everything goes, before the first trial starts."""
+    from pipelines.console import is_verbose, token_hint
+    from pipelines.runtime import dashboard_url, ray_logs
+
+    mode = "in each trial's process" if sweep.pretrain.in_process else f"{sweep.pretrain.workers} Train worker(s)"
+    print(f"sweep {state['sweep_id']} (grid {grid.name}): {len(trials)} trials, {concurrent} at a time, "
+          f"{sweep.pretrain.steps} updates each, training {mode}")
+    print(f"  results    {folder}")
+    print(f"  MLflow     experiment '{sweep.pretrain.experiment}', parent run {state['parent_run_id']}; "
+          f"{tracking.ui_command()}")
+    url = dashboard_url()
+    print(f"  Ray        dashboard {url + ' (' + token_hint() + ')' if url else 'not started here'}")
+    if not is_verbose():
+        print(f"  logs       Ray's, Ray Data's and the trials' output: {ray_logs()} (--verbose shows it here)")
 
 
 def _open_sweep(grid: Grid, storage: str | Path, fresh: bool) -> tuple[Path, dict[str, Any]]:
@@ -240,7 +269,9 @@ def _tuner(grid: Grid, trials: list[Trial], sweep: SweepParams, tune_path: Path,
     """The sweep's Tuner: restored from ``tune_path`` when it exists (finished trials are kept), else new."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(asda_trial, sweep=sweep), {"cpu": TRIAL_CPU})
+    # In process the trial trains itself and holds its worker's CPUs; otherwise it mostly waits on its Train run.
+    cpu = sweep.pretrain.cpus_per_worker if sweep.pretrain.in_process else TRIAL_CPU
+    trainable = tune.with_resources(tune.with_parameters(asda_trial, sweep=sweep), {"cpu": cpu})
     if tune.Tuner.can_restore(str(tune_path)):
         print("  resuming: finished trials are kept")
         return tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
@@ -248,16 +279,32 @@ def _tuner(grid: Grid, trials: list[Trial], sweep: SweepParams, tune_path: Path,
     if asha:
         from ray.tune.schedulers import ASHAScheduler
 
+        # The frame loss alone: the total adds α · utterance loss, whose scale changes with α, so ranking on it
+        # would stop high-α cells for their α rather than for how well they learn.
         steps = int(grid.train.get("steps", 300))
-        scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps,
+        scheduler = ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min", max_t=steps,
                                   grace_period=max(1, steps // 4))
     return tune.Tuner(
         trainable, param_space={"trial": tune.grid_search([dataclasses.asdict(t) for t in trials])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler,
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler, reuse_actors=True,
                                     trial_name_creator=lambda t: Trial(**t.config["trial"]).slug(),
                                     trial_dirname_creator=lambda t: Trial(**t.config["trial"]).slug()),
-        run_config=tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent), verbose=1),
+        run_config=_run_config(grid, tune_path, len(trials)),
     )
+
+
+def _run_config(grid: Grid, tune_path: Path, n_trials: int):
+    """Tune's run: retries from Tune's FailureConfig, one line per trial event (Tune's own tables only with
+    --verbose)."""
+    from ray import tune
+
+    from pipelines.console import is_verbose
+
+    from .console import SweepConsole
+
+    return tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent), verbose=2 if is_verbose() else 0,
+                          failure_config=tune.FailureConfig(max_failures=int(grid.train.get("max_failures", 1))),
+                          callbacks=[SweepConsole(n_trials, grid.metric)])
 
 
 def asda_trial(params: dict[str, Any], sweep: SweepParams) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""What a person sees in the terminal: one line per event and a progress bar, while Ray's own output (progress bars
+of Ray Data, Tune's tables, worker logs) goes to Ray's log files unless ``--verbose`` asks for it here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+# Set before Ray starts, so that every Ray process it starts (trials, Train workers, Ray Data tasks) inherits them.
+QUIET_ENV = {
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's reporter that, at verbose=0, prints nothing of its own
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a process per run that only matters on spot instances
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+}
+QUIET_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "mlflow")
+_state = {"verbose": False, "progress": False}
+
+
+def set_verbose(verbose: bool) -> None:
+    """Quiet (the default): Ray's and Ray Data's output stays in Ray's log files. Verbose: everything, here."""
+    _state["verbose"] = verbose
+    if verbose:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "Token authentication is enabled": the sweep's header says so, with where the token is.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    except ImportError:
+        pass
+
+
+def is_verbose() -> bool:
+    return _state["verbose"]
+
+
+def show_progress(show: bool = True) -> None:
+    """Progress bars for runs started from this process (the commands turn them on; sweep trials do not)."""
+    _state["progress"] = show
+
+
+def run_progress(run_id: str, steps: int):
+    """A context that shows a training run's progress bar while it runs, if progress bars are on."""
+    import contextlib
+
+    return RunProgress(run_id, steps) if _state["progress"] else contextlib.nullcontext()
+
+
+def progress(total: float, what: str) -> Progress | None:
+    """A progress line, if progress bars are on."""
+    return Progress(total, what) if _state["progress"] else None
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def bar(done: float, total: float, width: int = 24) -> str:
+    filled = int(width * min(1.0, done / total)) if total else width
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+class Progress:
+    """A progress line with an ETA: redrawn in place on a terminal, printed at each tenth otherwise."""
+
+    def __init__(self, total: float, what: str):
+        self.total, self.what = total, what
+        self.started = time.perf_counter()
+        self._last_tenth = -1
+
+    @property
+    def stream(self):  # looked up on use, so that a Progress pickles (Tune pickles its callbacks)
+        return sys.stdout
+
+    @property
+    def tty(self) -> bool:
+        return self.stream.isatty()
+
+    def line(self, done: float, extra: str = "") -> str:
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        eta_text = duration(eta) if done and self.total > done else ("—" if not done else "0:00")
+        return (f"{bar(done, self.total)} {done:g}/{self.total:g} {self.what}  {duration(elapsed)} elapsed, "
+                f"ETA {eta_text}{'  ' + extra if extra else ''}")
+
+    def update(self, done: float, extra: str = "") -> None:
+        tenth = int(10 * done / self.total) if self.total else 10
+        if self.tty:
+            self.stream.write("\r\033[K" + self.line(done, extra))
+            self.stream.flush()
+        elif tenth > self._last_tenth:
+            self._last_tenth = tenth
+            print(self.line(done, extra), file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class RunProgress:
+    """A training run's progress bar (update, loss, clips/s), read from its MLflow run every few seconds: the
+    same for a worker in this process and a worker group across a cluster."""
+
+    def __init__(self, run_id: str, steps: int, every_s: float = 2.0):
+        self.run_id, self.progress = run_id, Progress(steps, "updates")
+        self.every_s, self._stop = every_s, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> RunProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._show()
+        self.progress.finish()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._show()
+
+    def _show(self) -> None:
+        from mlflow import MlflowClient
+
+        try:
+            metrics = MlflowClient().get_run(self.run_id).data.metrics
+            history = MlflowClient().get_metric_history(self.run_id, "loss")
+        except Exception:  # the store is busy or briefly unreachable: try again at the next tick
+            return
+        if history:
+            step = max(m.step for m in history)
+            self.progress.update(step, f"loss {metrics.get('loss', float('nan')):.4f}  "
+                                       f"{metrics.get('clips_per_s', float('nan')):.1f} clips/s")
+
+
+def token_hint() -> str:
+    """How to get the token the Ray dashboard asks for."""
+    from .runtime import auth_token_path
+
+    return f"it asks for a token: the contents of {auth_token_path()} (or run `ray get-auth-token`)"

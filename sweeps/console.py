@@ -1,0 +1,74 @@
+"""The sweep's terminal: one line per trial event (started, finished with its metric and time, failed with the
+reason and where its log is) and an overall progress line with an ETA, as a Ray Tune callback."""
+
+from __future__ import annotations
+
+import time
+
+from ray.tune import Callback
+
+from pipelines.console import Progress, duration
+
+from .grid import Trial
+
+
+def _name(trial) -> str:
+    t = Trial(**trial.config["trial"])
+    return f"{t.cell} seed {t.seed}"
+
+
+class SweepConsole(Callback):
+    """Prints what happens to each trial, and after each ending the sweep's progress (trials ended, ETA)."""
+
+    def __init__(self, total: int, metric: str):
+        self.total, self.metric = total, metric
+        self.progress = Progress(total, "trials")
+        self.started: dict[str, float] = {}
+
+    def _event(self, trials, text: str, ending=None) -> None:
+        ended = _ended(trials, ending)
+        if self.progress.tty:
+            print("\r\033[K", end="")
+        print(f"[{ended}/{self.total}] {text}", flush=True)
+        if self.progress.tty:
+            self.progress.update(ended)
+
+    def _finished(self, trials, trial, text: str) -> None:
+        self._event(trials, text, ending=trial)
+        if not self.progress.tty:
+            print(self.progress.line(_ended(trials, trial)), flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.perf_counter()
+        self._event(trials, f"started   {_name(trial)}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._event(trials, f"retrying  {_name(trial)} from its last checkpoint: {_reason(trial)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        took = duration(time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter()))
+        value = (trial.last_result or {}).get(self.metric)
+        shown = f"{self.metric} {value:.3f}" if isinstance(value, float) else f"no {self.metric}"
+        self._finished(trials, trial, f"finished  {_name(trial)}: {shown} in {took}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finished(trials, trial, f"failed    {_name(trial)}: {_reason(trial)}; log {trial.path or '?'}/error.txt")
+
+    def on_experiment_end(self, trials, **info):
+        self.progress.finish()
+
+
+def _ended(trials, ending=None) -> int:
+    """Trials that have ended, ``ending`` included (Tune calls back before it marks the trial)."""
+    return sum(t.status in ("TERMINATED", "ERROR") or t is ending for t in trials)
+
+
+def _reason(trial) -> str:
+    """The last line of a trial's error: the exception and its message, without Ray's wrapping."""
+    try:
+        error = trial.get_error()
+    except Exception:
+        error = None
+    text = str(error or "unknown error").strip().splitlines()
+    lines = [line for line in text if line.strip()]
+    return lines[-1][:300] if lines else "unknown error"

@@ -69,7 +69,8 @@ RAY_TEMP_DIR ?=
 # Token authentication, explicitly: every node and client of this user shares the token in ~/.ray/auth_token,
 # made here the first time. Nodes on one machine each need their own dashboard-agent port (node i: base + i).
 ray-up: setup
-	test -s $(HOME)/.ray/auth_token || $(BIN)/ray get-auth-token --generate >/dev/null
+	test -s $(HOME)/.ray/auth_token || (umask 077 && $(BIN)/ray get-auth-token --generate >/dev/null)
+	chmod 600 $(HOME)/.ray/auth_token
 	RAY_AUTH_MODE=token $(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --node-ip-address=127.0.0.1 \
 		--port=$(RAY_PORT) --dashboard-host=127.0.0.1 --dashboard-port=$(RAY_DASHBOARD_PORT) \
 		--dashboard-agent-listen-port=$(RAY_AGENT_PORT) --disable-usage-stats \

@@ -105,6 +105,28 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.sweep import bench_sweep
+
+    overrides = {"steps": args.steps} if args.steps else {}
+    r = bench_sweep(args.grid, path=args.path, max_concurrent=args.max_concurrent, **overrides)
+    print(f"\n{'trial':<28} {'wall s':>8} {'loop s':>8} {'eval s':>8} {'overhead s':>11}")
+    for t in r["trials"]:
+        cells = [t[k] for k in ("wall_s", "train_loop_s", "eval_s", "overhead_s")]
+        shown = " ".join(f"{c:>8.1f}" if c is not None else f"{'—':>8}" for c in cells)
+        print(f"{t['cell'] + ' seed ' + str(t['seed']):<28} {shown}")
+    total = r["total"]
+    print(f"sweep {r['grid']} ({r['path']}): {total['trials']} trials in {total['wall_s']:.1f} s wall; machine "
+          f"{total['machine_cpu_s']:.0f} CPU-s ({total['machine_cpu_s_per_trial']:.1f} per trial, of which "
+          f"{total['overhead_cpu_s_per_trial']:.1f} outside training and evaluation)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     which = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -135,6 +157,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--epochs", type=int, default=2, help="passes over the prepared split (default: 2)")
     data.add_argument("--json", help="also write the results to this JSON file")
     data.set_defaults(func=_bench_data)
+    sweep = which.add_parser("sweep", help="a grid from scratch: per trial wall, training-loop and overhead time")
+    sweep.add_argument("--grid", default="smoke", help="grid name or YAML file (default: smoke)")
+    sweep.add_argument("--path", choices=("auto", "in_process", "distributed"), default="auto",
+                       help="where single-worker trials train (default: auto = in process)")
+    sweep.add_argument("--steps", type=int, help="override the grid's updates per trial")
+    sweep.add_argument("--max-concurrent", type=int, help="trials at a time (default: the sweep's)")
+    sweep.add_argument("--json", help="also write the results to this JSON file")
+    sweep.set_defaults(func=_bench_sweep)
 
 
 def _parse_options(items: list[str]) -> dict:

@@ -75,6 +75,7 @@ def ensure_ray(num_cpus: int | None = None):
     from .console import is_verbose, set_verbose
 
     if ray.is_initialized():
+        _private_token()
         return ray
     set_verbose(is_verbose())  # quiet unless asked: set before any Ray process starts, so they all inherit it
     address = os.environ.get("RAY_ADDRESS")

@@ -17,9 +17,12 @@ DEFAULT_EXPERIMENT = "asda"
 MAX_PARAM_LENGTH = 6000
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the local store
-# MLflow 3's experiment kind: the UI opens a model-training experiment on its runs table, not the GenAI overview.
+# MLflow 3's experiment kind: a model-training experiment, whose page is its runs table, not the GenAI overview.
+# The 3.17 UI takes the kind from its GenAI / Model training switch while that switch is shown, and the switch
+# follows the page address: links carry UI_MODEL_TRAINING so that they open on the runs.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+UI_MODEL_TRAINING = "workflowType=machine_learning"
 
 # --- the names of every tag and param the platform writes (filters in the UI and in tests use these)
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under a sweep's run
@@ -93,7 +96,7 @@ def run_url(run_id: str) -> str:
     experiment_id = MlflowClient().get_run(run_id).info.experiment_id
     uri = tracking_uri()
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODEL_TRAINING}"
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

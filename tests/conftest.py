@@ -1,7 +1,11 @@
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,40 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+@contextlib.contextmanager
+def mlflow_server_at(backend_store_uri: str, artifacts: Path, log: Path):
+    """An `mlflow server` on loopback in its own process group, stopped (the whole group) afterwards."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_store_uri,
+         "--artifacts-destination", str(artifacts), "--workers", "1"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240  # ~20 s on an idle 2-core machine; far longer under load
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}")
+        yield url
+    finally:
+        stop_group(proc, signal.SIGTERM)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with mlflow_server_at(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts",
+                          tmp_path / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

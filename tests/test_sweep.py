@@ -1,6 +1,5 @@
 """The smoke grid end to end: real Ray Tune + Ray Train, real MLflow (sqlite, and a server over HTTP)."""
 
-import contextlib
 import json
 import os
 import pwd
@@ -14,7 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, stop_group
+import yaml
+from conftest import free_port, mlflow_server_at, stop_group
 from mlflow import MlflowClient
 
 from sweeps.driver import run_sweep
@@ -23,7 +23,7 @@ from sweeps.grid import load_grid
 pytestmark = pytest.mark.ray
 
 
-def _check_sweep(result, grid_name="smoke"):
+def _check_sweep(result, grid_name="smoke", in_process=True):
     grid = load_grid(grid_name)
     trials = grid.trials()
     assert len(result["trials"]) == len(trials) and not any(t["error"] for t in result["trials"])
@@ -36,7 +36,9 @@ def _check_sweep(result, grid_name="smoke"):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == len(trials)
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     for child in children:
+        assert child.data.params["train.in_process"] == str(in_process)  # the training path the trial took
         assert child.data.params["model.diff_lambda"] in ("0.0", "0.3")
         assert child.data.tags["factor.diff_lambda"] == child.data.params["model.diff_lambda"]
         assert 0.0 <= child.data.metrics["eval_accuracy"] <= 1.0
@@ -48,9 +50,67 @@ def _check_sweep(result, grid_name="smoke"):
     return children
 
 
+def test_smoke_grid_on_the_distributed_path_reports_where_each_trials_time_went(ray_local, tracking_store):
+    """The Train worker-group path (what workers > 1 and GPUs use), through `asda bench sweep`."""
+    from bench.sweep import bench_sweep
+
+    report = bench_sweep("smoke", path="distributed")
+    assert report["path"] == "distributed" and report["total"]["trials"] == 2
+    for trial in report["trials"]:
+        assert trial["error"] is None
+        assert 0 < trial["train_loop_s"] < trial["wall_s"] and trial["eval_s"] > 0
+        assert trial["overhead_s"] == pytest.approx(trial["wall_s"] - trial["train_loop_s"] - trial["eval_s"])
+    assert report["total"]["machine_cpu_s"] > 0 and report["total"]["wall_s"] > 0
+
+
+def _retry_grid(tmp_path, data) -> Path:
+    grid = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "grids" / "smoke.yaml").read_text())
+    grid.update(name="retry", data={"prepared": str(data)}, factors={"diff_lambda": [0.3]})
+    grid["train"].update(steps=40, checkpoint_every=4, log_every=4, max_failures=1)
+    path = tmp_path / "retry.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_a_killed_in_process_trial_is_retried_by_tune_and_resumes_from_its_checkpoint_on_a_quiet_console(
+        ray_local, tracking_store, synthetic_prepared, tmp_path):
+    """`asda sweep` as a user runs it: the trial trains in its own process; SIGKILL it after its first checkpoint
+    and Tune's FailureConfig runs it again, from that checkpoint. The terminal shows one line per event and none
+    of Ray's own output."""
+    storage = tmp_path / "sweeps"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("asda")), "sweep", "--grid",
+                             str(_retry_grid(tmp_path, synthetic_prepared)), "--storage", str(storage)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(storage.glob("*/runs/*/checkpoint_*/model.pt")):
+            time.sleep(0.2)
+        run_dir = next(storage.glob("*/runs/*")).resolve()
+        os.kill(int((run_dir / "workers" / "rank0.pid").read_text()), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        stop_group(proc, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert "retrying  centre seed 0 from its last checkpoint" in out, out[-3000:]
+    assert "[1/1] finished  centre seed 0: eval_accuracy" in out
+    assert "\x1b[" not in out and "Dataset" not in out and "Trial name" not in out, out[-3000:]
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("MLflow: ") and "workflowType=machine_learning" in lines[-1]
+    run = MlflowClient().search_runs(MlflowClient().get_experiment_by_name("asda").experiment_id,
+                                     filter_string="tags.`asda.cell` = 'centre' and tags.`asda.sweep` LIKE 'retry-%'")
+    resumed = MlflowClient().get_metric_history(run[0].info.run_id, "resumed_from_step")
+    assert max(m.value for m in resumed) >= 4, resumed  # the second attempt started from a checkpoint
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_0000036", "checkpoint_0000040"]
+
+
 def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_store, tmp_path):
+    from pipelines.runtime import auth_token_path
+
     result = run_sweep("smoke", storage=tmp_path)
     children = _check_sweep(result)
+    assert auth_token_path().stat().st_mode & 0o777 == 0o600  # the dashboard's token is its owner's alone
     # Running the same grid again resumes it: nothing is redone.
     again = run_sweep("smoke", storage=tmp_path)
     assert again["parent_run_id"] == result["parent_run_id"]
@@ -58,40 +118,6 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     after = client.search_runs([children[0].info.experiment_id],
                                filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
     assert len(after) == len(children)
-
-
-@contextlib.contextmanager
-def _mlflow_server(backend_store_uri: str, artifacts: Path, log: Path):
-    """An `mlflow server` on loopback in its own process group, stopped (the whole group) afterwards."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_store_uri,
-         "--artifacts-destination", str(artifacts), "--workers", "1"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240  # ~20 s on an idle 2-core machine; far longer under load
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}")
-        yield url
-    finally:
-        stop_group(proc, signal.SIGTERM)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    with _mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts",
-                        tmp_path / "server.log") as url:
-        yield url
 
 
 def _postgres_bin() -> Path | None:
@@ -157,7 +183,7 @@ def test_smoke_grid_logs_to_an_mlflow_server_over_http(ray_local, mlflow_server,
 
 def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_rest(
         ray_local, postgres, tmp_path, monkeypatch):
-    with _mlflow_server(postgres, tmp_path / "server-artifacts", tmp_path / "server.log") as url:
+    with mlflow_server_at(postgres, tmp_path / "server-artifacts", tmp_path / "server.log") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         result = run_sweep("smoke", storage=tmp_path)
         _check_sweep(result)

@@ -15,6 +15,7 @@ QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's reporter that, at verbose=0, prints nothing of its own
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a process per run that only matters on spot instances
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "RAY_COLOR_PREFIX": "0",  # what Ray still prints here (a worker that died) comes without colour codes
 }
 QUIET_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "mlflow")
 _state = {"verbose": False, "progress": False}
@@ -31,6 +32,8 @@ def set_verbose(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # "Token authentication is enabled": the sweep's header says so, with where the token is.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # A failed trial's traceback: the sweep prints one line with the reason and where the whole error is.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     try:
         import ray.data
 
@@ -58,6 +61,13 @@ def run_progress(run_id: str, steps: int):
 def progress(total: float, what: str) -> Progress | None:
     """A progress line, if progress bars are on."""
     return Progress(total, what) if _state["progress"] else None
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (Ray colours the names of its processes)."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def duration(seconds: float) -> str:

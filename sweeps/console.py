@@ -7,7 +7,7 @@ import time
 
 from ray.tune import Callback
 
-from pipelines.console import Progress, duration
+from pipelines.console import Progress, duration, plain
 
 from .grid import Trial
 
@@ -69,6 +69,7 @@ def _reason(trial) -> str:
         error = trial.get_error()
     except Exception:
         error = None
-    text = str(error or "unknown error").strip().splitlines()
-    lines = [line for line in text if line.strip()]
-    return lines[-1][:300] if lines else "unknown error"
+    if error is None:  # not recorded yet: Tune is about to start the trial again
+        return "its process failed (the reason is in the trial's log under Ray's logs)"
+    lines = [line for line in plain(str(error)).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__

@@ -57,6 +57,11 @@ def bench_sweep(grid: str = "smoke", *, path: str = "auto", max_concurrent: int 
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = previous
+            import mlflow
+
+            from pipelines.tracking import tracking_uri
+
+            mlflow.set_tracking_uri(tracking_uri())  # the sweep pointed this process's client at the throw-away store
         state = json.loads((Path(result["dir"]) / "sweep.json").read_text())
     return _summary(grid, path, result["trials"], wall, cpu, state)
 

@@ -40,8 +40,16 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_model_info)
 
 
+def _write_json(path: str | None, report: dict) -> None:
+    """A benchmark's results as JSON, when --json asked for them."""
+    if path:
+        import json
+
+        with open(path, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
 def _bench_step(args: argparse.Namespace) -> int:
-    import json
 
     from bench.step import bench_step
     from model import ASDAConfig
@@ -56,14 +64,11 @@ def _bench_step(args: argparse.Namespace) -> int:
           f"{report['flops_ratio']:.2f}x FLOPs (batch {args.batch}, {config.num_students} students, "
           f"{report['device']}, {report['threads']} threads; MFU against a measured "
           f"{report['matmul_peak_dtype']} matmul peak of {report['matmul_peak_tflops']:.2f} TFLOP/s)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+    _write_json(args.json, report)
     return 0
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
-    import json
 
     from bench.attention import bench_attention
 
@@ -82,14 +87,11 @@ def _bench_attention(args: argparse.Namespace) -> int:
     for row in r["ratios"]:
         parts = [f"{k.replace('_', ' ')} {v:.2f}x" for k, v in row.items() if k != "seq_len"]
         print(f"differential at {row['seq_len']}: " + ", ".join(parts))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2)
+    _write_json(args.json, r)
     return 0
 
 
 def _bench_data(args: argparse.Namespace) -> int:
-    import json
 
     from bench.data import bench_data
 
@@ -99,14 +101,11 @@ def _bench_data(args: argparse.Namespace) -> int:
     print(f"bare torchaudio decode + fbank: {r['bare_torchaudio']['clips_per_s_per_core']:.1f} clips/s per core; "
           f"prepare per core / bare = {r['prepare_per_core_over_bare']:.2f}")
     print(f"feed: {r['feed']['batches_per_s']:.1f} batches/s of {args.batch} ({r['feed']['mb_per_s']:.1f} MB/s)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2)
+    _write_json(args.json, r)
     return 0
 
 
 def _bench_sweep(args: argparse.Namespace) -> int:
-    import json
 
     from bench.sweep import bench_sweep
 
@@ -121,9 +120,7 @@ def _bench_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {r['grid']} ({r['path']}): {total['trials']} trials in {total['wall_s']:.1f} s wall; machine "
           f"{total['machine_cpu_s']:.0f} CPU-s ({total['machine_cpu_s_per_trial']:.1f} per trial, of which "
           f"{total['overhead_cpu_s_per_trial']:.1f} outside training and evaluation)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2)
+    _write_json(args.json, r)
     return 0
 
 

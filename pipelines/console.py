@@ -13,7 +13,6 @@ import time
 QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's reporter that, at verbose=0, prints nothing of its own
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # a process per run that only matters on spot instances
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "RAY_COLOR_PREFIX": "0",  # what Ray still prints here (a worker that died) comes without colour codes
 }

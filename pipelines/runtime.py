@@ -94,6 +94,8 @@ def ensure_ray(num_cpus: int | None = None):
         _remember(ray.init(address=address, log_to_driver=is_verbose(),
                            logging_level=logging.INFO if is_verbose() else logging.WARNING))
     else:
+        # No spot instances here: Train V2's preemption watcher would only be one more process per run.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         _remember(ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=True,
                            dashboard_host="127.0.0.1", log_to_driver=is_verbose(),
                            logging_level=logging.INFO if is_verbose() else logging.WARNING))

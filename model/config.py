@@ -7,6 +7,7 @@ tests, the embedded default data set and the CPU sweep grids. Sweep grids and th
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,7 @@ class ASDAConfig:
         path = Path(path_or_text)
         is_file = isinstance(path_or_text, Path) or (len(str(path_or_text)) < 4096 and path.is_file())
         text = path.read_text() if is_file else str(path_or_text)
-        values = yaml.safe_load(text) or {}
+        values = load_yaml(text, f"config {path}" if is_file else "config") or {}
         if not isinstance(values, dict):
             raise ValueError(f"config YAML {path_or_text!s:.80} must be a mapping of field: value")
         return cls.from_dict(values)
@@ -180,6 +181,28 @@ class ASDAConfig:
 PRESETS = ("base", "tiny")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML, naming ``where`` (the file) and the line on a syntax error or a repeated key."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"ASDAConfig.{name}={value!r} is not allowed: expected {allowed}")
 
@@ -190,7 +213,15 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Accept what YAML and command lines produce (1 for 1.0, 'true' for True) and nothing looser."""
+    """Accept what YAML and command lines produce (1 for 1.0, 'true' for True, '1e-1', which YAML reads as text)
+    and nothing looser; numbers must be finite."""
+    if hint in (int, float) and isinstance(value, str):
+        try:
+            value = int(value) if hint is int and value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            _fail(name, value, f"a number ({hint.__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(name, value, "a finite number")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):

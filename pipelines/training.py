@@ -4,6 +4,7 @@ run, and ``TorchTrainer(...).fit()`` with the resources this machine or cluster 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -51,6 +52,10 @@ class TrainSettings:
     parent_run_id: str | None = None  # nest the MLflow run under a sweep's run
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name}={value!r} is not allowed: expected a finite number")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -216,8 +216,8 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
 
     grid = load_grid(grid_name_or_path)  # every cell's config is validated here, before Ray starts
     trials = grid.trials()
+    data = prepared_data(grid)  # a bad data section fails here, before the sweep has a folder
     folder, state = _open_sweep(grid, storage, fresh)
-    data = prepared_data(grid)
     ensure_ray()
     state["parent_run_id"] = _parent_run(grid, state, experiment)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from model import ASDAConfig
-from model.config import PRESETS
+from model.config import PRESETS, load_yaml
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
 DESIGNS = ("one_at_a_time", "factorial")
@@ -109,8 +107,8 @@ def resolve_grid_path(name_or_path: str | Path) -> Path:
 def load_grid(name_or_path: str | Path) -> Grid:
     """Read and validate a grid; every cell's ASDAConfig is built here, so a bad value fails before Ray starts."""
     path = resolve_grid_path(name_or_path)
-    raw = yaml.safe_load(path.read_text()) or {}
     where = f"grid {path}"
+    raw = load_yaml(path.read_text(), where) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a mapping")
     unknown = sorted(set(raw) - _KEYS)
@@ -138,24 +136,54 @@ def load_grid(name_or_path: str | Path) -> Grid:
     for name in list(factors) + list(centre):
         if name not in fields:
             raise ValueError(f"{where}: {name!r} is not an ASDAConfig field; allowed: {sorted(fields)}")
-    seeds = [int(s) for s in raw.get("seeds", [0])]
-    if not seeds:
-        raise ValueError(f"{where}: seeds must list at least one seed")
+    seeds = _seeds(raw, "seeds", [0], where)
     grid = Grid(name=str(raw["name"]), path=str(path), description=str(raw.get("description", "")), design=design,
                 data=dict(raw["data"]), model=dict(raw.get("model") or {}), train=dict(raw["train"]),
-                evaluation=evaluation, seeds=seeds,
-                centre_seeds=[int(s) for s in raw.get("centre_seeds", seeds)], centre=centre,
-                factors=factors, raw=raw)
+                evaluation=evaluation, seeds=seeds, centre_seeds=_seeds(raw, "centre_seeds", seeds, where),
+                centre=centre, factors=factors, raw=raw)
     if grid.model.get("preset", "tiny") not in PRESETS:
         raise ValueError(f"{where}: model.preset={grid.model.get('preset')!r} is not allowed: expected one of "
                          f"{PRESETS}")
+    configs = {}
     for trial in grid.trials():
         try:
-            grid.config_for(trial)
+            configs.setdefault(trial.cell, grid.config_for(trial))
         except ValueError as exc:
             raise ValueError(f"{where}, cell {trial.cell}: {exc}") from None
+    _check_distinct_cells(grid, configs, where)
     _check_train_keys(grid, where)
     return grid
+
+
+def _seeds(raw: dict, key: str, default: list[int], where: str) -> list[int]:
+    """A non-empty list of distinct integer seeds: a seed given twice would be a fake replicate."""
+    seeds = raw.get(key, default)
+    if not isinstance(seeds, list) or not seeds:
+        raise ValueError(f"{where}: {key}={seeds!r} is not allowed: expected a non-empty list of integers")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)]
+    if bad:
+        raise ValueError(f"{where}: {key} holds {bad!r}: expected integers")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"{where}: {key} repeats {repeated}: each seed is one replicate, so give it once")
+    return list(seeds)
+
+
+def _check_distinct_cells(grid: Grid, configs: dict[str, ASDAConfig], where: str) -> None:
+    """Two cells that build the same model (a factor value listed twice, or written twice as 0 and 0.0) would
+    make one pretraining look like two results."""
+    for factor, values in grid.factors.items():
+        resolved = [ASDAConfig.from_dict({**grid.base_config().to_dict(), factor: v}).to_dict()[factor]
+                    for v in values]
+        repeated = sorted({str(v) for v in resolved if resolved.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{where}: factor {factor} lists {repeated} more than once: each value is one cell")
+    seen: dict[str, str] = {}
+    for cell, config in configs.items():
+        key = config.to_yaml()
+        if key in seen:
+            raise ValueError(f"{where}: cells {seen[key]} and {cell} build the same model")
+        seen[key] = cell
 
 
 def _check_train_keys(grid: Grid, where: str) -> None:

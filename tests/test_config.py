@@ -65,3 +65,26 @@ def test_sweeps_derive_variants_with_replace():
     assert c.alpha == 2.0
     with pytest.raises(ValueError, match="alpha"):
         dataclasses.replace(c, alpha=-1.0)
+
+
+@pytest.mark.parametrize("assignment, value", [("diff_lambda=1e-1", 0.1), ("alpha=5E-1", 0.5), ("alpha=2", 2.0),
+                                               ("num_students=3", 3)])
+def test_overrides_accept_every_python_number_literal(assignment, value):
+    field = assignment.split("=")[0]
+    assert getattr(ASDAConfig().with_overrides([assignment]), field) == value
+
+
+@pytest.mark.parametrize("assignment", ["alpha=.inf", "alpha=.nan", "diff_lambda=inf", "mlp_ratio=-.inf"])
+def test_non_finite_numbers_are_rejected_naming_the_field(assignment):
+    with pytest.raises(ValueError, match=rf"ASDAConfig.{assignment.split('=')[0]}=.* expected a finite number"):
+        ASDAConfig().with_overrides([assignment])
+
+
+def test_a_config_file_with_a_repeated_key_or_bad_syntax_names_the_file(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("depth: 2\ndepth: 4\n")
+    with pytest.raises(ValueError, match=rf"config {path} is not valid YAML: key 'depth' appears twice"):
+        ASDAConfig.from_yaml(path)
+    path.write_text("depth: [2\n")
+    with pytest.raises(ValueError, match=rf"config {path} is not valid YAML"):
+        ASDAConfig.from_yaml(path)

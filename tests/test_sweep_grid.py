@@ -49,6 +49,14 @@ def _write(tmp_path, **changes):
         ({"train": {"steps": 0}}, "steps=0"),
         ({"train": {"stepz": 3}}, "unknown train setting"),
         ({"colour": "red"}, "unknown key"),
+        # duplicates would make one pretraining look like several results
+        ({"factors": {"diff_lambda": [0.0, 0.0, 0.3]}}, r"factor diff_lambda lists \['0.0'\] more than once"),
+        ({"factors": {"diff_lambda": [0, 0.0]}}, r"factor diff_lambda lists \['0.0'\] more than once"),
+        ({"seeds": [0, 0]}, r"seeds repeats \[0\]"),
+        ({"centre_seeds": [1, 2, 1]}, r"centre_seeds repeats \[1\]"),
+        ({"seeds": ["zero"]}, r"seeds holds \['zero'\]: expected integers"),
+        ({"factors": {"alpha": [float("inf")]}}, r"ASDAConfig.alpha=inf is not allowed: expected a finite number"),
+        ({"train": {"lr": float("nan")}}, r"lr=nan is not allowed: expected a finite number"),
     ],
 )
 def test_bad_grids_fail_with_the_reason_before_anything_runs(tmp_path, changes, message):
@@ -87,3 +95,23 @@ def test_report_gives_delta_vs_centre_and_judges_it_against_seed_noise(tmp_path)
     report = build_report(rows, grid, tmp_path / "report")
     assert (tmp_path / "report" / "report.csv").is_file() and (tmp_path / "report" / "factor_diff_lambda.png").is_file()
     assert "| diff_lambda | 0.0 | 0.310 ± 0.014 | 2 | -0.190 | yes |" in report["markdown"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nfactors: {diff_lambda: [0.0\n", r"grid .*bad.yaml is not valid YAML: .*line"),
+    ("name: x\nname: y\n", r"grid .*bad.yaml is not valid YAML: key 'name' appears twice \(first on line 1\)"),
+])
+def test_a_grid_that_is_not_yaml_names_its_file_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_grid(path)
+
+
+def test_a_bad_data_section_leaves_no_sweep_folder_behind(tmp_path):
+    from sweeps.driver import run_sweep
+
+    path = _write(tmp_path, data={"dataset": "synthetic", "options": {"num_trian": 10}})
+    with pytest.raises(ValueError, match="num_trian"):
+        run_sweep(path, storage=tmp_path / "sweeps")
+    assert not (tmp_path / "sweeps").exists()

@@ -171,6 +171,8 @@ def test_pretrain_probe_and_finetune_commands_run_on_a_prepared_esc50_layout_wit
               "--log-every", "1"]
     assert main(["pretrain", *common, "--name", "esc", "--steps", "2", "--checkpoint-every", "2", *small]) == 0
     assert (runs / "esc" / "final.pt").is_file()
+    shown = capsys.readouterr().out
+    assert "2/2 updates" in shown and "clips/s" in shown, shown  # the command's progress bar
 
     # ESC-50 has no test split: the probe and fine-tuning cross-validate over its folds.
     assert main(["probe", "--data", str(data), "--checkpoint", str(runs / "esc"), "--cv-folds", "5"]) == 0

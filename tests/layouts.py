@@ -11,6 +11,7 @@ Import from a test as ``from layouts import write_esc50`` (pytest puts ``tests/`
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,18 @@ def write_broken_tree(root: Path) -> tuple[Path, dict[str, str]]:
         "too_short.wav": "too short",
     }
     return root, expected
+
+
+def write_awkward_names(root: Path) -> tuple[Path, dict[str, str]]:
+    """A ``folder`` layout (classes ``alpha``, ``beta``, 4 good clips each) plus three files that cannot be
+    prepared: one whose name is not UTF-8 (bytes 0xE9), a dangling symbolic link and a symbolic link loop.
+    Returns (root, {name as shown, escaped: keyword its rejection reason should contain})."""
+    for c, name in enumerate(("alpha", "beta")):
+        for i in range(4):
+            write_clip(root / name / f"good_{i}.wav", 4 * c + i)
+    write_clip(root / "alpha" / "cafe.wav", 9)
+    os.rename(bytes(root / "alpha" / "cafe.wav"), bytes(root / "alpha") + b"/caf\xe9.wav")  # Latin-1 bytes
+    os.symlink(root / "alpha" / "nowhere.wav", root / "alpha" / "dangling.wav")
+    os.symlink(root / "beta" / "loop.wav", root / "beta" / "loop.wav")
+    return root, {"caf\\xe9.wav": "not valid UTF-8", "dangling.wav": "dangling symbolic link",
+                  "loop.wav": "symbolic link loop"}

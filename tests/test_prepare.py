@@ -73,6 +73,22 @@ def test_broken_files_are_rejected_with_reasons_and_good_ones_kept(ray_local, tm
     assert all(name in printed for name in expected)
 
 
+def test_awkward_file_names_and_links_are_rejected_with_their_own_reasons_and_good_clips_kept(
+        ray_local, tmp_path, capsys):
+    from layouts import write_awkward_names
+
+    root, expected = write_awkward_names(tmp_path / "awkward")
+    out = tmp_path / "out"
+    assert main(["prepare", "--dataset", "folder", "--source", str(root), "--out", str(out)]) == 0
+    card = load_card(out)
+    reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in card["rejected"]}
+    for name, keyword in expected.items():
+        assert keyword in reasons[name], (name, reasons)
+    assert card["num_clips"] == 8
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in expected)
+
+
 def test_too_many_rejections_fail_and_leave_nothing_that_looks_finished(ray_local, tmp_path):
     root, _ = write_broken_tree(tmp_path / "broken")
     out = tmp_path / "out"

@@ -74,14 +74,31 @@ def _require_file(source: Path, relative: str, title: str) -> Path:
     return path
 
 
+def shown(path: str | Path) -> str:
+    """A path as text that can be printed and stored: bytes of a name that are not UTF-8 become \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
 def _reject(path: str | Path, reason: str) -> dict:
-    return {"path": str(path), "reason": reason}
+    return {"path": shown(path), "reason": reason}
+
+
+def _storable(clip: ClipRef) -> bool:
+    """The file name is text (UTF-8), as a Parquet string column and every tool downstream need."""
+    try:
+        clip.path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _finish(name: str, class_names: list[str], clips: list[ClipRef], rejected: list[dict], *, multilabel: bool,
             target_length: int, stats: tuple[float, float] | None) -> DatasetIndex:
     """Sort clips (by split, then id) and rejections (by path, then reason): the index is the same every run."""
     rank = {split: i for i, split in enumerate(SPLITS)}
+    rejected = rejected + [_reject(c.path, "file name is not valid UTF-8 (shown with its bytes escaped); rename it")
+                           for c in clips if not _storable(c)]
+    clips = [c for c in clips if _storable(c)]
     assert all(c.split in rank for c in clips), "adapter produced a split outside SPLITS"
     assert all(0 <= i < len(class_names) for c in clips for i in c.labels), "label index outside class_names"
     return DatasetIndex(
@@ -111,7 +128,7 @@ def hash_split(key: str, valid_fraction: float = 0.1, test_fraction: float = 0.1
     zlib.crc32, not ``hash()``, which Python randomises per process. A clip keeps its split when others are
     added or removed.
     """
-    u = zlib.crc32(key.encode("utf-8")) / 2**32  # uniform in [0, 1)
+    u = zlib.crc32(key.encode("utf-8", "surrogateescape")) / 2**32  # uniform in [0, 1); any file name hashes
     if u < valid_fraction:
         return "valid"
     if u < valid_fraction + test_fraction:

@@ -7,6 +7,7 @@ the card included, is complete: an interrupted run never leaves something that l
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -43,6 +44,9 @@ def clip_features(path: str) -> tuple[np.ndarray, int, float]:
 
     from model.features import log_mel
 
+    problem = _unopenable(path)
+    if problem:
+        raise RejectedClip(problem)
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)  # (samples, channels)
     except Exception as exc:  # soundfile raises several types for unreadable files
@@ -61,6 +65,21 @@ def clip_features(path: str) -> tuple[np.ndarray, int, float]:
     if not np.isfinite(feats).all():
         raise RejectedClip("non-finite features")
     return feats, int(rate), data.shape[0] / rate
+
+
+def _unopenable(path: str) -> str | None:
+    """Why a file cannot even be opened (soundfile would only say "System error"), or None."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if os.path.islink(path):
+            return f"a dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+        return f"cannot open: {exc.strerror}"
+    if not os.access(path, os.R_OK):
+        return "cannot open: permission denied"
+    return None
 
 
 def extract_batch(batch: dict[str, np.ndarray], rejected_dir: str) -> dict[str, list]:

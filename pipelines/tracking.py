@@ -89,13 +89,27 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     return found.experiment_id
 
 
+def shown_uri(uri: str, *, credentials: str = "***") -> str:
+    """``uri`` safe to print or store: the password (or a token in the user part) replaced by ``credentials``;
+    with ``credentials=""`` the user part is dropped (a link for a browser, which asks for them itself)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not parts.netloc or "@" not in parts.netloc:
+        return uri
+    user, host = parts.netloc.rsplit("@", 1)
+    name = user.split(":", 1)[0]
+    netloc = host if not credentials else (f"{name}:{credentials}@{host}" if ":" in user else f"{credentials}@{host}")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def run_url(run_id: str) -> str:
     """Where a run opens in the MLflow UI: on the tracking server, or where ``ui_command()`` serves a store."""
     from mlflow import MlflowClient
 
     experiment_id = MlflowClient().get_run(run_id).info.experiment_id
     uri = tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    base = shown_uri(uri, credentials="").rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODEL_TRAINING}"
 
 
@@ -130,7 +144,7 @@ def ui_command() -> str:
     """How to see this store in the MLflow UI."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
+        return f"open {shown_uri(uri, credentials='')} in a browser"
     if is_local_store(uri):
         return f"make mlflow-ui, then open {LOCAL_UI}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open {LOCAL_UI}"
+    return f"mlflow ui --backend-store-uri {shown_uri(uri)} --host 127.0.0.1 --port 5000, then open {LOCAL_UI}"

@@ -348,3 +348,13 @@ def test_audioset_malformed_rows_are_rejected_with_their_line(tmp_path):
     malformed = [r for r in index.rejected if r["path"] == csv_path]
     assert [r["reason"].split(":")[0] for r in malformed] == ["line 7", "line 8", "line 9"]
     assert _splits(index) == {"train": 1, "test": 1}
+
+
+def test_a_source_that_is_a_link_loop_or_a_dangling_link_says_so(tmp_path):
+    loop, dangling = tmp_path / "loop", tmp_path / "dangling"
+    loop.symlink_to(loop)
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="folder source .*loop is a symbolic link loop"):
+        build_index("folder", loop)
+    with pytest.raises(FileNotFoundError, match=r"folder source .*dangling is a dangling symbolic link \(to .*nowhere\)"):
+        build_index("folder", dangling)

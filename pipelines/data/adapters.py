@@ -10,6 +10,7 @@ tree give the same index.
 from __future__ import annotations
 
 import csv
+import errno
 import inspect
 import os
 import re
@@ -62,7 +63,17 @@ def _absolute(path: str | Path) -> Path:
 
 def _require_dir(source: Path, title: str) -> None:
     if not source.exists():
-        raise FileNotFoundError(f"{title} source {source} does not exist")
+        if source.is_symlink():
+            try:
+                source.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop this way
+                raise ValueError(f"{title} source {shown(source)} is a symbolic link loop") from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ValueError(f"{title} source {shown(source)} is a symbolic link loop") from None
+            raise FileNotFoundError(f"{title} source {shown(source)} is a dangling symbolic link "
+                                    f"(to {os.readlink(source)})")
+        raise FileNotFoundError(f"{title} source {shown(source)} does not exist")
     if not source.is_dir():
         raise ValueError(f"{title} source {source} is not a folder")
 

@@ -212,6 +212,25 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_prepare)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .data.card import load_card
+    from .data.feed import verify_shards
+
+    folder = args.prepared.resolve()
+    card = load_card(folder)
+    shards = verify_shards(folder, card)
+    hashed = sum("sha256" in s for s in card["shards"])
+    print(f"{folder}: {len(shards)} shard(s), {card['num_clips']} clips intact (sizes, footers, row counts"
+          f"{', content hashes' if hashed == len(shards) else ''}{'' if hashed else '; this card has no hashes'})")
+    return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a prepared folder's shards against its card (exit 2 naming a bad one)")
+    p.add_argument("prepared", type=Path, help="the prepared folder (holds dataset.json)")
+    p.set_defaults(func=_verify)
+
+
 def _model_config(args: argparse.Namespace):
     from model import ASDAConfig
 
@@ -435,7 +454,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 # The functions above that add each command's subparser, in the order `asda --help` lists them.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_model, _add_prepare, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report, _add_bench]
+    _add_model, _add_prepare, _add_verify, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report,
+    _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

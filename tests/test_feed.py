@@ -91,3 +91,46 @@ def test_a_corrupt_shard_is_named(synthetic_prepared, tmp_path, damage):
         verify_shards(copy)
     with pytest.raises(ValueError, match=shard.name):
         feed_dataset(copy, "train")
+
+
+def _flip_middle(shard, count=64):
+    """XOR ``count`` bytes in the middle of a file: same size, same footer, different content."""
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_a_shard_changed_in_place_is_named_before_any_run_and_on_every_read(synthetic_prepared, tmp_path, capsys):
+    import json
+
+    from pipelines.cli import main
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(synthetic_prepared, copy)
+    card = load_card(copy)
+    shard = copy / card["shards"][0]["file"]
+    _flip_middle(shard)
+    assert shard.stat().st_size == card["shards"][0]["bytes"]  # the old check, size and footer, passes
+    assert main(["verify", str(copy)]) == 2
+    assert f"corrupt shard {shard}: its sha256 differs" in capsys.readouterr().err
+    assert main(["probe", "--data", str(copy), "--random-init"]) == 2
+    assert shard.name in capsys.readouterr().err
+    # Without the card's hash (a card of an older version, or a change after the check), the page checksums
+    # written with every shard still refuse the damaged page.
+    for entry in card["shards"]:
+        entry.pop("sha256")
+    (copy / "dataset.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=rf"corrupt shard {shard}: .*CRC checksum verification failed"):
+        read_clips(copy, ["train", "test"])
+    with pytest.raises(Exception, match="CRC checksum verification failed"):  # the Train workers' feed
+        for split in ("train", "test"):
+            list(iter_torch(feed_dataset(copy, split, labels="none", random_crop=False), batch_size=8))
+
+
+def test_an_intact_prepared_folder_verifies(synthetic_prepared, capsys):
+    from pipelines.cli import main
+
+    assert main(["verify", str(synthetic_prepared)]) == 0
+    assert "intact (sizes, footers, row counts, content hashes)" in capsys.readouterr().out

@@ -3,10 +3,12 @@ and must not pay for importing torch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 CARD_NAME = "dataset.json"
+HASH = "sha256"  # the card's per-shard content hash
 
 
 def load_card(prepared: str | Path) -> dict:
@@ -26,3 +28,12 @@ def cv_folds(card: dict, split: str, k: int, data: str | Path) -> list[int]:
         raise ValueError(f"cv_folds={k}: split {split!r} of {data} has no fold {missing}; it has "
                          f"{sorted(present) or 'no folds'} (ESC-50 has folds 1-5)")
     return folds
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The content hash the card records for a shard (sha256, hex)."""
+    digest = hashlib.new(HASH)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

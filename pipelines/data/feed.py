@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .card import load_card
+from .card import HASH, file_hash, load_card
 
 LabelMode = Literal["index", "multihot", "none"]
 _READ_COLUMNS = ["id", "split", "fold", "labels", "frames", "fbank", "event_start", "event_end"]
@@ -31,8 +31,9 @@ DATA_TASKS_PER_WORKER = 2
 
 
 def verify_shards(prepared: str | Path, card: dict | None = None) -> list[Path]:
-    """Every shard the card lists exists, has its recorded size and a readable Parquet footer; else an error
-    that names the shard. Cheap: reads only footers."""
+    """Every shard the card lists exists, has its recorded size, a readable Parquet footer, its row count and
+    (cards since schema 2) its content hash; else an error that names the shard. Reading is verified again page by
+    page (Parquet page checksums), so a shard that changes after this check cannot be read silently either."""
     import pyarrow.parquet as pq
 
     prepared = Path(prepared).resolve()
@@ -51,6 +52,9 @@ def verify_shards(prepared: str | Path, card: dict | None = None) -> list[Path]:
             raise ValueError(f"corrupt shard {path}: {exc}{redo}") from None
         if rows != shard["rows"]:
             raise ValueError(f"corrupt shard {path}: {rows} rows, card says {shard['rows']}{redo}")
+        if HASH in shard and file_hash(path) != shard[HASH]:
+            raise ValueError(f"corrupt shard {path}: its {HASH} differs from the card's (same size, changed "
+                             f"content){redo}")
         paths.append(path)
     return paths
 
@@ -146,7 +150,8 @@ def feed_dataset(
     tasks = DATA_TASKS_PER_WORKER * max(1, workers)
     with _classic_parquet_path():
         ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
-                                   num_cpus=DATA_TASK_CPUS, concurrency=min(tasks, len(shards)))
+                                   num_cpus=DATA_TASK_CPUS, concurrency=min(tasks, len(shards)),
+                                   dataset_kwargs={"page_checksum_verification": True})
     ds = ds.filter(expr=col("split").is_in(splits))
     if folds is not None:
         ds = ds.filter(expr=col("fold").is_in([int(f) for f in folds]))
@@ -219,7 +224,10 @@ def read_clips(
     tables = []
     remaining = limit
     for shard in verify_shards(prepared, card):
-        table = pq.read_table(shard, columns=_READ_COLUMNS)
+        try:
+            table = pq.read_table(shard, columns=_READ_COLUMNS, page_checksum_verification=True)
+        except OSError as exc:  # a page whose checksum does not match
+            raise ValueError(f"corrupt shard {shard}: {exc}; re-run `asda prepare --force` for {prepared}") from None
         keep = pc.is_in(table["split"], value_set=pa.array(splits))
         if folds is not None:
             keep = pc.and_(keep, pc.is_in(table["fold"], value_set=pa.array([int(f) for f in folds])))

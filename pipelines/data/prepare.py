@@ -23,9 +23,9 @@ from model.features import FEATURE_SETTINGS, NUM_MEL_BINS, SAMPLE_RATE
 
 from ..runtime import code_version, ensure_ray
 from .adapters import DatasetIndex, build_index
-from .card import CARD_NAME, load_card
+from .card import CARD_NAME, HASH, file_hash, load_card
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: page checksums in every shard, a content hash per shard in the card
 REJECTED_DIR = "_rejected"
 BYTES_PER_FRAME = NUM_MEL_BINS * 2  # float16
 
@@ -162,7 +162,9 @@ def prepare(
         ds = ray.data.from_items(_index_rows(index), override_num_blocks=min(len(index.clips), 200))
         ds = ds.map_batches(extract_batch, fn_kwargs={"rejected_dir": str(rejected_dir)},
                             batch_size=16, batch_format="numpy")
-        ds.write_parquet(str(staging), min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard)
+        # Page checksums: every read verifies each page (pyarrow's page_checksum_verification).
+        ds.write_parquet(str(staging), min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard,
+                         write_page_checksum=True)
         rejected = list(index.rejected)
         for part in sorted(rejected_dir.glob("*.json")):
             rejected.extend(json.loads(part.read_text()))
@@ -200,7 +202,7 @@ def _card(index: DatasetIndex, dataset: str, source, folder: Path, rejected: lis
 
     shards = sorted(folder.glob("*.parquet"))
     columns = ["split", "fold", "labels", "frames", "fbank_sum", "fbank_sumsq"]
-    tables = [pq.read_table(s, columns=columns) for s in shards]
+    tables = [pq.read_table(s, columns=columns, page_checksum_verification=True) for s in shards]
     splits: dict[str, int] = {}
     class_counts: dict[str, list[int]] = {}
     folds: dict[str, dict[str, int]] = {}
@@ -243,7 +245,7 @@ def _card(index: DatasetIndex, dataset: str, source, folder: Path, rejected: lis
         "normalisation": {"mean": norm_mean, "std": norm_std, "source": norm_source},
         "features": {**FEATURE_SETTINGS, "resample_to": SAMPLE_RATE, "dc_removal": True, "mono": "mean of channels",
                      "storage": "float16 bytes, row-major (frames, num_mel_bins)"},
-        "shards": [{"file": s.name, "rows": t.num_rows, "bytes": s.stat().st_size}
+        "shards": [{"file": s.name, "rows": t.num_rows, "bytes": s.stat().st_size, HASH: file_hash(s)}
                    for s, t in zip(shards, tables, strict=True)],
         "rejected": rejected,
     }

@@ -3,7 +3,7 @@
 from .asda import ASDA, ema_decay
 from .attention import DifferentialAttention, HeadwiseRMSNorm, StandardAttention, build_attention
 from .block import Block
-from .checkpoint import load_checkpoint, load_encoder, save_checkpoint
+from .checkpoint import load_checkpoint, load_encoder, read_state, save_checkpoint
 from .config import ASDAConfig
 from .decoder import CNNDecoder
 from .encoder import ASDAEncoder
@@ -15,5 +15,6 @@ __all__ = [
     "ASDA", "ASDAClassifier", "ASDAConfig", "ASDAEncoder", "Block", "CNNDecoder", "ClassificationHead",
     "DATASET_STATS", "DifferentialAttention", "HeadwiseRMSNorm", "StandardAttention", "build_attention",
     "ema_decay", "fbank", "inverse_block_mask", "load_checkpoint", "load_encoder", "log_mel", "normalise",
-    "pad_or_crop", "param_groups_layer_decay", "param_groups_weight_decay", "save_checkpoint", "visible_indices",
+    "pad_or_crop", "param_groups_layer_decay", "param_groups_weight_decay", "read_state", "save_checkpoint",
+    "visible_indices",
 ]

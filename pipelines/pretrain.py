@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from model import ASDA, ASDAConfig, param_groups_weight_decay, save_checkpoint
+from model import ASDA, ASDAConfig, param_groups_weight_decay, read_state, save_checkpoint
 
 from . import tracking, worker
 from .training import TrainSettings, WorkerConfig, check_data, fit, start_tracking
@@ -60,7 +60,7 @@ def pretrain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
                                        report_to_tune=w.report_to_tune)
     checkpoint = checkpointer.latest()
     if checkpoint is None and w.resume_file:  # weights (student, teacher, decoder, EMA count) start a new run
-        model.load_state_dict(torch.load(w.resume_file, map_location="cpu", weights_only=True)["model"])
+        model.load_state_dict(read_state(w.resume_file)["model"])
     step, epoch = checkpointer.restore(checkpoint, s.seed)
     logger = worker.RankZeroLogger(w.tracking_uri, w.run_id, enabled=rank == 0)
     logger.log({"resumed_from_step": step}, step=step)
@@ -138,7 +138,7 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
                  datasets={"train": dataset}, report_to_tune=report_to_tune, resume_file=resume_file)
     run_dir = Path(settings.storage) / settings.name
     # A portable copy next to the run: what `asda probe` / `asda finetune --checkpoint` take.
-    state = torch.load(Path(result.checkpoint.path) / worker.CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state = read_state(Path(result.checkpoint.path) / worker.CHECKPOINT_FILE)
     model = ASDA(config)
     model.load_state_dict(state["model"])
     final = save_checkpoint(run_dir / worker.FINAL_FILE, model, config, step=state["step"])

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from model import ASDAConfig, save_checkpoint
+from model import ASDAConfig, read_state, save_checkpoint
 
 CHECKPOINT_PREFIX = "checkpoint_"  # + the update, 7 digits: a checkpoint folder in the run folder
 CHECKPOINT_FILE = "model.pt"  # rank 0's training state inside a checkpoint folder
@@ -213,7 +213,7 @@ class Checkpointer:
         step, epoch, rng = 0, 0, None
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+                state = read_state(Path(folder) / CHECKPOINT_FILE)  # checked against its saved sha256
                 rng_path = Path(folder) / f"rng_rank{self.rank}.pt"
                 rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
             self.model.load_state_dict(state["model"])

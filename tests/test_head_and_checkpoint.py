@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from model import (
     ASDA,
     ASDAClassifier,
     ASDAConfig,
+    ASDAEncoder,
     load_checkpoint,
     load_encoder,
     param_groups_layer_decay,
@@ -80,3 +83,17 @@ def test_corrupt_or_missing_checkpoint_names_the_file(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_changed_after_saving_is_refused_naming_the_file(tmp_path):
+    config = ASDAConfig.tiny(depth=1, average_top_k_layers=1)
+    path = save_checkpoint(tmp_path / "final.pt", ASDAEncoder(config), config, step=3)
+    assert (tmp_path / "final.pt.sha256").read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):  # same size, a torch.load that may still succeed
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"checkpoint {path} is corrupt: its sha256 differs"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_encoder(path)

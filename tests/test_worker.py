@@ -141,3 +141,15 @@ def test_resolve_checkpoint_takes_a_run_folder_a_checkpoint_folder_or_a_file(tmp
     assert worker.resolve_checkpoint(None) is None
     with pytest.raises(ValueError, match="no checkpoint at .*nowhere"):
         worker.resolve_checkpoint(tmp_path / "nowhere")
+
+
+def test_resuming_from_a_checkpoint_changed_after_saving_is_refused(tmp_path):
+    _checkpointer(tmp_path, every=4).save(4, 1, {"loss": 1.0})
+    folder = tmp_path / "kept" / "checkpoint_0000004"
+    assert (folder / (worker.CHECKPOINT_FILE + ".sha256")).is_file()  # the hash travels with the checkpoint
+    state = folder / worker.CHECKPOINT_FILE
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"checkpoint {state} is corrupt"):
+        _checkpointer(tmp_path).restore(Checkpoint.from_directory(str(folder)), seed=0)

@@ -172,9 +172,9 @@ def _seeds(raw: dict, key: str, default: list[int], where: str) -> list[int]:
 def _check_distinct_cells(grid: Grid, configs: dict[str, ASDAConfig], where: str) -> None:
     """Two cells that build the same model (a factor value listed twice, or written twice as 0 and 0.0) would
     make one pretraining look like two results."""
+    base = grid.base_config().to_dict()
     for factor, values in grid.factors.items():
-        resolved = [ASDAConfig.from_dict({**grid.base_config().to_dict(), factor: v}).to_dict()[factor]
-                    for v in values]
+        resolved = [ASDAConfig.from_dict({**base, factor: v}).to_dict()[factor] for v in values]
         repeated = sorted({str(v) for v in resolved if resolved.count(v) > 1})
         if repeated:
             raise ValueError(f"{where}: factor {factor} lists {repeated} more than once: each value is one cell")

@@ -174,9 +174,9 @@ def _concurrency(grid: Grid, n_trials: int, requested: int | None) -> tuple[int,
         per_worker = float(grid.train.get("cpus_per_worker") or 1.0)
         auto = max(1, int((cpus * 0.75) // (workers * per_worker + TRIAL_CPU)))  # leave a quarter for Ray Data
         return min(requested or auto, n_trials), per_worker, max(1, int(per_worker))
-    # One trial per core (at most LOCAL_MAX_TRIALS), each Train worker on its share of the cores. A trial's
-    # start-up is CPU work (a dozen Ray processes importing), not waiting: on 2 cores the default ablation took
-    # 16.5 min with three trials at a time and 13.9 min with two.
+    # One trial per core (at most LOCAL_MAX_TRIALS), each Train worker on its share of the cores: training is CPU
+    # work, so more trials than cores only share the cores (measured when each trial still started a worker
+    # group: the default ablation took 16.5 min with three trials at a time on 2 cores, 13.9 min with two).
     cores = os.cpu_count() or 1
     concurrent = min(requested or max(1, min(cores, LOCAL_MAX_TRIALS)), n_trials)
     return concurrent, 1.0, max(1, cores // (concurrent * workers))

@@ -33,7 +33,14 @@ class SinCos2dPositionalEncoding(nn.Module):
         self.register_buffer("table", sincos_2d_table(max_grid, embed_dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + _slice(self.table, x.shape[1], self.freq_bins).to(x.dtype)
+        return x + self.codes(x.shape[1]).to(x.dtype)
+
+    def codes(self, num_patches: int) -> torch.Tensor:
+        """(num_patches, D): the table's first rows; a fixed function, so a longer input gets a longer table."""
+        if num_patches > self.table.shape[0]:
+            grid = (-(-num_patches // self.freq_bins), self.freq_bins)
+            return sincos_2d_table(grid, self.table.shape[1]).to(self.table.device)[:num_patches]
+        return self.table[:num_patches]
 
 
 class Learned1dPositionalEncoding(nn.Module):

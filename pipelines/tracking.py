@@ -48,6 +48,7 @@ PARAM_PROBE = "probe."  # + a ProbeSettings field
 PARAM_GRID = "grid."  # + name, file, fingerprint, design, metric, trials, factors
 PARAM_DATA_CLIPS = "data.clips"
 PARAM_DATA_CLASSES = "data.classes"
+PARAM_DATA_TARGET_LENGTH = "data.target_length"  # frames per clip the encoder was fed (SPEC §9)
 PARAM_PROBE_EVAL_SPLIT = "probe.eval_split_resolved"
 PARAM_FINETUNE_LOSS = "finetune.loss"
 PARAM_FINETUNE_EVAL_SPLIT = "finetune.eval_split"

@@ -30,6 +30,16 @@ def cv_folds(card: dict, split: str, k: int, data: str | Path) -> list[int]:
     return folds
 
 
+def feed_length(card: dict, override: int | None, data: str | Path, patch_size: int = 16) -> int:
+    """Frames per clip fed to the encoder: ``override`` if given, else the data set's own length from its card
+    (AudioSet 1024, ESC-50 512, Speech Commands 128), so a 1 s clip is never padded to a checkpoint's length."""
+    length = card["target_length"] if override is None else override
+    if isinstance(length, bool) or not isinstance(length, int) or length < patch_size or length % patch_size:
+        raise ValueError(f"target_length={length!r} for {data} is not allowed: expected a positive multiple of "
+                         f"{patch_size} (the card's is {card['target_length']})")
+    return length
+
+
 def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
     """The content hash the card records for a shard (sha256, hex)."""
     digest = hashlib.new(HASH)

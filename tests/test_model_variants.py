@@ -61,10 +61,19 @@ def test_encoder_accepts_shorter_inputs_than_target_length():
     assert utterance.shape == (3, 64) and patches.shape == (3, 2 * 8, 64)
 
 
-def test_longer_input_than_the_position_table_is_a_clear_error():
-    enc = ASDAEncoder(SMALL)
+def test_longer_input_than_a_learned_position_table_is_a_clear_error():
+    enc = ASDAEncoder(dataclasses.replace(SMALL, pos_embed="learned1d"))
     with pytest.raises(ValueError, match="target_length"):
         enc.extract_features(torch.randn(1, 128, 128))
+
+
+def test_fixed_sincos_table_extends_to_longer_inputs_and_agrees_on_the_shared_prefix():
+    torch.manual_seed(0)
+    enc = ASDAEncoder(SMALL).eval()
+    x = torch.randn(1, 128, 128)
+    longer = dataclasses.replace(SMALL, target_length=128)
+    assert torch.equal(enc.pos_embed.codes(8 * 8), ASDAEncoder(longer).pos_embed.codes(8 * 8))
+    assert enc.extract_features(x)[1].shape[1] == 8 * 8
 
 
 def test_wrong_mel_bins_is_a_clear_error():

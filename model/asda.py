@@ -25,13 +25,31 @@ def ema_decay(step: int, start: float, end: float, anneal_steps: int) -> float:
     return end - (end - start) * (1 - step / anneal_steps)
 
 
-class ASDA(nn.Module):
-    """Pretraining module. ``forward(fbank)`` returns {"loss", "loss_frame", "loss_utterance"}.
+def objective_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, utterance: torch.Tensor,
+                    utterance_target: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frame term, utterance term) from the element-wise squared error scaled by 1/√D (SPEC §4).
 
-    Losses are element-wise squared errors scaled by 1/√D and *averaged*: ``loss_frame`` over every masked
-    (clone, patch, channel), ``loss_utterance`` over every (clone, channel). So ``alpha`` weighs two per-element
-    means and its meaning does not change with ``num_students`` (the fairseq release sums the utterance term over
-    clones instead, which scales its effective α with the clone count).
+    pred, target: (B·S, P, D) per clone; mask: (B·S, P), True = masked; utterance, utterance_target: (B·S, D).
+    "release" reduces as fairseq does for the release (each term summed, gradients divided by the masked-patch
+    count M): frame = Σ over masked patches and channels / M, utterance = Σ over clones and channels. "mean"
+    averages each term over its elements, which is the release's scaled by 1/D and 1/(D·B·S).
+    """
+    scale = 1.0 / math.sqrt(pred.shape[-1])
+    frame = (pred.float()[mask] - target[mask]).pow(2) * scale  # (M, D)
+    utt = (utterance.float() - utterance_target).pow(2) * scale  # (B·S, D)
+    if reduction == "release":
+        return frame.sum() / frame.shape[0], utt.sum()
+    if reduction == "mean":
+        return frame.mean(), utt.mean()
+    raise ValueError(f"loss_reduction={reduction!r} is not allowed: expected 'release' or 'mean'")
+
+
+class ASDA(nn.Module):
+    """Pretraining module. ``forward(fbank)`` returns {"loss", "loss_frame", "loss_utterance"} with
+    ``loss = alpha * loss_utterance + loss_frame``; the terms reduce as ``config.loss_reduction`` says
+    (``objective_terms``). Under "release" the utterance term is a sum over the clips × clones of the batch, so
+    α weighs it as in the paper and its effective weight grows with the per-device batch and the student count,
+    as it did there.
     """
 
     def __init__(self, config: ASDAConfig):
@@ -89,15 +107,13 @@ class ASDA(nn.Module):
         )  # (B*S, P), True = masked
         vis = visible_indices(mask)  # (B*S, k)
         visible = tokens.gather(1, vis.unsqueeze(-1).expand(-1, -1, D))  # (B*S, k, D)
-        utterance, patches, _ = self.student.forward_tokens(visible)
+        utterance, patches, _ = self.student.forward_tokens(visible, num_patches=P)
         pred = self.decoder(patches, vis, grid)  # (B*S, P, D)
 
-        scale = 1.0 / math.sqrt(D)
-        y_clones = y.repeat_interleave(S, dim=0)
-        loss_frame = (pred.float()[mask] - y_clones[mask]).pow(2).mean() * scale
-        y_utt = y.mean(dim=1).repeat_interleave(S, dim=0)  # (B*S, D)
-        loss_utterance = (utterance.float() - y_utt).pow(2).mean() * scale
         assert P == y.shape[1], f"teacher grid {y.shape[1]} != student grid {P}"
+        loss_frame, loss_utterance = objective_terms(
+            pred, y.repeat_interleave(S, dim=0), mask, utterance, y.mean(dim=1).repeat_interleave(S, dim=0),
+            c.loss_reduction)
         return {
             "loss": c.alpha * loss_utterance + loss_frame,
             "loss_frame": loss_frame,

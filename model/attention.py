@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+FIXED_LAMBDA_INIT = 0.05  # the release's branch scale constant (1 − 0.05) with a fixed λ
+
 
 def _sdpa_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, N) bool, True = padded key  ->  (B, 1, 1, N) bool, True = may attend (SDPA's convention)."""
@@ -84,9 +86,12 @@ class DifferentialAttention(nn.Module):
         y  = out_proj( norm( merge_heads((A1 − λ·A2) v) ) · (1 − λ_init) )
 
     Each head gets full-width q and k in both groups (the ASDA release layout), so the q and k projections are
-    2·dim wide. λ is either fixed (λ_init := λ, the paper's ablation) or learnable:
-    λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init with λ_init = 0.8 − 0.6·exp(−0.3·layer_index).
-    With a fixed λ = 0 the layer is exactly single-softmax attention over (q1, k1, v) followed by norm and out_proj.
+    2·dim wide. λ is either fixed (the paper's ablation) or learnable:
+    λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init. The branch scale (1 − λ_init) is separate from a fixed λ, so the λ
+    ablation changes only λ: ``lambda_init=None`` means 0.05 for a fixed λ (the release's constant) and
+    0.8 − 0.6·exp(−0.3·layer_index) for a learnable one; a number fixes it.
+    With a fixed λ = 0 the layer is exactly single-softmax attention over (q1, k1, v) followed by norm, the
+    constant (1 − λ_init) and out_proj.
     """
 
     def __init__(
@@ -99,24 +104,28 @@ class DifferentialAttention(nn.Module):
         layer_index: int = 0,
         diff_norm: str = "layernorm",
         qkv_bias: bool = True,
+        lambda_init: float | None = None,
     ):
         super().__init__()
         assert dim % num_heads == 0, f"dim {dim} not divisible by num_heads {num_heads}"
         if not learnable_lambda and not 0.0 <= diff_lambda < 1.0:
             raise ValueError(f"diff_lambda={diff_lambda!r} is not allowed: expected a number in [0, 1)")
+        if lambda_init is not None and not 0.0 <= lambda_init < 1.0:
+            raise ValueError(f"lambda_init={lambda_init!r} is not allowed: expected a number in [0, 1)")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.learnable_lambda = learnable_lambda
         # One fused projection: [q1 | q2 | k1 | k2 | v], each dim wide.
         self.qkv = nn.Linear(dim, 5 * dim, bias=qkv_bias)
+        if lambda_init is None:
+            lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_index) if learnable_lambda else FIXED_LAMBDA_INIT
+        self.lambda_init = float(lambda_init)
         if learnable_lambda:
-            self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_index)
             self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
                 nn.Parameter(torch.randn(self.head_dim) * 0.1) for _ in range(4)
             )
             self.diff_lambda = None
         else:
-            self.lambda_init = float(diff_lambda)
             self.diff_lambda = float(diff_lambda)
         if diff_norm == "layernorm":
             self.norm = nn.LayerNorm(dim)
@@ -181,6 +190,7 @@ def build_attention(
     layer_index: int = 0,
     diff_norm: str = "layernorm",
     qkv_bias: bool = True,
+    lambda_init: float | None = None,
 ) -> nn.Module:
     """The attention layer named ``kind`` ("differential" or "standard")."""
     if kind == "standard":
@@ -188,6 +198,6 @@ def build_attention(
     if kind == "differential":
         return DifferentialAttention(
             dim, num_heads, diff_lambda=diff_lambda, learnable_lambda=learnable_lambda,
-            layer_index=layer_index, diff_norm=diff_norm, qkv_bias=qkv_bias,
+            layer_index=layer_index, diff_norm=diff_norm, qkv_bias=qkv_bias, lambda_init=lambda_init,
         )
     raise ValueError(f"attention={kind!r} is not allowed: expected 'differential' or 'standard'")

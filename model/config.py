@@ -19,6 +19,7 @@ ATTENTION_KINDS = ("differential", "standard")
 DIFF_NORMS = ("layernorm", "headwise_rms")
 POS_EMBEDS = ("sincos2d", "learned1d")
 CLS_POSITIONS = ("head", "middle", "mean")
+LOSS_REDUCTIONS = ("release", "mean")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class ASDAConfig:
     diff_lambda: float = 0.3  # fixed λ (paper ablation 0 / 0.3 / 0.5); ignored when learnable_lambda
     learnable_lambda: bool = False  # Differential Transformer re-parameterisation of λ
     diff_norm: Literal["layernorm", "headwise_rms"] = "layernorm"
+    # branch scale (1 − lambda_init), separate from λ: None = 0.05 for a fixed λ (the release's constant), the
+    # Differential Transformer's depth formula for a learnable one; a number fixes it for every layer
+    lambda_init: float | None = None
 
     # --- pretraining objective (SPEC §4)
     num_students: int = 16  # clones of each clip, each with its own mask
@@ -49,6 +53,9 @@ class ASDAConfig:
     mask_block_size: int = 5
     mask_adjust: float = 0.07
     alpha: float = 0.5  # weight of the utterance loss: loss = alpha * loss_utterance + loss_frame
+    # what alpha weighs (SPEC §4): "release" = fairseq's sums (frame term per masked patch, utterance term summed
+    # over clips x clones), so alpha means the paper's alpha; "mean" = per-element means of both terms
+    loss_reduction: Literal["release", "mean"] = "release"
     average_top_k_layers: int = 12  # teacher layers averaged into the targets
     decoder_layers: int = 6
     decoder_kernel_size: int = 3
@@ -65,6 +72,7 @@ class ASDAConfig:
         _check_choice("diff_norm", self.diff_norm, DIFF_NORMS)
         _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
         _check_choice("cls_position", self.cls_position, CLS_POSITIONS)
+        _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "num_mel_bins", "target_length",
                      "num_students", "mask_block_size", "decoder_layers", "decoder_kernel_size",
                      "decoder_groups", "ema_anneal_steps", "average_top_k_layers"):
@@ -89,6 +97,8 @@ class ASDAConfig:
             _fail("mlp_ratio", self.mlp_ratio, "a positive number")
         if not 0.0 <= self.diff_lambda < 1.0:
             _fail("diff_lambda", self.diff_lambda, "a number in [0, 1)")
+        if self.lambda_init is not None and not 0.0 <= self.lambda_init < 1.0:
+            _fail("lambda_init", self.lambda_init, "null (the mode's default) or a number in [0, 1)")
         if not 0.0 <= self.drop_path < 1.0:
             _fail("drop_path", self.drop_path, "a number in [0, 1)")
         if not 0.0 < self.mask_ratio < 1.0:
@@ -214,7 +224,11 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Accept what YAML and command lines produce (1 for 1.0, 'true' for True, '1e-1', which YAML reads as text)
-    and nothing looser; numbers must be finite."""
+    and nothing looser; numbers must be finite. An optional field also takes null."""
+    if type(None) in typing.get_args(hint):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint in (int, float) and isinstance(value, str):
         try:
             value = int(value) if hint is int and value.strip().lstrip("+-").isdigit() else float(value)

@@ -1,7 +1,8 @@
 """ASDAEncoder: patch embedding -> positional encoding -> (masking) -> CLS -> post-LN blocks.
 
 The same module serves as student (visible patches only), teacher (all patches, per-layer targets) and the
-fine-tuning backbone. The CLS token is added after positional encoding and masking, so it carries no position.
+fine-tuning backbone. The CLS token is inserted after positional encoding and masking, with the positional code
+of its slot in the full layout (see ``pos_embed``), so head and middle are different functions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class ASDAEncoder(nn.Module):
         self.config = config
         D = config.embed_dim
         self.patch_embed = PatchEmbed(D, config.patch_size, config.num_mel_bins)
-        self.pos_embed = POSITIONAL_ENCODINGS[config.pos_embed](D, config.grid)
+        self.pos_embed = POSITIONAL_ENCODINGS[config.pos_embed](D, config.grid, config.cls_position)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.cls_position != "mean" else None
         # Post-LN blocks expect normalised input: the release normalises the token sequence before block 0.
         self.norm_input = nn.LayerNorm(D, eps=config.layer_norm_eps)
@@ -33,7 +34,7 @@ class ASDAEncoder(nn.Module):
                 build_attention(
                     config.attention, D, config.num_heads, diff_lambda=config.diff_lambda,
                     learnable_lambda=config.learnable_lambda, layer_index=i, diff_norm=config.diff_norm,
-                    qkv_bias=config.qkv_bias,
+                    qkv_bias=config.qkv_bias, lambda_init=config.lambda_init,
                 ),
                 mlp_ratio=config.mlp_ratio, drop_path=drop_rates[i], eps=config.layer_norm_eps,
             )
@@ -52,26 +53,33 @@ class ASDAEncoder(nn.Module):
         """Where the CLS token sits in a sequence of ``num_tokens`` patch tokens (None for 'mean')."""
         return {"head": 0, "middle": num_tokens // 2, "mean": None}[self.config.cls_position]
 
-    def _with_cls(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-        """(B, N, D) patch tokens -> the sequence with the CLS token at its position, and that position."""
+    def _with_cls(self, tokens: torch.Tensor, num_patches: int | None = None) -> tuple[torch.Tensor, int | None]:
+        """(B, N, D) patch tokens -> the sequence with the CLS token at its position, and that position.
+
+        ``num_patches``: patches in the full layout the tokens were taken from (default N); it fixes the CLS's
+        positional code, so a masked view and the full input give the CLS the same code.
+        """
         idx = self.cls_index(tokens.shape[1])
         if idx is None:
             return tokens, None
         B, _, D = tokens.shape
-        return _insert(tokens, self.cls_token.expand(B, 1, D).to(tokens.dtype), idx), idx
+        cls = self.cls_token + self.pos_embed.cls_code(num_patches or tokens.shape[1]).to(self.cls_token.dtype)
+        return _insert(tokens, cls.expand(B, 1, D).to(tokens.dtype), idx), idx
 
     def forward_tokens(
         self,
         tokens: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         return_layer_targets: bool = False,
+        num_patches: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
         """Run the blocks over (B, N, D) patch tokens (all, or the visible ones of a masked view).
 
-        key_padding_mask: (B, N) bool, True = padded patch. Returns (utterance (B, D), patch outputs (B, N, D),
+        key_padding_mask: (B, N) bool, True = padded patch; num_patches: patches of the full layout (default N).
+        Returns (utterance (B, D), patch outputs (B, N, D),
         per-layer MLP outputs at the patch positions or None).
         """
-        x, idx = self._with_cls(tokens)
+        x, idx = self._with_cls(tokens, num_patches)
         if idx is not None and key_padding_mask is not None:
             key_padding_mask = _insert(key_padding_mask, key_padding_mask.new_zeros(len(tokens), 1), idx)
         x = self.norm_input(x)

@@ -1,7 +1,19 @@
 """Positional encodings over the patch grid, sliced to the input's length so variable lengths work.
 
 ``sincos2d`` (the release): a fixed table, half the channels encode the frequency row, half the time column.
-``learned1d`` (the paper's wording): one learned vector per flattened position.
+``learned1d`` (the paper's wording): one learned vector per slot of the flattened sequence.
+
+The CLS token has a position too. Attention is permutation-equivariant, so a CLS without a positional code
+computes the same function wherever it is inserted; its code is what makes ``cls_position`` a factor. The CLS's
+slot comes from the full (unmasked) layout of ``num_patches`` patches, so a student that sees a few patches and
+the teacher that sees all of them agree on it:
+
+- ``learned1d``: the table has one row per patch plus one for the CLS. Head: the CLS takes row 0 and patch i row
+  i + 1. Middle: the CLS takes the row of the first patch of the middle time column m = (P / F) // 2, i.e. row
+  m·F; patches before it keep their index, later ones shift by one.
+- ``sincos2d``: patch codes are unchanged; the CLS gets the time half of the code of a time column (head: column
+  −1, one before the first; middle: column m) and zeros in the frequency half. The release puts the CLS at the
+  head without a code, which is the same function up to a constant that the learned CLS vector absorbs.
 """
 
 from __future__ import annotations
@@ -26,10 +38,15 @@ def sincos_2d_table(grid: tuple[int, int], dim: int) -> torch.Tensor:
     return torch.cat([sincos_1d(f_idx, dim // 2), sincos_1d(t_idx, dim // 2)], dim=1)
 
 
+def cls_column(cls_position: str, num_patches: int, freq_bins: int) -> int | None:
+    """The time column the CLS token belongs to in a full layout of ``num_patches`` patches (None: no CLS)."""
+    return {"head": -1, "middle": (num_patches // freq_bins) // 2, "mean": None}[cls_position]
+
+
 class SinCos2dPositionalEncoding(nn.Module):
-    def __init__(self, embed_dim: int, max_grid: tuple[int, int]):
+    def __init__(self, embed_dim: int, max_grid: tuple[int, int], cls_position: str = "head"):
         super().__init__()
-        self.freq_bins = max_grid[1]
+        self.freq_bins, self.cls_position = max_grid[1], cls_position
         self.register_buffer("table", sincos_2d_table(max_grid, embed_dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,26 +59,41 @@ class SinCos2dPositionalEncoding(nn.Module):
             return sincos_2d_table(grid, self.table.shape[1]).to(self.table.device)[:num_patches]
         return self.table[:num_patches]
 
+    def cls_code(self, num_patches: int) -> torch.Tensor:
+        """(D,) code of the CLS token for an input of ``num_patches`` patches."""
+        column = cls_column(self.cls_position, num_patches, self.freq_bins)
+        half = self.table.shape[1] // 2
+        time = sincos_1d(torch.tensor([float(column)]), half)[0].to(self.table.device)
+        return torch.cat([torch.zeros_like(time), time])
+
 
 class Learned1dPositionalEncoding(nn.Module):
-    def __init__(self, embed_dim: int, max_grid: tuple[int, int]):
+    def __init__(self, embed_dim: int, max_grid: tuple[int, int], cls_position: str = "head"):
         super().__init__()
-        self.freq_bins = max_grid[1]
-        self.table = nn.Parameter(torch.zeros(max_grid[0] * max_grid[1], embed_dim))
+        self.freq_bins, self.cls_position = max_grid[1], cls_position
+        rows = max_grid[0] * max_grid[1] + (cls_position != "mean")
+        self.table = nn.Parameter(torch.zeros(rows, embed_dim))
         nn.init.trunc_normal_(self.table, std=0.02)
 
+    def cls_row(self, num_patches: int) -> int | None:
+        column = cls_column(self.cls_position, num_patches, self.freq_bins)
+        return None if column is None else max(column, 0) * self.freq_bins
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + _slice(self.table, x.shape[1], self.freq_bins)
+        num_patches = x.shape[1]
+        rows = torch.arange(num_patches, device=x.device)
+        cls_row = self.cls_row(num_patches)
+        if cls_row is not None:
+            rows = rows + (rows >= cls_row).long()  # patches at or after the CLS's slot move up one row
+        if num_patches and int(rows[-1]) >= self.table.shape[0]:
+            raise ValueError(
+                f"input has {num_patches // self.freq_bins} patch columns, more than the "
+                f"{self.table.shape[0] // self.freq_bins} that target_length allows; raise target_length or crop "
+                f"the input")
+        return x + self.table[rows]
 
-
-def _slice(table: torch.Tensor, num_patches: int, freq_bins: int) -> torch.Tensor:
-    # Time-major flattening makes "the first t time columns" the first t * F rows.
-    if num_patches > table.shape[0]:
-        raise ValueError(
-            f"input has {num_patches // freq_bins} patch columns, more than the "
-            f"{table.shape[0] // freq_bins} that target_length allows; raise target_length or crop the input"
-        )
-    return table[:num_patches]
+    def cls_code(self, num_patches: int) -> torch.Tensor:
+        return self.table[self.cls_row(num_patches)]
 
 
 POSITIONAL_ENCODINGS = {"sincos2d": SinCos2dPositionalEncoding, "learned1d": Learned1dPositionalEncoding}

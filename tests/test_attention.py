@@ -45,7 +45,7 @@ def test_lambda_zero_is_single_softmax_attention_by_hand():
     q1, k1, _, _, v = attn.project_qkv(x)
     weights = torch.softmax(q1 @ k1.transpose(-2, -1) / math.sqrt(DIM // HEADS), dim=-1)
     o = (weights @ v).transpose(1, 2).reshape(2, 17, DIM)
-    torch.testing.assert_close(attn(x), attn.out_proj(attn.norm(o)))
+    torch.testing.assert_close(attn(x), attn.out_proj(attn.norm(o) * (1 - 0.05)))
 
 
 def test_lambda_zero_gives_q2_k2_no_gradient():
@@ -79,9 +79,16 @@ def test_learnable_lambda_follows_its_reparameterisation():
                for p in (attn.lambda_q1, attn.lambda_k1, attn.lambda_q2, attn.lambda_k2))
 
 
-def test_fixed_lambda_sets_lambda_init():
-    attn = DifferentialAttention(DIM, HEADS, diff_lambda=0.3)
-    assert attn.lambda_init == 0.3 and float(attn.lambda_value()) == pytest.approx(0.3)
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5])
+def test_fixed_lambda_keeps_the_release_branch_scale(lam):
+    attn = DifferentialAttention(DIM, HEADS, diff_lambda=lam)
+    assert attn.lambda_init == 0.05 and float(attn.lambda_value()) == pytest.approx(lam)
+
+
+def test_lambda_init_given_fixes_the_branch_scale_for_every_layer():
+    layers = [DifferentialAttention(DIM, HEADS, learnable_lambda=True, layer_index=i, lambda_init=0.2)
+              for i in range(3)]
+    assert [a.lambda_init for a in layers] == [0.2, 0.2, 0.2]
 
 
 def test_standard_attention_sdpa_equals_explicit_softmax():

@@ -28,6 +28,8 @@ def test_defaults_are_the_base_model():
         ("average_top_k_layers", 13, "depth"),
         ("alpha", -1.0, ">= 0"),
         ("ema_decay_start", 1.5, "ema_decay_start <= ema_decay_end"),
+        ("lambda_init", 1.0, "[0, 1)"),
+        ("loss_reduction", "sum", "'release', 'mean'"),
     ],
 )
 def test_bad_config_raises_error_naming_field_value_and_allowed(field, value, allowed):
@@ -35,6 +37,12 @@ def test_bad_config_raises_error_naming_field_value_and_allowed(field, value, al
         ASDAConfig(**{field: value})
     message = str(err.value)
     assert field in message and repr(value) in message and allowed in message
+
+
+def test_optional_lambda_init_takes_null_or_a_number_from_a_command_line():
+    config = ASDAConfig.tiny()
+    assert config.with_overrides(["lambda_init=0.1"]).lambda_init == 0.1
+    assert config.with_overrides(["lambda_init=0.1"]).with_overrides(["lambda_init=null"]).lambda_init is None
 
 
 def test_dict_and_yaml_round_trip(tmp_path):

@@ -81,10 +81,10 @@ def test_wrong_mel_bins_is_a_clear_error():
         ASDAEncoder(SMALL).extract_features(torch.randn(1, 64, 80))
 
 
-def test_cls_middle_sits_in_the_middle_and_carries_no_position():
+def test_cls_middle_sits_in_the_middle_of_the_sequence():
     enc = ASDAEncoder(dataclasses.replace(SMALL, cls_position="middle"))
     assert enc.cls_index(25) == 12
-    # CLS is added after positions: the token sequence minus the CLS is exactly the embedded patches.
+    # the CLS is inserted after positions: embed gives the patch tokens only
     tokens = enc.embed(torch.randn(1, 64, 128))
     assert tokens.shape == (1, 32, 64)
 

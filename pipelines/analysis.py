@@ -74,9 +74,46 @@ def event_shares(layers: list[dict[str, torch.Tensor]], event_mask: torch.Tensor
     return out
 
 
+def patch_grid_image(weights: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(P,) weights over the time-major patch grid (index = t·F + f) -> the (F, T) image, image[f, t]: drawn with
+    ``origin="lower"``, frequency runs up and time to the right, as in the log-mel drawn from ``fbank.T``."""
+    T, F = grid
+    w = weights.detach().float().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
+    assert w.shape == (T * F,), f"expected {T * F} weights for a {T}x{F} patch grid, got {w.shape}"
+    return w.reshape(T, F).T  # (T, F) -> (F, T)
+
+
+def draw_logmel(ax, fbank: np.ndarray, event: np.ndarray) -> None:
+    """A (frames, mel) log-mel with time on x and frequency on y, in frame and mel-bin units, the event shaded."""
+    frames, mels = fbank.shape
+    ax.imshow(np.asarray(fbank).T, origin="lower", aspect="auto", cmap="magma", extent=(0, frames, 0, mels))
+    if np.all(np.isfinite(event)):
+        ax.axvspan(event[0] * FRAMES_PER_SECOND, event[1] * FRAMES_PER_SECOND, color="cyan", alpha=0.25)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_patch_map(ax, weights: torch.Tensor, grid: tuple[int, int], patch_size: int, event: np.ndarray, *,
+                   signed: bool, cmap: str = "viridis") -> None:
+    """An attention map over the patch grid, oriented and scaled like ``draw_logmel`` (a patch covers
+    ``patch_size`` frames and mel bins), so it lines up with the log-mel of the same clip; the event's edges
+    marked. ``signed``: a diverging scale symmetric about 0 (A1 − λ·A2 can be negative)."""
+    T, F = grid
+    image = patch_grid_image(weights, grid)
+    vmax = float(np.abs(image).max()) or 1.0
+    ax.imshow(image, origin="lower", aspect="auto", extent=(0, T * patch_size, 0, F * patch_size),
+              cmap="RdBu_r" if signed else cmap, vmin=-vmax if signed else 0, vmax=vmax)
+    if np.all(np.isfinite(event)):
+        for edge in event:
+            ax.axvline(edge * FRAMES_PER_SECOND, color="cyan", linewidth=0.8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def attention_figure(encoder: ASDAEncoder, clips: dict[str, np.ndarray], title: str = ""):
     """A figure: one row per clip — the spectrogram with the event marked, then the last layer's utterance-query
-    attention over the patch grid (A1, A2, A1 − λA2 for differential attention; A for standard)."""
+    attention over the patch grid (A1, A2, A1 − λA2 for differential attention; A for standard), each panel on
+    the log-mel's axes (time right, frequency up)."""
     from pipelines.plotting import plt
 
     config: ASDAConfig = encoder.config
@@ -84,44 +121,35 @@ def attention_figure(encoder: ASDAEncoder, clips: dict[str, np.ndarray], title: 
     layers = attention_summary(encoder.eval(), fbank)
     last = layers[-1]
     panels = [("A1", "a1"), ("A2", "a2"), ("A1 − λ·A2", "effective")] if "a2" in last else [("A", "a1")]
-    T = fbank.shape[1] // config.patch_size
-    F = config.num_mel_bins // config.patch_size
+    grid = (fbank.shape[1] // config.patch_size, config.num_mel_bins // config.patch_size)
     rows = fbank.shape[0]
     fig, axes = plt.subplots(rows, 1 + len(panels), figsize=(3.2 * (1 + len(panels)), 2.2 * rows), squeeze=False)
     for r in range(rows):
-        ax = axes[r, 0]
-        ax.imshow(fbank[r].T.numpy(), origin="lower", aspect="auto", cmap="magma")
-        ev = clips["event"][r]
-        if np.all(np.isfinite(ev)):
-            ax.axvspan(ev[0] * FRAMES_PER_SECOND, ev[1] * FRAMES_PER_SECOND, color="cyan", alpha=0.25)
-        ax.set_title("log-mel" + (" (event shaded)" if np.all(np.isfinite(ev)) else ""), fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        event = clips["event"][r]
+        draw_logmel(axes[r, 0], clips["fbank"][r], event)
+        axes[r, 0].set_title("log-mel" + (" (event shaded)" if np.all(np.isfinite(event)) else ""), fontsize=8)
         for c, (label, key) in enumerate(panels, start=1):
-            grid = last[key][r].view(T, F).T.numpy()  # (F, T): frequency up, time right
-            ax = axes[r, c]
-            vmax = float(np.abs(grid).max()) or 1.0
-            ax.imshow(grid, origin="lower", aspect="auto", cmap="RdBu_r" if key == "effective" else "viridis",
-                      vmin=-vmax if key == "effective" else 0, vmax=vmax)
+            draw_patch_map(axes[r, c], last[key][r], grid, config.patch_size, event, signed=key == "effective")
             if key == "effective" and "lam" in last:
                 label += f"  (λ={float(last['lam']):.2f})"
-            ax.set_title(label, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            axes[r, c].set_title(label, fontsize=8)
     fig.suptitle(title or f"utterance-query attention, last layer ({config.attention})", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def figure_clips(data: str | Path, split: str | None, limit: int, target_length: int) -> dict[str, np.ndarray]:
-    """A few held-out clips: the named split, else valid, test, train — preferring clips with a known event."""
-    from .data.card import load_card
+def figure_clips(data: str | Path, split: str | None, limit: int,
+                 target_length: int | None = None) -> dict[str, np.ndarray]:
+    """A few held-out clips: the named split, else valid, test, train — preferring clips with a known event.
+    ``target_length`` None: the data set's own length (its card's)."""
+    from .data.card import feed_length, load_card
     from .data.feed import read_clips
 
     card = load_card(data)
+    length = feed_length(card, target_length, data)
     for name in ([split] if split else ["valid", "test", "train"]):
         if name in card["splits"]:
-            clips = read_clips(data, name, target_length=target_length, labels="none", limit=max(limit, 1) * 4)
+            clips = read_clips(data, name, target_length=length, labels="none", limit=max(limit, 1) * 4)
             known = np.all(np.isfinite(clips["event"]), axis=1)
             order = np.r_[np.flatnonzero(known), np.flatnonzero(~known)][:limit]
             return {k: v[order] for k, v in clips.items()}
@@ -166,7 +194,7 @@ def log_pretraining_artifacts(run_id: str, config: ASDAConfig, settings, checkpo
         fig = attention_figure(encoder, clips, title=f"{settings.name}: utterance-query attention, last layer")
         client.log_figure(run_id, fig, "figures/attention.png")
         plt.close(fig)
-        mask = event_patch_mask(clips["event"], (config.target_length // config.patch_size,
+        mask = event_patch_mask(clips["event"], (clips["fbank"].shape[1] // config.patch_size,
                                                  config.num_mel_bins // config.patch_size), config.patch_size)
         results = event_shares(attention_summary(encoder, torch.as_tensor(clips["fbank"])), mask)
         for key, value in results.items():

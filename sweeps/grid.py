@@ -51,8 +51,7 @@ class Grid:
     model: dict[str, Any]
     train: dict[str, Any]
     evaluation: dict[str, Any]
-    seeds: list[int]
-    centre_seeds: list[int]
+    seeds: list[int]  # every cell's, the centre's included: each Δ pairs runs of the same seed
     centre: dict[str, Any]
     factors: dict[str, list[Any]]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -69,7 +68,7 @@ class Grid:
 
     def trials(self) -> list[Trial]:
         """Every (cell, seed) of the grid. One-at-a-time designs share the centre cell between factors."""
-        trials = [Trial("centre", "centre", None, s, dict(self.centre)) for s in self.centre_seeds]
+        trials = [Trial("centre", "centre", None, s, dict(self.centre)) for s in self.seeds]
         if self.design == "one_at_a_time":
             for factor, values in self.factors.items():
                 for value in values:
@@ -136,11 +135,9 @@ def load_grid(name_or_path: str | Path) -> Grid:
     for name in list(factors) + list(centre):
         if name not in fields:
             raise ValueError(f"{where}: {name!r} is not an ASDAConfig field; allowed: {sorted(fields)}")
-    seeds = _seeds(raw, "seeds", [0], where)
     grid = Grid(name=str(raw["name"]), path=str(path), description=str(raw.get("description", "")), design=design,
                 data=dict(raw["data"]), model=dict(raw.get("model") or {}), train=dict(raw["train"]),
-                evaluation=evaluation, seeds=seeds, centre_seeds=_seeds(raw, "centre_seeds", seeds, where),
-                centre=centre, factors=factors, raw=raw)
+                evaluation=evaluation, seeds=_paired_seeds(raw, where), centre=centre, factors=factors, raw=raw)
     if grid.model.get("preset", "tiny") not in PRESETS:
         raise ValueError(f"{where}: model.preset={grid.model.get('preset')!r} is not allowed: expected one of "
                          f"{PRESETS}")
@@ -153,6 +150,21 @@ def load_grid(name_or_path: str | Path) -> Grid:
     _check_distinct_cells(grid, configs, where)
     _check_train_keys(grid, where)
     return grid
+
+
+def _paired_seeds(raw: dict, where: str) -> list[int]:
+    """The one list of seeds every cell runs. A cell's Δ is the mean over seeds of (cell − centre) at the same seed,
+    so data order and initialisation cancel; that needs every cell to run exactly the centre's seeds. An older grid
+    may still name ``centre_seeds``: read when it equals ``seeds`` (or stands alone), refused when it differs."""
+    if "centre_seeds" not in raw:
+        return _seeds(raw, "seeds", [0], where)
+    centre = _seeds(raw, "centre_seeds", [0], where)
+    seeds = _seeds(raw, "seeds", centre, where)
+    if sorted(seeds) != sorted(centre):
+        raise ValueError(f"{where}: seeds={seeds} and centre_seeds={centre} differ: every cell now runs the centre's "
+                         f"seeds, so that each Δ pairs a cell's run with the centre's run of the same seed; write one "
+                         f"list, e.g. seeds: {centre}, and drop centre_seeds")
+    return seeds
 
 
 def _seeds(raw: dict, key: str, default: list[int], where: str) -> list[int]:

@@ -15,13 +15,14 @@ _NO_DECAY_NAMES = ("cls_token", "pos_embed.table")
 
 
 class ClassificationHead(nn.Module):
-    """LayerNorm + Linear on the utterance vector."""
+    """LayerNorm (eps 1e-6) + Linear on the utterance vector, initialised as the release's fine-tuning head:
+    unit norm scale, zero norm bias, Linear weight from a normal truncated at ±2 with std 0.02, zero bias."""
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.linear = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.linear.weight, std=2e-5)
+        nn.init.trunc_normal_(self.linear.weight, std=0.02)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, utterance: torch.Tensor) -> torch.Tensor:
@@ -55,19 +56,17 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
 
 
 def layer_id(name: str, depth: int) -> int:
-    """0 for embeddings, i + 1 for block i, depth + 1 for everything after the encoder (head)."""
+    """i + 1 for block i; depth + 1 (the base rate) for everything else: patch embedding, CLS, positions, input
+    and final norms, head."""
     match = re.search(r"blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    if any(k in name for k in ("patch_embed", "pos_embed", "cls_token", "norm_input")):
-        return 0
-    return depth + 1
+    return int(match.group(1)) + 1 if match else depth + 1
 
 
 def param_groups_layer_decay(
     model: nn.Module, weight_decay: float, layer_decay: float = 0.65, depth: int | None = None
 ) -> list[dict]:
-    """Layer-wise lr decay groups: block i gets ``lr_scale = layer_decay ** (depth - i)``, the head 1.
+    """Layer-wise lr decay groups: block i gets ``lr_scale = layer_decay ** (depth - i)``, every parameter outside
+    the blocks 1 (so the last block already trains at ``layer_decay`` times the base rate).
 
     Each group carries ``lr_scale``; the training loop sets ``lr = base_lr * lr_scale``.
     """

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +88,80 @@ def _check_labels(card: dict, labels: str) -> None:
         raise ValueError(f"{card['name']} is multi-label: use labels='multihot'")
 
 
+# Class-balanced sampling (AudioSet-2M fine-tuning). The release draws each epoch's clips from a weights file: a
+# class weighs 1000 / (its clip count + 0.01), a clip the sum of its classes' weights, and each epoch takes
+# num_samples (200,000) clips in proportion to those weights, without replacement. Here a pass keeps clip i with
+# probability min(1, c * w_i), c set so that a pass keeps ``per_pass`` clips on average: at most once per pass, rare
+# classes nearly always, as in the release's draw. Each pass reads the whole split and decodes only what it keeps.
+BALANCE_NUMERATOR, BALANCE_EPS = 1000.0, 0.01
+
+
+@dataclass(frozen=True)
+class BalancedDraw:
+    """Class-balanced passes over a split: ``passes`` passes of about ``per_pass`` clips each."""
+
+    per_pass: int
+    passes: int
+
+    def __post_init__(self) -> None:
+        if self.per_pass < 1 or self.passes < 1:
+            raise ValueError(f"{self} is not allowed: per_pass and passes must be >= 1")
+
+
+def class_weights(class_counts: Sequence[int]) -> np.ndarray:
+    """(C,) the weight of one label of each class: 1000 / (count + 0.01)."""
+    return BALANCE_NUMERATOR / (np.asarray(class_counts, dtype=np.float64) + BALANCE_EPS)
+
+
+def clip_weights(labels: Sequence[Sequence[int]], weights: np.ndarray) -> np.ndarray:
+    """(N,) a clip's sampling weight: the sum of its labels' class weights."""
+    return np.array([weights[np.asarray(ls, dtype=np.int64)].sum() for ls in labels], dtype=np.float64)
+
+
+def inclusion_scale(weights: np.ndarray, per_pass: int) -> float:
+    """The c with sum_i min(1, c * w_i) = per_pass (every clip, c = inf, once per_pass >= N)."""
+    if per_pass >= len(weights):
+        return float("inf")
+    low, high = 0.0, per_pass / weights.min()  # at high every clip is kept: the sum is N > per_pass
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if np.minimum(1.0, mid * weights).sum() < per_pass else (low, mid)
+    return high
+
+
+def balanced_keep(ids: Sequence[str], labels: Sequence[Sequence[int]], *, weights: np.ndarray, scale: float,
+                  seed: int, pass_index: int) -> np.ndarray:
+    """(n,) bool: the clips pass ``pass_index`` keeps. Seeded per clip, pass and run seed, so a pass keeps the same
+    clips whatever order rows arrive in."""
+    keep_prob = np.minimum(1.0, scale * clip_weights(labels, weights))
+    draws = np.array([np.random.default_rng([seed, pass_index, zlib.crc32(str(i).encode())]).random() for i in ids])
+    return draws < keep_prob
+
+
+def split_labels(prepared: str | Path, split: str | Sequence[str], folds: Iterable[int] | None = None) -> list:
+    """The labels of every clip of ``split`` (and ``folds``), read on this process (labels column only)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    prepared = Path(prepared).resolve()
+    card = load_card(prepared)
+    splits = _splits(card, split)
+    labels = []
+    for shard in verify_shards(prepared, card):
+        table = pq.read_table(shard, columns=["split", "fold", "labels"], page_checksum_verification=True)
+        keep = pc.is_in(table["split"], value_set=pa.array(splits))
+        if folds is not None:
+            keep = pc.and_(keep, pc.is_in(table["fold"], value_set=pa.array([int(f) for f in folds])))
+        labels.extend(table.filter(keep)["labels"].to_pylist())
+    return labels
+
+
+def _keep_balanced(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+    keep = balanced_keep(batch["id"], batch["labels"], **kwargs)
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def to_model_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -143,14 +218,15 @@ def feed_dataset(
     seed: int = 0,
     folds: Iterable[int] | None = None,
     workers: int = 1,
+    balanced: BalancedDraw | None = None,
 ):
     """A Ray Dataset of model-ready rows for ``split`` (one name or several) of a prepared folder.
 
     target_length defaults to the card's; ``folds`` keeps only those folds (ESC-50 cross-validation);
-    ``workers`` (the Train workers it feeds) bounds the concurrent tasks to ``DATA_TASKS_PER_WORKER`` each.
+    ``workers`` (the Train workers it feeds) bounds the concurrent tasks to ``DATA_TASKS_PER_WORKER`` each;
+    ``balanced`` makes the dataset that many class-balanced passes, one after the other (see ``BalancedDraw``).
     """
     import ray.data
-    from ray.data.expressions import col
 
     from ..runtime import ensure_ray
 
@@ -161,13 +237,20 @@ def feed_dataset(
     shards = verify_shards(prepared, card)
     ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
     tasks = DATA_TASKS_PER_WORKER * max(1, workers)
-    with _classic_parquet_path():
-        ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
-                                   num_cpus=DATA_TASK_CPUS, concurrency=min(tasks, len(shards)),
-                                   dataset_kwargs={"page_checksum_verification": True})
-    ds = ds.filter(expr=col("split").is_in(splits))
-    if folds is not None:
-        ds = ds.filter(expr=col("fold").is_in([int(f) for f in folds]))
+    read = dict(shards=shards, splits=splits, folds=folds, tasks=tasks)
+    if balanced is None:
+        ds = _read_rows(**read)
+    else:
+        clip_labels = split_labels(prepared, splits, folds)
+        counts = np.bincount(np.concatenate([np.asarray(ls, dtype=np.int64) for ls in clip_labels]),
+                             minlength=len(card["class_names"]))
+        weights = class_weights(counts)
+        keep = dict(weights=weights, scale=inclusion_scale(clip_weights(clip_labels, weights), balanced.per_pass),
+                    seed=seed)
+        passes = [_read_rows(**read).map_batches(_keep_balanced, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
+                                                 fn_kwargs={**keep, "pass_index": k})
+                  for k in range(balanced.passes)]
+        ds = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
     norm = card["normalisation"]
     ds = ds.map_batches(
         _feed_batch, batch_format="numpy", batch_size=64, num_cpus=DATA_TASK_CPUS,
@@ -179,6 +262,21 @@ def feed_dataset(
     # Rows arrive in shard order whatever task finishes first: with the seeded local shuffle and seeded crops,
     # a run is reproducible.
     ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def _read_rows(*, shards: list[Path], splits: list[str], folds: Iterable[int] | None, tasks: int):
+    """The raw rows of ``splits`` (and ``folds``), read from the shards."""
+    import ray.data
+    from ray.data.expressions import col
+
+    with _classic_parquet_path():
+        ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
+                                   num_cpus=DATA_TASK_CPUS, concurrency=min(tasks, len(shards)),
+                                   dataset_kwargs={"page_checksum_verification": True})
+    ds = ds.filter(expr=col("split").is_in(splits))
+    if folds is not None:
+        ds = ds.filter(expr=col("fold").is_in([int(f) for f in folds]))
     return ds
 
 

@@ -332,8 +332,9 @@ def _finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(
         **_train_settings(args, data), checkpoint=checkpoint, which=args.which, layer_decay=args.layer_decay,
         drop_path=args.drop_path, loss=args.loss, label_smoothing=args.label_smoothing, mixup=args.mixup,
-        specaug_time=args.specaug_time, specaug_freq=args.specaug_freq, eval_split=args.eval_split,
-        cv_folds=args.cv_folds, split=args.split)
+        mixup_prob=args.mixup_prob, specaug_time=args.specaug_time, specaug_freq=args.specaug_freq,
+        eval_split=args.eval_split, cv_folds=args.cv_folds, split=args.split,
+        balanced_sampling=args.balanced_sampling, clips_per_pass=args.clips_per_pass)
     _ensure_default_data(data)
     result = finetune(_model_config(args), settings)
     shown = {k: round(v, 4) for k, v in result.items() if k.startswith("eval_")}
@@ -353,9 +354,17 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    help="k-fold cross-validation over the split's folds 1..k (ESC-50: 5); reports the mean")
     p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (default: 0.65)")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (default: 0.1)")
-    p.add_argument("--loss", choices=("ce", "bce"), help="default: bce for multi-label data, else ce")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (default: 0.1)")
+    p.add_argument("--loss", choices=("ce", "bce", "bce_clip"),
+                   help="ce: cross-entropy; bce: BCE per positive label; bce_clip: BCE per clip (default: the data "
+                   "set's: bce for multi-label, bce_clip for speechcommands with mixup, else ce)")
+    p.add_argument("--label-smoothing", type=float, default=0.1,
+                   help="cross-entropy label smoothing when mixup is off (default: 0.1)")
     p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(a, a) parameter; 0 = off (default)")
+    p.add_argument("--mixup-prob", type=float, default=0.9, help="share of batches mixed (default: 0.9)")
+    p.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=None,
+                   help="class-balanced passes over the split (default: on for AudioSet's unbalanced split only)")
+    p.add_argument("--clips-per-pass", type=int, default=200_000,
+                   help="clips a class-balanced pass keeps on average (default: 200000)")
     p.add_argument("--specaug-time", type=float, default=0.2, help="largest time mask, share of frames (0.2)")
     p.add_argument("--specaug-freq", type=float, default=0.2, help="largest frequency mask, share of bins (0.2)")
     p.set_defaults(func=_finetune)

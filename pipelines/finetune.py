@@ -1,13 +1,17 @@
 """`asda finetune`: supervised fine-tuning of a pretrained encoder on Ray Train (SPEC §5).
 
-Layer-wise lr decay, drop path, SpecAugment time/frequency masks, mixup, roll + gain augmentation, BCE or
-cross-entropy with label smoothing; rank 0 evaluates the final model (``eval_accuracy`` / ``eval_map``). With
-``cv_folds`` it runs one training per fold (ESC-50: 5-fold cross-validation) and reports the mean.
+The release's recipe: layer-wise lr decay on the blocks only, drop path, roll + gain, then mixup (with a
+probability), then SpecAugment time/frequency masks; the loss follows the data set (AudioSet: BCE per positive label;
+Speech Commands with mixup: BCE per clip; otherwise cross-entropy with label smoothing); the encoder is fed the data
+set's own clip length; AudioSet-2M draws class-balanced passes. Rank 0 evaluates the final model
+(``eval_accuracy`` / ``eval_map``). With ``cv_folds`` it runs one training per fold (ESC-50: 5-fold
+cross-validation) and reports the mean.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,14 @@ import torch.nn.functional as F
 from model import ASDAClassifier, ASDAConfig, load_checkpoint, load_encoder, param_groups_layer_decay
 
 from . import tracking, worker
+from .data.card import feed_length
+from .data.feed import BalancedDraw
 from .training import TrainSettings, WorkerConfig, check_data, fit, start_tracking
+
+# The release's losses. "ce": softmax cross-entropy, mean over clips (ESC-50). "bce": binary cross-entropy summed over
+# clips and classes and divided by the batch's target mass, the number of positive labels (AudioSet). "bce_clip":
+# binary cross-entropy summed over classes, mean over clips (Speech Commands V2 with mixup).
+LOSSES = ("ce", "bce", "bce_clip")
 
 
 @dataclass(frozen=True)
@@ -30,44 +41,62 @@ class FinetuneSettings(TrainSettings):
     min_lr_ratio: float = 0.005
     layer_decay: float = 0.65
     drop_path: float = 0.1
-    loss: str | None = None  # "ce" | "bce"; default: bce for multi-label data, else ce
-    label_smoothing: float = 0.1  # cross-entropy only
+    loss: str | None = None  # one of LOSSES; default: the data set's (see default_loss)
+    label_smoothing: float = 0.1  # cross-entropy without mixup only (as the release)
     mixup: float = 0.0  # Beta(mixup, mixup) mixing weight; 0 = off
+    mixup_prob: float = 0.9  # share of batches mixed when mixup > 0 (the release's finetuning.yaml)
     specaug_time: float = 0.2  # largest time mask, as a share of the frames
     specaug_freq: float = 0.2  # largest frequency mask, as a share of the mel bins
     roll_gain: bool = True  # random time roll and Beta(10, 10) + 0.5 gain
     eval_split: str | None = None  # default: test, else valid
     cv_folds: int = 0  # > 0: train with each fold 1..cv_folds held out in turn (split must hold the folds)
     eval_batch_size: int = 64
+    # Class-balanced passes (AudioSet-2M); None = on for AudioSet's "unbalanced" split only, off elsewhere.
+    balanced_sampling: bool | None = None
+    clips_per_pass: int = 200_000  # clips a balanced pass keeps on average (the release's num_samples per epoch)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.which not in ("student", "teacher"):
             raise ValueError(f"which={self.which!r} is not allowed: expected 'student' or 'teacher'")
-        if self.loss not in (None, "ce", "bce"):
-            raise ValueError(f"loss={self.loss!r} is not allowed: expected 'ce' or 'bce'")
-        for name in ("layer_decay", "label_smoothing", "specaug_time", "specaug_freq", "drop_path"):
+        if self.loss is not None and self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not allowed: expected one of {LOSSES}")
+        for name in ("layer_decay", "label_smoothing", "specaug_time", "specaug_freq", "drop_path", "mixup_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected a number in [0, 1]")
         if self.mixup < 0 or self.cv_folds < 0:
             raise ValueError("mixup and cv_folds must be >= 0")
+        if self.clips_per_pass < 1:
+            raise ValueError(f"clips_per_pass={self.clips_per_pass!r} is not allowed: expected >= 1")
 
 
 # --------------------------------------------------------------------------------------------------- worker
 
 
-def augment(fbank: torch.Tensor, labels: torch.Tensor, s: FinetuneSettings, norm_std: float,
-            generator: torch.Generator | None = None):
-    """Training augmentation on normalised log-mel (B, T, F) and float targets (B, C)."""
-    B, T, Fq = fbank.shape
-    x = fbank.clone()
-    if s.roll_gain:
-        # Roll in time, and a waveform gain g: power scales by g², log-mel shifts by 2 ln g, / (2 std) normalised.
-        shifts = torch.randint(0, T, (B,), generator=generator).tolist()
-        x = torch.stack([torch.roll(row, k, dims=0) for row, k in zip(x, shifts, strict=True)])
-        gain = torch.distributions.Beta(10.0, 10.0).sample((B,)) + 0.5
-        x = x + (gain.log() / norm_std).view(B, 1, 1).to(x)
-    for axis, ratio, size in ((1, s.specaug_time, T), (2, s.specaug_freq, Fq)):
+def roll_gain(x: torch.Tensor, norm_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Roll each clip in time, and a waveform gain g ~ Beta(10, 10) + 0.5: power scales by g², log-mel shifts by
+    2 ln g, normalised log-mel (÷ 2 std) by ln g / std."""
+    B, T, _ = x.shape
+    shifts = torch.randint(0, T, (B,), generator=generator).tolist()
+    x = torch.stack([torch.roll(row, k, dims=0) for row, k in zip(x, shifts, strict=True)])
+    gain = torch.distributions.Beta(10.0, 10.0).sample((B,)) + 0.5
+    return x + (gain.log() / norm_std).view(B, 1, 1).to(x)
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, prob: float,
+          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability ``prob``, mix the batch with itself reversed, inputs and targets alike, by one
+    λ ~ Beta(alpha, alpha) for the batch (the release's batch mode; its targets are mixed, not smoothed)."""
+    if alpha <= 0 or float(torch.rand((), generator=generator)) >= prob:
+        return x, y
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    return lam * x + (1 - lam) * x.flip(0), lam * y + (1 - lam) * y.flip(0)
+
+
+def spec_augment(x: torch.Tensor, time: float, freq: float, generator: torch.Generator | None = None):
+    """One zero mask per clip on each axis, its width uniform up to ``ratio`` of the axis (time, then frequency)."""
+    B, T, Fq = x.shape
+    for axis, ratio, size in ((1, time, T), (2, freq, Fq)):
         width_max = int(ratio * size)
         if width_max < 1:
             continue
@@ -76,21 +105,49 @@ def augment(fbank: torch.Tensor, labels: torch.Tensor, s: FinetuneSettings, norm
         pos = torch.arange(size)
         mask = (pos[None] >= starts[:, None]) & (pos[None] < (starts + widths)[:, None])  # (B, size)
         x = x.masked_fill(mask.unsqueeze(2) if axis == 1 else mask.unsqueeze(1), 0.0)
-    if s.mixup > 0:
-        lam = float(torch.distributions.Beta(s.mixup, s.mixup).sample())
-        perm = torch.randperm(B, generator=generator)
-        x = lam * x + (1 - lam) * x[perm]
-        labels = lam * labels + (1 - lam) * labels[perm]
-    return x, labels
+    return x
+
+
+def augment(fbank: torch.Tensor, labels: torch.Tensor, s: FinetuneSettings, norm_std: float,
+            generator: torch.Generator | None = None):
+    """Training augmentation on normalised log-mel (B, T, F) and float targets (B, C), in the release's order:
+    roll + gain (on the waveform there), mixup, then SpecAugment, so masked bands stay zero."""
+    x = roll_gain(fbank, norm_std, generator) if s.roll_gain else fbank
+    x, labels = mixup(x, labels, s.mixup, s.mixup_prob, generator)
+    return spec_augment(x, s.specaug_time, s.specaug_freq, generator), labels
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str, smoothing: float) -> torch.Tensor:
-    """targets: (B, C) probabilities (one-hot, multi-hot or mixed)."""
+    """targets: (B, C) probabilities (one-hot, multi-hot or mixed); ``kind`` one of LOSSES."""
+    logits = logits.float()
     if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits, targets)
+        total = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+        return total / targets.sum().clamp_min(1.0)
+    if kind == "bce_clip":
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
     C = logits.shape[1]
     smoothed = targets * (1 - smoothing) + smoothing / C
-    return torch.sum(-smoothed * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+    return torch.sum(-smoothed * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+def default_loss(card: dict, mixup: float) -> str:
+    """The release's loss for this data set: BCE per clip for Speech Commands trained with mixup, BCE per positive
+    label for multi-label data (AudioSet), else cross-entropy (ESC-50, Speech Commands without mixup)."""
+    if card["name"] == "speechcommands" and mixup > 0:
+        return "bce_clip"
+    return "bce" if card["multilabel"] else "ce"
+
+
+def balanced_draw(settings: FinetuneSettings, card: dict) -> BalancedDraw | None:
+    """Class-balanced passes enough for the run, or None when off (default: on for AudioSet's unbalanced split)."""
+    on = settings.balanced_sampling
+    if on is None:
+        on = card["name"] == "audioset" and settings.split == "unbalanced"
+    if not on:
+        return None
+    per_pass = min(settings.clips_per_pass, card["splits"][settings.split])
+    draws = settings.steps * settings.batch_size * settings.workers
+    return BalancedDraw(per_pass=per_pass, passes=math.ceil(draws / per_pass) + 1)
 
 
 def build_classifier(config: ASDAConfig, num_classes: int, checkpoint: str | None, which: str) -> ASDAClassifier:
@@ -103,13 +160,23 @@ def build_classifier(config: ASDAConfig, num_classes: int, checkpoint: str | Non
     return ASDAClassifier(config, num_classes, encoder=encoder)
 
 
+def build_optimiser(model: ASDAClassifier, s: FinetuneSettings, depth: int) -> torch.optim.Optimizer:
+    """AdamW over layer-decay groups, each at ``lr * lr_scale``. From scratch (no checkpoint) every parameter
+    trains at the base rate: layer decay protects pretrained blocks, and a random encoder has none."""
+    groups = param_groups_layer_decay(model, s.weight_decay, s.layer_decay if s.checkpoint else 1.0, depth=depth)
+    for g in groups:
+        g["lr"] = s.lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2))
+
+
 @dataclass(frozen=True, kw_only=True)
 class FinetuneWorkerConfig(WorkerConfig):
     SETTINGS = FinetuneSettings
 
     num_classes: int
     multilabel: bool
-    loss: str  # "ce" | "bce"
+    loss: str  # one of LOSSES
+    target_length: int  # frames per clip fed to the encoder (the data set's unless overridden)
     norm_std: float  # the card's normalisation std (the gain augmentation shifts normalised log-mel)
     eval_split: str
     eval_folds: list[int] | None = None  # cross-validation: the held-out fold
@@ -122,10 +189,7 @@ def finetune_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     rank, world, device = worker.start_worker(w.threads, w.run_dir, s.in_process)
     torch.manual_seed(s.seed)  # identical initial weights on every rank
     model = build_classifier(w.model, w.num_classes, s.checkpoint, s.which).to(device)
-    groups = param_groups_layer_decay(model, s.weight_decay, s.layer_decay, depth=w.model.depth)
-    for g in groups:
-        g["lr"] = s.lr * g["lr_scale"]
-    optimiser = torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2))
+    optimiser = build_optimiser(model, s, depth=w.model.depth)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, worker.warmup_cosine(s.warmup_steps, s.steps, s.min_lr_ratio))
     checkpointer = worker.Checkpointer(rank=rank, run_dir=w.run_dir, every=s.checkpoint_every, last_step=s.steps,
@@ -164,7 +228,8 @@ class FinetuneJob:
         x, y = augment(x, y, s, w.norm_std)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.ddp(x.to(self.device))
-        loss = classification_loss(logits, y.to(self.device), w.loss, s.label_smoothing)
+        smoothing = s.label_smoothing if s.mixup == 0 else 0.0  # the release smooths only unmixed targets
+        loss = classification_loss(logits, y.to(self.device), w.loss, smoothing)
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
@@ -194,7 +259,7 @@ def evaluate_classifier(model: ASDAClassifier, w: FinetuneWorkerConfig, device) 
 
     model.eval()
     s = w.settings
-    clips = read_clips(s.data, w.eval_split, target_length=model.encoder.config.target_length,
+    clips = read_clips(s.data, w.eval_split, target_length=w.target_length,
                        labels="multihot" if w.multilabel else "index", folds=w.eval_folds)
     size = s.eval_batch_size
     scores = torch.cat([model(torch.as_tensor(clips["fbank"][i:i + size]).to(device)).float().cpu()
@@ -214,11 +279,12 @@ def finetune(config: ASDAConfig, settings: FinetuneSettings) -> dict[str, Any]:
         _, config = load_checkpoint(settings.checkpoint)  # the architecture comes from the checkpoint
     card = check_data(settings)
     multilabel = card["multilabel"]
-    loss = settings.loss or ("bce" if multilabel else "ce")
+    loss = settings.loss or default_loss(card, settings.mixup)
     if loss == "ce" and multilabel:
-        raise ValueError(f"{card['name']} is multi-label: use loss 'bce'")
+        raise ValueError(f"{card['name']} is multi-label: use loss 'bce' or 'bce_clip'")
     config = dataclasses.replace(config, drop_path=settings.drop_path)
     task = {"num_classes": len(card["class_names"]), "multilabel": multilabel, "loss": loss,
+            "target_length": feed_length(card, settings.target_length, settings.data, config.patch_size),
             "norm_std": card["normalisation"]["std"]}  # the FinetuneWorkerConfig fields every fold shares
     if settings.cv_folds:
         return _cross_validate(config, settings, card, task)
@@ -234,10 +300,12 @@ def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, task: dict[
 
     run_id = start_tracking(config, settings, card, kind=tracking.KIND_FINETUNE,
                             extra_params={tracking.PARAM_FINETUNE_LOSS: task["loss"],
-                                          tracking.PARAM_FINETUNE_EVAL_SPLIT: eval_split})
-    dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length,
+                                          tracking.PARAM_FINETUNE_EVAL_SPLIT: eval_split,
+                                          tracking.PARAM_DATA_TARGET_LENGTH: str(task["target_length"])})
+    dataset = feed_dataset(settings.data, settings.split, target_length=task["target_length"],
                            labels="multihot" if task["multilabel"] else "index", random_crop=True,
-                           seed=settings.seed, folds=train_folds, workers=settings.workers)
+                           seed=settings.seed, folds=train_folds, workers=settings.workers,
+                           balanced=balanced_draw(settings, card))
     result = fit(finetune_loop, FinetuneWorkerConfig, config=config, settings=settings, run_id=run_id,
                  datasets={"train": dataset}, eval_split=eval_split, eval_folds=eval_folds, **task)
     metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval_")}

@@ -58,6 +58,17 @@ class SweepConsole(Callback):
         self.progress.finish()
 
 
+def baseline_line(row: dict, cached: bool = False) -> str:
+    """The random-init baseline's line for one seed: its metric (or why it failed), like a trial's."""
+    name = f"baseline ({row['value']}) seed {row['seed']}"
+    if row.get("error"):
+        return f"failed    {name}: {row['error']}"
+    value, metric = row.get("metric_value"), row.get("metric")
+    shown = f"{metric} {value:.3f}" if isinstance(value, float) else f"no {metric}"
+    took = "(cached)" if cached else f"in {duration((row.get('timing') or {}).get('eval_s') or 0.0)}"
+    return f"finished  {name}: {shown} {took}"
+
+
 def _ended(trials, ending=None) -> int:
     """Trials that have ended, ``ending`` included (Tune calls back before it marks the trial)."""
     return sum(t.status in ("TERMINATED", "ERROR") or t is ending for t in trials)

@@ -24,6 +24,7 @@ from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version
 
 from .grid import Grid, Trial, load_grid
+from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
 STATE_FILE = "sweep.json"
@@ -72,7 +73,8 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     evaluation = _evaluate(sweep, config, trial, result)
     done = time.perf_counter()
     pretrained = result["metrics"]
-    metrics = {**evaluation, "pretrain_loss": float(pretrained.get("loss", float("nan"))),
+    metrics = {**evaluation, **_event_shares(result["run_id"]),
+               "pretrain_loss": float(pretrained.get("loss", float("nan"))),
                "checkpoint": result["checkpoint"], "run_id": result["run_id"],
                # where the trial's time went (asda bench sweep): the training loop, the evaluation, the rest
                "timing": {"trial_s": done - started, "eval_s": done - evaluating,
@@ -81,6 +83,15 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
                           "train_loop_cpu_s": pretrained.get("train_loop_cpu_s")}}
     tune.report(metrics)
     return metrics
+
+
+def _event_shares(run_id: str) -> dict[str, float]:
+    """The share of the final weights' attention on the labelled event (and a uniform map's share), as the
+    pretraining run logged them; empty where the data has no events."""
+    from mlflow import MlflowClient
+
+    logged = MlflowClient().get_run(run_id).data.metrics
+    return {k: float(logged[k]) for k in ("attn_event_share", "attn_event_share_uniform") if k in logged}
 
 
 def _evaluate(sweep: SweepParams, config: ASDAConfig, trial: Trial, pretrained: dict[str, Any]) -> dict[str, float]:
@@ -101,6 +112,66 @@ def _evaluate(sweep: SweepParams, config: ASDAConfig, trial: Trial, pretrained: 
             if key.startswith("eval_") and isinstance(value, float):
                 client.log_metric(pretrained["run_id"], key, value)
     return {k: float(v) for k, v in out.items() if k.startswith(("eval_", "train_")) and isinstance(v, float)}
+
+
+def run_baseline(grid: Grid, sweep: SweepParams, folder: Path) -> list[dict[str, Any]]:
+    """The random-init baseline: the centre's model initialised at random with each of the grid's seeds and
+    evaluated as the trials are (the probe, or fine-tuning from scratch), nested under the sweep's parent run.
+    Cached in the sweep's folder (baseline.json), so a resumed sweep does not redo it; a failed seed is run again."""
+    from .console import baseline_line
+
+    path = folder / BASELINE_FILE
+    done = {r["seed"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+    config = _centre_as_pretrained(grid, sweep)
+    for seed in grid.seeds:
+        cached = seed in done and not done[seed].get("error")
+        if not cached:
+            done[seed] = _baseline_seed(sweep, config, seed)
+            path.write_text(json.dumps(list(done.values()), indent=2, default=str))
+        print(baseline_line(done[seed], cached), flush=True)
+    return [done[seed] for seed in grid.seeds]
+
+
+def _centre_as_pretrained(grid: Grid, sweep: SweepParams) -> ASDAConfig:
+    """The centre's model as its trials pretrain it: at the frames fed from the pretraining data (the data set's
+    own length unless the train settings name one)."""
+    from pipelines.data.card import feed_length, load_card
+
+    config = sweep.base.with_overrides(grid.centre)
+    data = sweep.pretrain.data
+    length = feed_length(load_card(data), getattr(sweep.pretrain, "target_length", None), data, config.patch_size)
+    return dataclasses.replace(config, target_length=length)
+
+
+def _baseline_seed(sweep: SweepParams, config: ASDAConfig, seed: int) -> dict[str, Any]:
+    """One random-init encoder, scored like a trial; a failure is kept in the row (with its reason), not raised."""
+    from mlflow import MlflowClient
+
+    started = time.perf_counter()
+    name = f"{sweep.sweep_id}-{BASELINE}-s{seed}"
+    row = {"cell": BASELINE, "factor": BASELINE, "value": BASELINE_VALUE, "seed": seed, "metric": sweep.metric,
+           "metric_value": None, "run_id": None, "error": None}
+    try:
+        if sweep.probe is not None:
+            from pipelines.probe import probe
+
+            out = probe(dataclasses.replace(sweep.probe, checkpoint=None, seed=seed, name=name,
+                                            parent_run_id=sweep.pretrain.parent_run_id), config=config)
+        else:
+            from pipelines.finetune import finetune
+
+            out = finetune(config, dataclasses.replace(sweep.finetune, checkpoint=None, seed=seed, name=name))
+    except Exception as exc:  # the report shows the failed seed; the sweep's trials stand on their own
+        row["error"] = (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0][:300]
+        return row
+    client = MlflowClient()
+    for key, value in {tracking.TAG_SWEEP: sweep.sweep_id, tracking.TAG_CELL: BASELINE,
+                       tracking.TAG_FACTOR: BASELINE, tracking.TAG_SEED: str(seed)}.items():
+        client.set_tag(out["run_id"], key, value)
+    value = out.get(sweep.metric)
+    row.update(metric_value=float(value) if isinstance(value, int | float) else None, run_id=out["run_id"],
+               timing={"eval_s": time.perf_counter() - started})
+    return row
 
 
 def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment: str, cpus_per_worker: float,
@@ -209,7 +280,8 @@ def _parent_run(grid: Grid, state: dict, experiment: str) -> str:
 def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROOT, fresh: bool = False,
               max_concurrent: int | None = None, asha: bool = False,
               experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns {"dir", "parent_run_id", "trials", "report"}."""
+    """Run (or resume) a sweep: the trials on Tune, then the random-init baseline on this process, then the report;
+    returns {"dir", "parent_run_id", "trials", "baseline", "report"}."""
     from pipelines.runtime import ensure_ray
 
     from .report import build_report, print_report
@@ -227,13 +299,16 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
     rows = _collect(results, grid)
     (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
-    report = build_report(rows, grid, folder / "report", parent_run_id=state["parent_run_id"], data=str(data))
-    failed = [r for r in rows if r.get("error")]
+    baseline = run_baseline(grid, sweep, folder)
+    report = build_report(rows, grid, folder / "report", baseline=baseline, parent_run_id=state["parent_run_id"],
+                          data=str(data))
+    failed = [r for r in rows + baseline if r.get("error")]
     tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
     print_report(report)
     print(f"report: {folder / 'report'}")
     print(f"MLflow: {tracking.run_url(state['parent_run_id'])}")
-    return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "report": report}
+    return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "baseline": baseline,
+            "report": report}
 
 
 def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams) -> None:
@@ -321,6 +396,8 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
         row = {**result.config["trial"], "metric": grid.metric, "metric_value": metrics.get(grid.metric),
                "checkpoint": metrics.get("checkpoint"), "run_id": metrics.get("run_id"),
                "pretrain_loss": metrics.get("pretrain_loss"), "timing": metrics.get("timing"),
+               "attn_event_share": metrics.get("attn_event_share"),
+               "attn_event_share_uniform": metrics.get("attn_event_share_uniform"),
                "error": str(result.error).splitlines()[0] if result.error else None}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["factor"] != "centre", r["factor"], str(r["value"]), r["seed"]))

@@ -1,10 +1,12 @@
 """The ablation report: the paper's Table 3 shape — factor, value, metric mean ± spread over seeds, Δ vs the centre
-run, and whether Δ stands clear of the seed-to-seed noise — as CSV and markdown, one plot per factor, and the
-attention of λ = 0 beside the best λ."""
+run paired by seed, whether Δ stands clear of the seed-to-seed noise, and the share of attention on the labelled
+event — read against a randomly initialised encoder scored the same way (the random-init baseline). Written as
+CSV, markdown and summary.json, with one plot per factor and the attention of λ = 0 beside the best λ."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
@@ -13,20 +15,64 @@ from typing import Any
 from .grid import Grid
 
 Z = 2.0  # a difference "stands clear" when |Δ| > Z · its standard error
+BASELINE = "baseline"  # cell and factor of the random-init rows
+BASELINE_VALUE = "random-init"
+BASELINE_FILE = "baseline.json"  # in the sweep's folder: the random-init rows, one per seed
+SUMMARY_FILE = "summary.json"
 
 
-def _stats(values: list[float]) -> tuple[float, float, int]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
+def _finite(x: Any) -> float:
+    """``x`` as a float, NaN when missing or not finite."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def _stats(values: list[Any]) -> tuple[float, float, int]:
+    """Mean, standard deviation (NaN below two values: one run has no spread) and count of the finite values."""
+    values = [v for v in map(_finite, values) if math.isfinite(v)]
     if not values:
         return math.nan, math.nan, 0
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan), len(values)
 
 
+def _by_seed(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """seed -> metric, for the rows with a finite metric."""
+    values = {r["seed"]: _finite(r.get("metric_value")) for r in rows}
+    return {seed: v for seed, v in values.items() if math.isfinite(v)}
+
+
+def paired_delta(cell: dict[int, float], centre: dict[int, float]) -> tuple[float, float, int]:
+    """(Δ, its standard error, pairs): Δ is the mean over the seeds both ran of (cell − centre) at the same seed,
+    so what a seed fixes (data order, initialisation) cancels; the standard error comes from the spread of those
+    differences, NaN below two pairs."""
+    diffs = [cell[s] - centre[s] for s in sorted(cell.keys() & centre.keys())]
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def judge(delta: float, se: float, pairs: int, sigma: float) -> tuple[bool | None, float]:
+    """(|Δ| > Z·SE, the SE used). Two or more pairs: the SE of their differences. One pair has no spread of its own:
+    it is judged against √2·σ_seed, the spread of the difference of two runs under the pooled seed noise (a shared
+    seed can only bring two runs closer, so this errs towards "no"). None when there is nothing to judge against."""
+    if pairs == 0:
+        return None, math.nan
+    used = se if pairs >= 2 else math.sqrt(2) * sigma
+    if not (math.isfinite(used) and math.isfinite(delta)):
+        return None, used
+    return abs(delta) > Z * used, used
+
+
 def seed_noise(rows: list[dict[str, Any]]) -> float:
-    """Seed-to-seed standard deviation, pooled over every cell that ran more than one seed (NaN if none did)."""
+    """σ_seed: the pretrained trials' seed-to-seed standard deviation, pooled over every cell that ran more than one
+    seed (NaN if none did). The random-init baseline is no pretrained cell and stays out."""
     cells: dict[str, list[float]] = {}
     for r in rows:
-        if r.get("metric_value") is not None:
+        if r["cell"] != BASELINE and math.isfinite(_finite(r.get("metric_value"))):
             cells.setdefault(r["cell"], []).append(float(r["metric_value"]))
     num, den = 0.0, 0
     for values in cells.values():
@@ -36,12 +82,29 @@ def seed_noise(rows: list[dict[str, Any]]) -> float:
     return math.sqrt(num / den) if den else math.nan
 
 
+def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]], centre: dict[int, float],
+              sigma: float, metric: str) -> dict[str, Any]:
+    """One line of the table: the cell's runs (``members``) against the centre's metric per seed."""
+    mean, std, n = _stats([r.get("metric_value") for r in members])
+    is_centre = cell == "centre"
+    if is_centre:
+        delta, pairs, clear, se = 0.0, n, None, math.nan
+    else:
+        delta, paired_se, pairs = paired_delta(_by_seed(members), centre)
+        clear, se = judge(delta, paired_se, pairs, sigma)
+    return {"factor": factor, "value": value, "cell": cell, "metric": metric, "mean": mean, "std": std, "n": n,
+            "delta": delta, "se_delta": se, "pairs": pairs, "clear": clear,
+            "attn_event_share": _stats([r.get("attn_event_share") for r in members])[0], "centre": is_centre,
+            "errors": sum(1 for r in members if r.get("error"))}
+
+
 def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
     """One row per (factor, value), the centre value included in every factor's block."""
     by_cell: dict[str, list[dict]] = {}
     for r in rows:
-        by_cell.setdefault(r["cell"], []).append(r)
-    centre_mean, centre_std, centre_n = _stats([r["metric_value"] for r in by_cell.get("centre", [])])
+        if r["cell"] != BASELINE:
+            by_cell.setdefault(r["cell"], []).append(r)
+    centre = _by_seed(by_cell.get("centre", []))
     sigma = seed_noise(rows)
     table = []
     factors = list(grid.factors) if grid.design == "one_at_a_time" else ["factorial"]
@@ -50,65 +113,106 @@ def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any
             values = grid.factors[factor]
             cells = [("centre" if v == grid.centre.get(factor) else f"{factor}={v}", v) for v in values]
         else:
-            cells = sorted({(r["cell"], r["cell"]) for r in rows})
-        for cell, value in cells:
-            members = by_cell.get(cell, [])
-            mean, std, n = _stats([r["metric_value"] for r in members])
-            is_centre = cell == "centre"
-            delta = mean - centre_mean if not is_centre else 0.0
-            se = sigma * math.sqrt(1 / max(n, 1) + 1 / max(centre_n, 1)) if math.isfinite(sigma) else math.nan
-            clear = None if is_centre or not math.isfinite(se) or n == 0 else abs(delta) > Z * se
-            table.append({"factor": factor, "value": value, "cell": cell, "metric": grid.metric, "mean": mean,
-                          "std": std, "n": n, "delta": delta, "se_delta": se if not is_centre else math.nan,
-                          "clear_of_noise": clear, "centre": is_centre,
-                          "errors": sum(1 for r in members if r.get("error"))})
+            cells = sorted({(cell, cell) for cell in by_cell})
+        table += [table_row(factor, value, cell, by_cell.get(cell, []), centre, sigma, grid.metric)
+                  for cell, value in cells]
     return table
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+def baseline_row(baseline: list[dict[str, Any]], rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The random-init encoder's line, its Δ paired by seed with the centre's (None when no baseline ran)."""
+    if not baseline:
+        return None
+    centre = _by_seed([r for r in rows if r["cell"] == "centre"])
+    return table_row(BASELINE, BASELINE_VALUE, BASELINE, baseline, centre, seed_noise(rows), metric)
 
 
-def markdown(table: list[dict[str, Any]], grid: Grid, noise: float) -> str:
+def _fmt(x: Any, digits: int = 3) -> str:
+    x = _finite(x)
+    return "—" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _line(row: dict[str, Any]) -> str:
+    """A markdown table line: no ± where one run gives no spread (n = 1), Δ ± SE only where the SE was measured
+    from paired differences."""
+    spread = f" ± {_fmt(row['std'])}" if math.isfinite(row["std"]) else ""
+    if row["centre"]:
+        delta, clear = "", "centre"
+    else:
+        delta = f"{row['delta']:+.3f}" if math.isfinite(row["delta"]) else "—"
+        if row["pairs"] >= 2 and math.isfinite(row["se_delta"]):
+            delta += f" ± {row['se_delta']:.3f}"
+        clear = {True: "yes", False: "no", None: "—"}[row["clear"]]
+    errors = f" ({row['errors']} failed)" if row["errors"] else ""
+    return (f"| {row['factor']} | {row['value']} | {_fmt(row['mean'])}{spread} | {row['n']}{errors} | {delta} | "
+            f"{clear} | {_fmt(row['attn_event_share'], 2)} |")
+
+
+def markdown(table: list[dict[str, Any]], grid: Grid, noise: float, baseline: dict[str, Any] | None = None,
+             uniform_share: float = math.nan) -> str:
+    how = (f"σ_seed = {_fmt(noise)}, pooled over the cells that ran several seeds" if math.isfinite(noise) else
+           "σ_seed unknown (no cell ran two seeds), so a one-seed Δ cannot be judged: give the grid two seeds or more")
+    chance = f" (a uniform map gives {_fmt(uniform_share, 2)})" if math.isfinite(_finite(uniform_share)) else ""
     lines = [f"# Ablation report: {grid.name}", "",
-             f"Metric: `{grid.metric}` ({grid.evaluation['kind']}); mean ± standard deviation over seeds (n); "
-             f"Δ vs the centre run; *clear* when |Δ| > {Z:g} standard errors of the difference, with the "
-             f"seed-to-seed noise σ = {_fmt(noise)} pooled over the cells that ran several seeds.", "",
-             "| factor | value | " + grid.metric + " | n | Δ vs centre | clear of noise |",
-             "|---|---|---|---|---|---|"]
-    for row in table:
-        spread = f" ± {_fmt(row['std'])}" if math.isfinite(row["std"]) else ""
-        clear = "centre" if row["centre"] else {True: "yes", False: "no", None: "—"}[row["clear_of_noise"]]
-        delta = "" if row["centre"] else f"{row['delta']:+.3f}" if math.isfinite(row["delta"]) else "—"
-        errors = f" ({row['errors']} failed)" if row["errors"] else ""
-        lines.append(f"| {row['factor']} | {row['value']} | {_fmt(row['mean'])}{spread} | {row['n']}{errors} | "
-                     f"{delta} | {clear} |")
+             f"Metric: `{grid.metric}` ({grid.evaluation['kind']}); mean ± standard deviation over seeds (n; no ± "
+             f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
+             f"error where a cell has two seeds or more. *clear* when |Δ| > {Z:g} standard errors: for two seeds or "
+             f"more the error of the paired differences; for one seed √2·σ_seed, the spread of the difference of "
+             f"two runs. {how}.", "",
+             f"Attention on event: the share of the last layer's utterance-query attention |A1 − λ·A2| on the "
+             f"labelled event's patches, mean over the cell's runs{chance}; — where the data has no events.", "",
+             f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(noise)}.**", "",
+             f"| factor | value | {grid.metric} | n | Δ vs centre | clear of noise | attention on event |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [_line(row) for row in ([baseline] if baseline else []) + table]
     return "\n".join(lines) + "\n"
 
 
-def factor_plots(table: list[dict[str, Any]], grid: Grid, folder: Path) -> list[Path]:
+def _summary_value(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "not run"
+    spread = f" ± {_fmt(row['std'])}" if math.isfinite(row["std"]) else ""
+    return f"{_fmt(row['mean'])}{spread} (n = {row['n']})"
+
+
+def bar_panel(ax, rows: list[dict[str, Any]], metric: str, baseline: dict[str, Any] | None = None) -> None:
+    """One factor's bars (the centre orange); error bars (± seed std) only on bars of two runs or more, since one
+    run has no spread to show; the random-init baseline as a dashed line."""
+    x = list(range(len(rows)))
+    means = [r["mean"] for r in rows]
+    ax.bar(x, means, color=["tab:orange" if r["centre"] else "tab:blue" for r in rows], alpha=0.85)
+    spread = [(i, r["mean"], r["std"]) for i, r in enumerate(rows) if math.isfinite(r["std"])]
+    if spread:
+        xs, ys, errs = zip(*spread, strict=True)
+        ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="black", capsize=4)
+    levels = [m + (s if math.isfinite(s) else 0.0) * k for m, s in zip(means, [r["std"] for r in rows], strict=True)
+              for k in (-1, 1)]
+    if baseline is not None and math.isfinite(baseline["mean"]):
+        ax.axhline(baseline["mean"], color="grey", linestyle="--", linewidth=1, label=BASELINE_VALUE)
+        ax.legend(fontsize=7, loc="lower right")
+        levels.append(baseline["mean"])
+    finite = [v for v in levels if math.isfinite(v)]
+    if finite:
+        low, high = min(finite), max(finite)
+        pad = max(0.02, (high - low) * 0.25)
+        ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad) if high <= 1 else high + pad)
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def factor_plots(table: list[dict[str, Any]], grid: Grid, folder: Path,
+                 baseline: dict[str, Any] | None = None) -> list[Path]:
     from pipelines.plotting import plt
 
     paths = []
     for factor in dict.fromkeys(r["factor"] for r in table):
         rows = [r for r in table if r["factor"] == factor]
         fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(rows) + 1.5), 3.2))
-        x = range(len(rows))
-        means = [r["mean"] for r in rows]
-        errs = [r["std"] if math.isfinite(r["std"]) else 0.0 for r in rows]
-        colours = ["tab:orange" if r["centre"] else "tab:blue" for r in rows]
-        ax.bar(x, means, yerr=errs, color=colours, capsize=4, alpha=0.85)
-        ax.set_xticks(list(x), [str(r["value"]) for r in rows], rotation=30 if factor == "factorial" else 0,
-                      fontsize=7 if factor == "factorial" else 9)
+        bar_panel(ax, rows, grid.metric, baseline)
+        ax.set_xticks(list(range(len(rows))), [str(r["value"]) for r in rows],
+                      rotation=30 if factor == "factorial" else 0, fontsize=7 if factor == "factorial" else 9)
         ax.set_xlabel(factor)
-        ax.set_ylabel(grid.metric)
-        finite = [m for m in means if math.isfinite(m)]
-        if finite:
-            low, high = min(finite), max(finite)
-            pad = max(0.02, (high - low) * 0.5 + max(errs))
-            ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad) if high <= 1 else high + pad)
-        ax.set_title(f"{grid.name}: {factor} (orange = centre; bars ± seed std)", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"{grid.name}: {factor} (orange = centre; ± seed std where n ≥ 2)", fontsize=8)
         fig.tight_layout()
         path = folder / f"factor_{factor}.png"
         fig.savefig(path, dpi=110)
@@ -117,56 +221,56 @@ def factor_plots(table: list[dict[str, Any]], grid: Grid, folder: Path) -> list[
     return paths
 
 
-def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, Any]], grid: Grid, data: str,
-                            folder: Path) -> Path | None:
-    """The last layer's utterance-query attention (A1 − λA2) for λ = 0 beside the best λ, on the same clips."""
+def _lambda_checkpoints(rows: list[dict[str, Any]], table: list[dict[str, Any]], grid: Grid) -> dict[str, str]:
+    """{panel label: checkpoint} for λ = 0 and the best other λ (each cell's lowest seed), or {} if either lacks one."""
     if "diff_lambda" not in grid.factors:
-        return None
+        return {}
     lam_rows = [r for r in table if r["factor"] == "diff_lambda" and math.isfinite(r["mean"])]
     zero = next((r for r in lam_rows if float(r["value"]) == 0.0), None)
     best = max((r for r in lam_rows if float(r["value"]) != 0.0), key=lambda r: r["mean"], default=None)
     if zero is None or best is None:
-        return None
+        return {}
 
     def checkpoint(cell: str) -> str | None:
         found = sorted((r for r in rows if r["cell"] == cell and r.get("checkpoint")), key=lambda r: r["seed"])
         return found[0]["checkpoint"] if found else None
 
     paths = {"λ = 0": checkpoint(zero["cell"]), f"λ = {best['value']} (best)": checkpoint(best["cell"])}
-    if not all(paths.values()) or not all(Path(p).is_file() for p in paths.values()):
+    return paths if all(p and Path(p).is_file() for p in paths.values()) else {}
+
+
+def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, Any]], grid: Grid, data: str,
+                            folder: Path) -> Path | None:
+    """The last layer's utterance-query attention (A1 − λA2) for λ = 0 beside the best λ, on the same clips at the
+    data set's own length, each map on the axes of the clip's log-mel (time right, frequency up)."""
+    paths = _lambda_checkpoints(rows, table, grid)
+    if not paths:
         return None
     import torch
 
     from model import load_encoder
-    from pipelines.analysis import attention_summary, event_patch_mask, event_shares, figure_clips
+    from pipelines import analysis
     from pipelines.plotting import plt
 
     encoders = {label: load_encoder(path).eval() for label, path in paths.items()}
     config = next(iter(encoders.values())).config
-    clips = figure_clips(data, None, 4, config.target_length)
+    # A fixed sincos table serves any length; a learned table only the one it was trained with.
+    clips = analysis.figure_clips(data, None, 4, None if config.pos_embed == "sincos2d" else config.target_length)
     fbank = torch.as_tensor(clips["fbank"])
-    T, F = config.target_length // config.patch_size, config.num_mel_bins // config.patch_size
-    mask = event_patch_mask(clips["event"], (T, F), config.patch_size)
+    patches = (fbank.shape[1] // config.patch_size, config.num_mel_bins // config.patch_size)
+    mask = analysis.event_patch_mask(clips["event"], patches, config.patch_size)
     fig, axes = plt.subplots(len(fbank), 1 + len(encoders), figsize=(10, 2.1 * len(fbank)), squeeze=False)
-    for c, (label, encoder) in enumerate(encoders.items(), start=1):
-        layers = attention_summary(encoder, fbank)
-        share = event_shares(layers, mask).get("attn_event_share", math.nan)
-        for r in range(len(fbank)):
-            grid_map = layers[-1]["effective"][r].view(T, F).T.numpy()
-            vmax = float(abs(grid_map).max()) or 1.0
-            axes[r, c].imshow(grid_map, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-            if r == 0:
-                axes[r, c].set_title(f"{label}\nattention on the event: {share:.0%}", fontsize=8)
     for r in range(len(fbank)):
-        axes[r, 0].imshow(fbank[r].T.numpy(), origin="lower", aspect="auto", cmap="magma")
-        ev = clips["event"][r]
-        if all(math.isfinite(float(v)) for v in ev):
-            axes[r, 0].axvspan(ev[0] * 100, ev[1] * 100, color="cyan", alpha=0.25)
-        axes[r, 0].set_xticks([])
-        axes[r, 0].set_yticks([])
+        analysis.draw_logmel(axes[r, 0], clips["fbank"][r], clips["event"][r])
     axes[0, 0].set_title("log-mel (event shaded)", fontsize=8)
+    for c, (label, encoder) in enumerate(encoders.items(), start=1):
+        layers = analysis.attention_summary(encoder, fbank)
+        share = analysis.event_shares(layers, mask).get("attn_event_share", math.nan)
+        for r in range(len(fbank)):
+            analysis.draw_patch_map(axes[r, c], layers[-1]["effective"][r], patches, config.patch_size,
+                                    clips["event"][r], signed=True)
+        shown = f"{share:.0%}" if math.isfinite(share) else "—"
+        axes[0, c].set_title(f"{label}\nattention on the event: {shown}", fontsize=8)
     fig.suptitle("utterance-query attention A1 − λ·A2, last layer", fontsize=9)
     fig.tight_layout()
     path = folder / "attention_lambda.png"
@@ -175,38 +279,82 @@ def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, An
     return path
 
 
-def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, parent_run_id: str | None = None,
-                 data: str | None = None) -> dict[str, Any]:
-    """Write report.csv, report.md, one PNG per factor and the λ attention figure; log them to the parent run."""
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as null, so the file is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def summary(table: list[dict[str, Any]], grid: Grid, noise: float, baseline: dict[str, Any] | None) -> dict:
+    """summary.json: the metric, the centre, σ_seed, the random-init baseline and one entry per (factor, value)."""
+    centre = next((r for r in table if r["centre"]), None)
+    keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "clear", "attn_event_share", "centre")
+    return _json_safe({
+        "metric": grid.metric, "grid": grid.name, "z": Z,
+        "centre_mean": centre["mean"] if centre else math.nan, "centre_std": centre["std"] if centre else math.nan,
+        "centre_n": centre["n"] if centre else 0, "sigma_seed": noise,
+        "baseline_random_init": None if baseline is None else {k: baseline[k] for k in
+                                                              ("mean", "std", "n", "delta", "se_delta", "clear")},
+        "cells": [{k: row[k] for k in keys} for row in table]})
+
+
+def _baseline_rows(folder: Path, baseline: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The random-init rows given, else those cached in the sweep's folder (the report folder's parent)."""
+    if baseline is not None:
+        return baseline
+    cached = folder.parent / BASELINE_FILE
+    return json.loads(cached.read_text()) if cached.is_file() else []
+
+
+def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseline: list[dict[str, Any]] | None = None,
+                 parent_run_id: str | None = None, data: str | None = None) -> dict[str, Any]:
+    """Write report.csv, report.md, summary.json, one PNG per factor and the λ attention figure; log them to the
+    parent run. ``baseline``: the random-init rows (default: the sweep folder's baseline.json)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table = ablation_table(rows, grid)
     noise = seed_noise(rows)
+    base = baseline_row(_baseline_rows(folder, baseline), rows, grid.metric)
     with open(folder / "report.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
         writer.writeheader()
-        writer.writerows(table)
-    text = markdown(table, grid, noise)
+        writer.writerows(([base] if base else []) + table)
+    uniform = _stats([r.get("attn_event_share_uniform") for r in rows])[0]
+    text = markdown(table, grid, noise, base, uniform)
     (folder / "report.md").write_text(text)
-    figures = factor_plots(table, grid, folder)
+    result = summary(table, grid, noise, base)
+    (folder / SUMMARY_FILE).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    figures = factor_plots(table, grid, folder, base)
     attention = lambda_attention_figure(rows, table, grid, data, folder) if data else None
     if attention:
         figures.append(attention)
     if parent_run_id:
-        from mlflow import MlflowClient
+        _log_report(parent_run_id, folder, figures, result)
+    return {"table": table, "baseline": base, "markdown": text, "noise": noise, "summary": result,
+            "folder": str(folder), "figures": [str(p) for p in figures]}
 
-        client = MlflowClient()
-        for path in [folder / "report.csv", folder / "report.md", *figures]:
-            client.log_artifact(parent_run_id, str(path), "report")
-        client.log_metric(parent_run_id, "seed_noise", noise if math.isfinite(noise) else -1.0)
-        centre = next((r for r in table if r["centre"]), None)
-        if centre and math.isfinite(centre["mean"]):
-            client.log_metric(parent_run_id, f"centre_{grid.metric}", centre["mean"])
-    return {"table": table, "markdown": text, "noise": noise, "folder": str(folder),
-            "figures": [str(p) for p in figures]}
+
+def _log_report(run_id: str, folder: Path, figures: list[Path], result: dict[str, Any]) -> None:
+    """The report's files into the sweep's parent run, and its headline numbers as metrics (none for an unknown
+    value: a placeholder number would read as a measurement)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for path in [folder / "report.csv", folder / "report.md", folder / SUMMARY_FILE, *figures]:
+        client.log_artifact(run_id, str(path), "report")
+    baseline = result["baseline_random_init"] or {}
+    headline = {"seed_noise": result["sigma_seed"], f"centre_{result['metric']}": result["centre_mean"],
+                f"baseline_random_init_{result['metric']}": baseline.get("mean")}
+    for key, value in headline.items():
+        if value is not None:
+            client.log_metric(run_id, key, value)
 
 
 def print_report(report: dict[str, Any]) -> None:
     print()
     print(report["markdown"])
-

@@ -30,23 +30,36 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     # trials.json keeps each trial's factor value and its metric under distinct keys
     assert sorted(map(str, (t["value"] for t in result["trials"]))) == sorted(str(t.value) for t in trials)
     assert all(0.0 <= t["metric_value"] <= 1.0 and t["metric"] == grid.metric for t in result["trials"])
+    assert all(0.0 <= t["attn_event_share"] <= 1.0 for t in result["trials"])  # the synthetic clips have events
     client = MlflowClient()
     parent = client.get_run(result["parent_run_id"])
     assert parent.data.params["grid.name"] == grid_name and parent.data.params["code_version"]
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == len(trials)
+    trial_runs = [c for c in children if c.data.tags.get("asda.kind") == "sweep-trial"]
+    baseline_runs = [c for c in children if c.data.tags.get("asda.cell") == "baseline"]
+    assert len(trial_runs) == len(trials) and len(baseline_runs) == len(grid.seeds)
+    assert len(children) == len(trials) + len(grid.seeds)
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    for child in children:
+    for child in trial_runs:
         assert child.data.params["train.in_process"] == str(in_process)  # the training path the trial took
         assert child.data.params["model.diff_lambda"] in ("0.0", "0.3")
         assert child.data.tags["factor.diff_lambda"] == child.data.params["model.diff_lambda"]
         assert 0.0 <= child.data.metrics["eval_accuracy"] <= 1.0
         assert "loss" in child.data.metrics
+    for run in baseline_runs:  # the centre's model at random init, probed like the trials, once per seed
+        assert run.data.tags["asda.checkpoint"] == "random-init"
+        assert run.data.params["model.diff_lambda"] == str(grid.centre["diff_lambda"])
+        assert 0.0 <= run.data.metrics["eval_accuracy"] <= 1.0
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/report.csv", "report/report.md", "report/factor_diff_lambda.png",
+    assert {"report/report.csv", "report/report.md", "report/summary.json", "report/factor_diff_lambda.png",
             "report/attention_lambda.png"} <= report
-    assert "| diff_lambda | 0.0 |" in result["report"]["markdown"]
+    text = result["report"]["markdown"]
+    assert "| diff_lambda | 0.0 |" in text and "| baseline | random-init |" in text and "σ_seed" in text
+    summary = json.loads((Path(result["report"]["folder"]) / "summary.json").read_text())
+    assert {"metric", "centre_mean", "centre_std", "sigma_seed", "baseline_random_init", "cells"} <= set(summary)
+    assert summary["baseline_random_init"]["n"] == len(grid.seeds)
+    assert all(0.0 <= c["attn_event_share"] <= 1.0 for c in summary["cells"])  # the event-share column
     return children
 
 
@@ -114,6 +127,7 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     # Running the same grid again resumes it: nothing is redone.
     again = run_sweep("smoke", storage=tmp_path)
     assert again["parent_run_id"] == result["parent_run_id"]
+    assert [r["run_id"] for r in again["baseline"]] == [r["run_id"] for r in result["baseline"]]  # cached
     client = MlflowClient()
     after = client.search_runs([children[0].info.experiment_id],
                                filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
@@ -194,7 +208,7 @@ def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_res
         request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body,
                                          headers={"Content-Type": "application/json"})
         runs = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
-        assert len(runs) == len(load_grid("smoke").trials())
+        assert len(runs) == len(load_grid("smoke").trials()) + len(load_grid("smoke").seeds)  # and the baseline
         for run in runs:
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
             assert 0.0 <= metrics["eval_accuracy"] <= 1.0

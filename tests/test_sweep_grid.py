@@ -19,11 +19,33 @@ def test_every_shipped_grid_loads_and_builds_every_cell(name):
         grid.config_for(trial)
 
 
+@pytest.mark.parametrize("name", ["ablation", "factorial", "smoke", "paper"])
+def test_every_cell_runs_exactly_the_centres_seeds_so_each_delta_is_paired(name):
+    grid = load_grid(name)
+    seeds: dict[str, list[int]] = {}
+    for t in grid.trials():
+        seeds.setdefault(t.cell, []).append(t.seed)
+    assert all(sorted(s) == sorted(seeds["centre"]) for s in seeds.values()), seeds
+
+
+def test_a_grid_whose_cells_would_not_run_the_centres_seeds_is_refused_with_how_to_fix_it(tmp_path):
+    with pytest.raises(ValueError, match=r"seeds=\[0\] and centre_seeds=\[0, 1, 2\] differ: every cell now runs "
+                                         r"the centre's seeds.*write one list, e.g. seeds: \[0, 1, 2\]"):
+        load_grid(_write(tmp_path, seeds=[0], centre_seeds=[0, 1, 2]))
+    # an older grid whose centre_seeds agree with seeds (or stand alone) still reads
+    assert load_grid(_write(tmp_path, seeds=[1, 0], centre_seeds=[0, 1])).seeds == [1, 0]
+    raw = yaml.safe_load(open(load_grid("smoke").path))
+    del raw["seeds"]
+    path = tmp_path / "alone.yaml"
+    path.write_text(yaml.safe_dump({**raw, "centre_seeds": [3, 4]}))
+    assert {t.seed for t in load_grid(path).trials()} == {3, 4}
+
+
 def test_ablation_varies_one_factor_at_a_time_around_a_shared_centre():
     grid = load_grid("ablation")
     trials = grid.trials()
     centre = [t for t in trials if t.cell == "centre"]
-    assert len(centre) == 3  # the centre is repeated to measure seed noise
+    assert len(centre) >= 2  # the centre is repeated to measure seed noise
     assert {t.factor for t in trials} == {"centre", "diff_lambda", "alpha", "num_students", "cls_position"}
     for t in trials:
         changed = {k for k, v in t.overrides.items() if grid.centre.get(k) != v}
@@ -81,20 +103,20 @@ def _rows(values):
 def test_report_gives_delta_vs_centre_and_judges_it_against_seed_noise(tmp_path):
     grid = load_grid("smoke")  # factor diff_lambda, values 0.0 and 0.3 (centre)
     rows = _rows([("centre", "centre", None, [0.50, 0.52, 0.48]),
-                  ("diff_lambda=0.0", "diff_lambda", 0.0, [0.30, 0.32])])
+                  ("diff_lambda=0.0", "diff_lambda", 0.0, [0.30, 0.33, 0.27])])
     noise = seed_noise(rows)
-    assert noise == pytest.approx(math.sqrt((0.0008 + 0.0002) / 3), rel=1e-6)
+    assert noise == pytest.approx(math.sqrt((0.0008 + 0.0018) / 4), rel=1e-6)
     table = ablation_table(rows, grid)
     zero = next(r for r in table if r["value"] == 0.0)
     centre = next(r for r in table if r["centre"])
     assert centre["mean"] == pytest.approx(0.50) and centre["n"] == 3
-    assert zero["delta"] == pytest.approx(-0.19) and zero["clear_of_noise"] is True
+    assert zero["delta"] == pytest.approx(-0.20) and zero["clear"] is True
     close = ablation_table(_rows([("centre", "centre", None, [0.50, 0.52, 0.48]),
-                                  ("diff_lambda=0.0", "diff_lambda", 0.0, [0.51, 0.49])]), grid)
-    assert next(r for r in close if r["value"] == 0.0)["clear_of_noise"] is False
+                                  ("diff_lambda=0.0", "diff_lambda", 0.0, [0.51, 0.49, 0.50])]), grid)
+    assert next(r for r in close if r["value"] == 0.0)["clear"] is False
     report = build_report(rows, grid, tmp_path / "report")
     assert (tmp_path / "report" / "report.csv").is_file() and (tmp_path / "report" / "factor_diff_lambda.png").is_file()
-    assert "| diff_lambda | 0.0 | 0.310 ± 0.014 | 2 | -0.190 | yes |" in report["markdown"]
+    assert "| diff_lambda | 0.0 | 0.300 ± 0.030 | 3 | -0.200 ± 0.006 | yes | — |" in report["markdown"]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -1,0 +1,213 @@
+"""The sweep report on hand-made rows, without Ray: paired Δ, honest one-seed cells, the random-init baseline,
+the attention-on-event column, summary.json, and attention maps drawn the way the log-mel is."""
+
+import dataclasses
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sweeps import report as rp
+from sweeps.grid import load_grid
+from sweeps.report import BASELINE, BASELINE_FILE, ablation_table, build_report, paired_delta, seed_noise
+
+
+def _rows(cells, shares=None):
+    """[(cell, factor, value, {seed: metric})] -> trial rows; ``shares``: {cell: attention-on-event share}."""
+    rows = []
+    for cell, factor, value, by_seed in cells:
+        for seed, metric in by_seed.items():
+            rows.append({"cell": cell, "factor": factor, "value": value, "seed": seed, "metric_value": metric,
+                         "error": None if metric is not None else "RuntimeError: boom", "checkpoint": None,
+                         "attn_event_share": (shares or {}).get(cell), "attn_event_share_uniform": 0.25})
+    return rows
+
+
+def _baseline(by_seed):
+    return [{"cell": BASELINE, "factor": BASELINE, "value": "random-init", "seed": s, "metric": "eval_accuracy",
+             "metric_value": v, "error": None} for s, v in by_seed.items()]
+
+
+def _zero(table):
+    return next(r for r in table if r["value"] == 0.0)
+
+
+def test_delta_is_the_mean_of_paired_differences_so_what_a_seed_shares_cancels():
+    """Seeds move both runs alike (0.40 to 0.60): unpaired, the +0.017 would drown in that spread; paired by seed,
+    the differences agree and Δ stands clear."""
+    centre = {0: 0.50, 1: 0.60, 2: 0.40}
+    cell = {0: 0.52, 1: 0.62, 2: 0.41}
+    delta, se, pairs = paired_delta(cell, centre)
+    diffs = [0.02, 0.02, 0.01]
+    assert delta == pytest.approx(np.mean(diffs)) and pairs == 3
+    assert se == pytest.approx(np.std(diffs, ddof=1) / math.sqrt(3))
+    table = ablation_table(_rows([("centre", "centre", None, centre), ("diff_lambda=0.0", "diff_lambda", 0.0, cell)]),
+                           load_grid("smoke"))
+    assert _zero(table)["delta"] == pytest.approx(delta) and _zero(table)["clear"] is True
+    # a seed only one side ran is no pair
+    assert paired_delta({0: 0.5, 5: 0.9}, centre) == (pytest.approx(0.0), pytest.approx(math.nan, nan_ok=True), 1)
+
+
+def test_a_one_seed_cell_has_no_error_bar_and_is_judged_against_root_two_sigma_seed(tmp_path):
+    grid = load_grid("smoke")
+    rows = _rows([("centre", "centre", None, {0: 0.50, 1: 0.52, 2: 0.48}),
+                  ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.44, 1: None, 2: None})])
+    sigma = seed_noise(rows)
+    assert sigma == pytest.approx(0.02)  # only the centre ran several seeds
+    zero = _zero(ablation_table(rows, grid))
+    assert zero["n"] == 1 and math.isnan(zero["std"]) and zero["pairs"] == 1
+    assert zero["se_delta"] == pytest.approx(math.sqrt(2) * sigma)
+    assert zero["delta"] == pytest.approx(-0.06) and zero["clear"] is True  # 0.06 > 2 · 0.0283
+    report = build_report(rows, grid, tmp_path / "report")
+    line = next(x for x in report["markdown"].splitlines() if x.startswith("| diff_lambda | 0.0 |"))
+    assert line == "| diff_lambda | 0.0 | 0.440 | 1 (2 failed) | -0.060 | yes | — |"  # no ± anywhere
+    assert "for one seed √2·σ_seed" in report["markdown"]
+    # without any cell of two seeds there is no noise to judge a one-seed Δ against: no verdict, and the report
+    # says why
+    single = _rows([("centre", "centre", None, {0: 0.50}), ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.30})])
+    assert _zero(ablation_table(single, grid))["clear"] is None
+    text = build_report(single, grid, tmp_path / "single")["markdown"]
+    assert "σ_seed unknown" in text and "| diff_lambda | 0.0 | 0.300 | 1 | -0.200 | — | — |" in text
+
+
+def test_one_run_bars_get_no_error_bar_in_the_factor_plot():
+    from pipelines.plotting import plt
+
+    rows = [{"value": 0.3, "centre": True, "mean": 0.5, "std": 0.02, "n": 3},
+            {"value": 0.0, "centre": False, "mean": 0.4, "std": math.nan, "n": 1},
+            {"value": 0.5, "centre": False, "mean": 0.45, "std": 0.01, "n": 2}]
+    fig, ax = plt.subplots()
+    rp.bar_panel(ax, rows, "eval_accuracy", {"mean": 0.2})
+    errorbars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(errorbars) == 1
+    segments = errorbars[0].lines[2][0].get_segments()
+    assert sorted(float(s[0][0]) for s in segments) == [0.0, 2.0]  # bars 0 and 2; none on the one-run bar
+    assert any(line.get_linestyle() == "--" and line.get_ydata()[0] == 0.2 for line in ax.lines)  # the baseline
+    plt.close(fig)
+
+
+def test_the_report_shows_the_random_init_baseline_row_and_sigma_seed_where_a_user_reads_it(tmp_path, capsys):
+    grid = load_grid("smoke")
+    rows = _rows([("centre", "centre", None, {0: 0.50, 1: 0.52}), ("diff_lambda=0.0", "diff_lambda", 0.0,
+                                                                    {0: 0.40, 1: 0.44})])
+    report = build_report(rows, grid, tmp_path / "report", baseline=_baseline({0: 0.20, 1: 0.24}))
+    assert report["baseline"]["mean"] == pytest.approx(0.22) and report["baseline"]["n"] == 2
+    rp.print_report(report)
+    shown = capsys.readouterr().out
+    assert "| baseline | random-init | 0.220 ± 0.028 | 2 | -0.290 ± 0.010 | yes | — |" in shown
+    assert f"σ_seed = {seed_noise(rows):.3f}" in shown and "Baseline (random-init encoder): 0.220 ± 0.028" in shown
+    csv_text = (tmp_path / "report" / "report.csv").read_text().splitlines()
+    assert csv_text[1].startswith("baseline,random-init,baseline,")
+    # the baseline rows are no pretrained cell: they stay out of σ_seed
+    assert seed_noise(rows + _baseline({0: 0.0, 1: 1.0})) == pytest.approx(seed_noise(rows))
+
+
+def test_a_rebuilt_report_reads_the_baseline_cached_in_the_sweep_folder(tmp_path):
+    (tmp_path / BASELINE_FILE).write_text(json.dumps(_baseline({0: 0.1})))
+    rows = _rows([("centre", "centre", None, {0: 0.5}), ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.4})])
+    report = build_report(rows, load_grid("smoke"), tmp_path / "report")
+    assert "| baseline | random-init | 0.100 | 1 | -0.400 | — | — |" in report["markdown"]
+
+
+def test_attention_on_event_is_the_cells_mean_and_a_dash_where_the_data_has_no_events(tmp_path):
+    grid = load_grid("smoke")
+    rows = _rows([("centre", "centre", None, {0: 0.5, 1: 0.6})], shares={"centre": 0.4})
+    rows += _rows([("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.4, 1: 0.5})])
+    rows[0]["attn_event_share"] = 0.6  # centre: 0.6 and 0.4
+    table = ablation_table(rows, grid)
+    assert next(r for r in table if r["centre"])["attn_event_share"] == pytest.approx(0.5)
+    assert math.isnan(_zero(table)["attn_event_share"])
+    text = build_report(rows, grid, tmp_path / "report")["markdown"]
+    assert "| diff_lambda | 0.3 | 0.550 ± 0.071 | 2 |  | centre | 0.50 |" in text
+    assert "attention on event |" in text and "a uniform map gives 0.25" in text
+
+
+def test_summary_json_holds_the_spec_keys_with_null_for_what_is_unknown(tmp_path):
+    grid = load_grid("smoke")
+    rows = _rows([("centre", "centre", None, {0: 0.50}), ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.30})])
+    build_report(rows, grid, tmp_path / "report", baseline=_baseline({0: 0.2}))
+
+    def no_nan(token):
+        raise AssertionError(f"summary.json holds {token}, which is not JSON")
+
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text(), parse_constant=no_nan)
+    assert {"metric", "centre_mean", "centre_std", "sigma_seed", "baseline_random_init", "cells"} <= set(summary)
+    assert summary["metric"] == "eval_accuracy" and summary["centre_mean"] == pytest.approx(0.5)
+    assert summary["centre_std"] is None and summary["sigma_seed"] is None  # one seed: no spread measured
+    assert summary["baseline_random_init"]["mean"] == pytest.approx(0.2)
+    assert summary["baseline_random_init"]["std"] is None
+    for cell in summary["cells"]:
+        assert {"factor", "value", "mean", "std", "n", "delta", "clear"} <= set(cell)
+    zero = next(c for c in summary["cells"] if c["value"] == 0.0)
+    assert zero["delta"] == pytest.approx(-0.2) and zero["clear"] is None and zero["n"] == 1
+    without = build_report(rows, grid, tmp_path / "bare")["summary"]
+    assert without["baseline_random_init"] is None
+
+
+def test_patch_grid_image_puts_time_on_x_and_frequency_on_y():
+    """Time-major flattening (index t·F + f) -> image[f, t], which origin="lower" draws at (x = t, y = f)."""
+    from pipelines.analysis import patch_grid_image
+
+    T, F, t, f = 5, 8, 3, 1
+    weights = torch.zeros(T * F)
+    weights[t * F + f] = 1.0
+    image = patch_grid_image(weights, (T, F))
+    assert image.shape == (F, T)
+    assert image[f, t] == 1.0 and image.sum() == 1.0
+
+
+def test_attention_panels_line_up_with_the_log_mel_of_their_clip():
+    """Every panel of a row has the log-mel's extent (frames × mel bins) and origin, and the map's peak patch
+    lands where that patch's frames and mel bins are."""
+    from model import ASDAConfig, ASDAEncoder
+    from pipelines.analysis import attention_figure, patch_grid_image
+    from pipelines.plotting import plt
+
+    encoder = ASDAEncoder(ASDAConfig.tiny(embed_dim=32, depth=1, num_heads=2, average_top_k_layers=1))
+    clips = {"fbank": np.random.default_rng(0).standard_normal((2, 96, 128)).astype(np.float32),
+             "event": np.array([[0.2, 0.5], [np.nan, np.nan]])}
+    fig = attention_figure(encoder, clips)
+    axes = np.array(fig.axes).reshape(2, -1)
+    for row in axes:
+        images = [ax.get_images()[0] for ax in row]
+        assert all(im.origin == "lower" for im in images)
+        assert all(im.get_extent() == [0, 96, 0, 128] for im in images)
+        assert all(im.get_array().shape == (8, 6) for im in images[1:])  # (F, T) of 6 x 8 patches
+    plt.close(fig)
+    image = patch_grid_image(np.arange(48.0), (6, 8))  # value = t·F + f
+    assert image[2, 4] == 4 * 8 + 2
+
+
+def test_the_baseline_is_cached_in_the_sweep_folder_and_not_redone_on_resume(tmp_path, monkeypatch):
+    from model import ASDAConfig
+    from sweeps import driver
+
+    raw = yaml.safe_load(open(load_grid("smoke").path))
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**raw, "seeds": [0, 1]}))
+    grid = load_grid(path)
+    calls = []
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"target_length": 64}))
+
+    def fake(sweep, config, seed):
+        calls.append(seed)
+        # the centre's model, at the length its trials pretrain with (the data set's own)
+        assert config == dataclasses.replace(ASDAConfig.tiny().with_overrides(grid.centre), target_length=64)
+        return {"cell": BASELINE, "factor": BASELINE, "value": "random-init", "seed": seed, "metric": "eval_accuracy",
+                "metric_value": 0.1 * seed, "error": "OSError: disk" if seed == 1 and len(calls) == 2 else None}
+
+    monkeypatch.setattr(driver, "_baseline_seed", fake)
+    sweep = SimpleNamespace(base=ASDAConfig.tiny(), pretrain=SimpleNamespace(data=str(data), target_length=None))
+    assert [r["seed"] for r in driver.run_baseline(grid, sweep, tmp_path)] == [0, 1] and calls == [0, 1]
+    assert json.loads((tmp_path / BASELINE_FILE).read_text())[1]["error"] == "OSError: disk"
+    driver.run_baseline(grid, sweep, tmp_path)  # resumed: seed 0 is kept, the failed seed 1 runs again
+    assert calls == [0, 1, 1]
+    driver.run_baseline(grid, sweep, tmp_path)
+    assert calls == [0, 1, 1]

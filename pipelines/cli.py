@@ -280,6 +280,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: f
     p.add_argument("--checkpoint-every", type=int, default=100, help="updates between checkpoints (default: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from (default: 1)")
+    _add_length_arg(p)
     p.add_argument("--in-process", action="store_true",
                    help="train the one CPU worker in this process (Ray Train's local mode; no recovery)")
     p.add_argument("--name", help="run name; running the same name again resumes it")
@@ -289,12 +290,27 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: f
     _add_model_args(p)
 
 
+def _add_length_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-length", type=int, metavar="FRAMES",
+                   help="frames per clip fed to the encoder (default: the data set's, from its card: AudioSet "
+                        "1024, ESC-50 512, Speech Commands 128)")
+
+
+def _length(args: argparse.Namespace) -> int | None:
+    """--target-length, or a model override target_length=N, which means the same thing; None: the card's."""
+    if args.target_length is not None:
+        return args.target_length
+    given = [o.partition("=")[2] for o in getattr(args, "overrides", None) or [] if o.partition("=")[0].strip()
+             == "target_length"]
+    return int(given[-1]) if given else None
+
+
 def _train_settings(args: argparse.Namespace, data: Path) -> dict:
     return dict(
         data=str(data), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, workers=args.workers,
         use_gpu=args.use_gpu, max_failures=args.max_failures, name=args.name, experiment=args.experiment,
-        cpus_per_worker=args.cpus_per_worker, in_process=args.in_process,
+        cpus_per_worker=args.cpus_per_worker, in_process=args.in_process, target_length=_length(args),
         **({"storage": str(args.storage)} if args.storage else {}),
     )
 
@@ -380,7 +396,7 @@ def _probe(args: argparse.Namespace) -> int:
         raise ValueError("give --checkpoint (a pretraining run folder or .pt file) or --random-init for the baseline")
     settings = ProbeSettings(data=str(data), checkpoint=checkpoint, which=args.which, eval_split=args.eval_split,
                              cv_folds=args.cv_folds, l2=args.l2, seed=args.seed, experiment=args.experiment,
-                             name=args.name)
+                             name=args.name, target_length=args.target_length)
     _ensure_default_data(data)
     result = probe(settings, _model_config(args) if checkpoint is None else None)
     shown = {k: round(v, 4) for k, v in result.items()
@@ -400,6 +416,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cv-folds", type=int, default=0,
                    help="k-fold cross-validation over the train split's folds 1..k (ESC-50: 5); reports the mean")
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the classifier (default: 1e-3)")
+    _add_length_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
     p.add_argument("--name", help="MLflow run name")

@@ -122,16 +122,24 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
              report_to_tune: bool = False) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns {"run_id", "checkpoint", "metrics", "run_dir", "name"}.
 
+    The encoder is fed, and its ``target_length`` set to, the data set's length unless ``settings.target_length``
+    says otherwise.
+
     ``tags`` go on the MLflow run; ``report_to_tune``: each checkpoint's metrics also reach the Tune trial this
     runs in (a sweep with ASHA).
     """
     from .analysis import log_pretraining_artifacts
+    from .data.card import feed_length
     from .data.feed import feed_dataset
 
     settings = settings.resolved("pretrain")
     card = check_data(settings)
+    # The encoder pretrains on the data set's own length (its positional table is sized to it).
+    config = dataclasses.replace(config, target_length=feed_length(card, settings.target_length, settings.data,
+                                                                   config.patch_size))
     resume_file = worker.resolve_checkpoint(settings.resume)
-    run_id = start_tracking(config, settings, card, kind=tracking.KIND_PRETRAIN, tags=tags)
+    run_id = start_tracking(config, settings, card, kind=tracking.KIND_PRETRAIN, tags=tags,
+                            extra_params={tracking.PARAM_DATA_TARGET_LENGTH: str(config.target_length)})
     dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length, labels="none",
                            random_crop=True, seed=settings.seed, workers=settings.workers)
     result = fit(pretrain_loop, PretrainWorkerConfig, config=config, settings=settings, run_id=run_id,

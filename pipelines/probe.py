@@ -32,6 +32,7 @@ class ProbeSettings:
     max_iter: int = 300
     batch_size: int = 64  # clips per feature-extraction batch
     seed: int = 0
+    target_length: int | None = None  # frames per clip fed to the encoder; None: the data set's (its card)
     experiment: str = tracking.DEFAULT_EXPERIMENT
     name: str | None = None
     run_id: str | None = None  # log into this existing run (e.g. the pretraining run) instead of a new one
@@ -114,9 +115,10 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         torch.manual_seed(settings.seed)
         encoder = ASDAEncoder(config or ASDAConfig.tiny())
     multilabel, num_classes = card["multilabel"], len(card["class_names"])
+    length = input_length(encoder.config, card, settings.target_length, settings.data)
 
     def features(split: str, folds: list[int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        clips = read_clips(settings.data, split, target_length=encoder.config.target_length,
+        clips = read_clips(settings.data, split, target_length=length,
                            labels="multihot" if multilabel else "index", folds=folds)
         return utterance_features(encoder, clips["fbank"], settings.batch_size), clips["label"]
 
@@ -146,11 +148,24 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         train, test = features(settings.train_split), features(eval_split)
         metrics = fit_and_score(train, test)
         num_train, num_eval = len(train[0]), len(test[0])
-    run_id = _log(settings, metrics, eval_split, encoder.config)
+    run_id = _log(settings, metrics, eval_split, encoder.config, length)
     return {**metrics, "run_id": run_id, "eval_split": eval_split, "num_train": num_train, "num_eval": num_eval}
 
 
-def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, config: ASDAConfig) -> str:
+def input_length(config: ASDAConfig, card: dict, override: int | None, data: str) -> int:
+    """Frames per clip to feed ``config``'s encoder: the data set's (or ``override``), never the checkpoint's.
+    A fixed sincos table serves any length; a learned one only up to the length it was trained with."""
+    from .data.card import feed_length
+
+    length = feed_length(card, override, data, config.patch_size)
+    if config.pos_embed == "learned1d" and length > config.target_length:
+        raise ValueError(f"target_length={length} for {data} is longer than the {config.target_length} frames the "
+                         f"encoder's learned positions cover; pass --target-length <= {config.target_length}")
+    return length
+
+
+def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, config: ASDAConfig,
+         length: int) -> str:
     from mlflow import MlflowClient
 
     experiment_id = tracking.setup(settings.experiment)
@@ -159,6 +174,7 @@ def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, co
     params = {f"{tracking.PARAM_PROBE}{k}": str(v) for k, v in dataclasses.asdict(settings).items()
               if k not in ("run_id", "parent_run_id", "name")}
     params[tracking.PARAM_PROBE_EVAL_SPLIT] = eval_split
+    params[tracking.PARAM_PROBE + tracking.PARAM_DATA_TARGET_LENGTH] = str(length)
     if run_id is None:
         tags = {tracking.TAG_KIND: tracking.KIND_PROBE,
                 tracking.TAG_CHECKPOINT: str(settings.checkpoint or "random-init")}
@@ -167,6 +183,7 @@ def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, co
         run = client.create_run(experiment_id, run_name=settings.name or "probe", tags=tags)
         run_id = run.info.run_id
         params.update(tracking.flatten(config.to_dict(), tracking.PARAM_MODEL))
+        params[tracking.PARAM_DATA_TARGET_LENGTH] = str(length)  # a run of its own: the frames it fed
     tracking.log_params(client, run_id, params)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)

@@ -46,6 +46,7 @@ class TrainSettings:
     max_failures: int = 1  # worker deaths survived (restart from the last checkpoint)
     in_process: bool = False  # one CPU worker run in this process (Ray Train's local mode): no worker group
     split: str = "train"
+    target_length: int | None = None  # frames per clip fed to the encoder; None: the data set's (its card)
     name: str | None = None  # run name: running the same name again resumes that run
     storage: str = str(DEFAULT_STORAGE)
     experiment: str = tracking.DEFAULT_EXPERIMENT

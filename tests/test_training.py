@@ -171,6 +171,7 @@ def test_pretrain_probe_and_finetune_commands_run_on_a_prepared_esc50_layout_wit
               "--log-every", "1"]
     assert main(["pretrain", *common, "--name", "esc", "--steps", "2", "--checkpoint-every", "2", *small]) == 0
     assert (runs / "esc" / "final.pt").is_file()
+    assert load_checkpoint(runs / "esc" / "final.pt")[1].target_length == 512  # ESC-50's length, not the preset's
     shown = capsys.readouterr().out
     assert "2/2 updates" in shown and "clips/s" in shown, shown  # the command's progress bar
 
@@ -181,6 +182,7 @@ def test_pretrain_probe_and_finetune_commands_run_on_a_prepared_esc50_layout_wit
     probe_run = MlflowClient().get_run(out.strip().rsplit(" ", 1)[-1])
     folds = [probe_run.data.metrics[f"eval_accuracy_fold{k}"] for k in range(1, 6)]
     assert probe_run.data.metrics["eval_accuracy"] == pytest.approx(sum(folds) / 5)
+    assert probe_run.data.params["data.target_length"] == "512"
 
     assert main(["finetune", *common, "--checkpoint", str(runs / "esc"), "--name", "esc-ft", "--steps", "1",
                  "--checkpoint-every", "1", "--cv-folds", "2"]) == 0
@@ -197,6 +199,25 @@ def test_pretrain_probe_and_finetune_commands_run_on_a_prepared_esc50_layout_wit
     assert "split 'train' folds [2]" in err and "has 6 clips, fewer than one update needs (8 per worker" in err
     assert not client.search_runs([probe_run.info.experiment_id],
                                   filter_string="tags.mlflow.runName LIKE 'esc-small%'")
+
+
+def test_probe_feeds_the_data_sets_length_not_the_encoders(ray_local, tracking_store, tmp_path):
+    from layouts import write_speechcommands
+
+    from pipelines.data.prepare import prepare
+
+    data = tmp_path / "spc"
+    prepare("speechcommands", write_speechcommands(tmp_path / "raw"), data)
+    seen = []
+    encoder_config = TINY  # target_length 256; Speech Commands clips are 1 s = 128 frames
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[1]) if type(module).__name__ == "PatchEmbed" else None)
+    try:
+        result = probe(ProbeSettings(data=str(data), eval_split="test", max_iter=5), encoder_config)
+    finally:
+        handle.remove()
+    assert set(seen) == {128}
+    assert MlflowClient().get_run(result["run_id"]).data.params["data.target_length"] == "128"
 
 
 def test_cross_validation_names_the_folds_a_data_set_lacks(synthetic_prepared):

@@ -122,7 +122,10 @@ def run_baseline(grid: Grid, sweep: SweepParams, folder: Path) -> list[dict[str,
 
     path = folder / BASELINE_FILE
     done = {r["seed"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+    import torch
+
     config = _centre_as_pretrained(grid, sweep)
+    torch.set_num_threads(sweep.pretrain.threads_per_worker or SWEEP_THREADS)  # the trials' float sums
     for seed in grid.seeds:
         cached = seed in done and not done[seed].get("error")
         if not cached:
@@ -139,7 +142,7 @@ def _centre_as_pretrained(grid: Grid, sweep: SweepParams) -> ASDAConfig:
 
     config = sweep.base.with_overrides(grid.centre)
     data = sweep.pretrain.data
-    length = feed_length(load_card(data), getattr(sweep.pretrain, "target_length", None), data, config.patch_size)
+    length = feed_length(load_card(data), sweep.pretrain.target_length, data, config.patch_size)
     return dataclasses.replace(config, target_length=length)
 
 
@@ -231,6 +234,9 @@ def prepared_data(grid: Grid) -> Path:
 LOCAL_MAX_TRIALS = 4  # concurrent trials on a local instance; each holds ~1-2 GB in a dozen processes
 
 
+SWEEP_THREADS = 1  # torch threads per Train worker of a trial unless the grid says (train.threads_per_worker)
+
+
 def _concurrency(grid: Grid, n_trials: int, requested: int | None) -> tuple[int, float, int]:
     """(max concurrent trials, Ray CPUs per Train worker, torch threads per worker)."""
     import ray
@@ -248,9 +254,12 @@ def _concurrency(grid: Grid, n_trials: int, requested: int | None) -> tuple[int,
     # One trial per core (at most LOCAL_MAX_TRIALS), each Train worker on its share of the cores: training is CPU
     # work, so more trials than cores only share the cores (measured when each trial still started a worker
     # group: the default ablation took 16.5 min with three trials at a time on 2 cores, 13.9 min with two).
+    # Torch's thread count changes the order of float sums, so it is part of the experiment, not of the machine:
+    # the grid fixes it (train.threads_per_worker, default 1), and how many trials run at once changes only the
+    # time a sweep takes, never its numbers.
     cores = os.cpu_count() or 1
     concurrent = min(requested or max(1, min(cores, LOCAL_MAX_TRIALS)), n_trials)
-    return concurrent, 1.0, max(1, cores // (concurrent * workers))
+    return concurrent, 1.0, int(grid.train.get("threads_per_worker") or SWEEP_THREADS)
 
 
 def _parent_run(grid: Grid, state: dict, experiment: str) -> str:

@@ -132,6 +132,15 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     after = client.search_runs([children[0].info.experiment_id],
                                filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
     assert len(after) == len(children)
+    # The same grid from scratch, one trial at a time instead of two: the same numbers to the bit (each trial's
+    # torch thread count is the grid's, not a share of the cores).
+    alone = run_sweep("smoke", storage=tmp_path / "alone", max_concurrent=1)
+    assert _numbers(alone) == _numbers(result)
+
+
+def _numbers(result) -> dict:
+    return {(t["cell"], t["seed"]): (t["pretrain_loss"], t["metric_value"]) for t in result["trials"]} | {
+        ("baseline", r["seed"]): r["metric_value"] for r in result["baseline"]}
 
 
 def _postgres_bin() -> Path | None:

@@ -7,6 +7,8 @@ of its slot in the full layout (see ``pos_embed``), so head and middle are diffe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -40,7 +42,7 @@ class ASDAEncoder(nn.Module):
             )
             for i in range(config.depth)
         )
-        self.apply(_init_weights)
+        self.apply(functools.partial(_init_weights, std=config.linear_init_std))
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -131,10 +133,10 @@ def _drop_token(x: torch.Tensor, idx: int | None) -> torch.Tensor:
     return torch.cat([x[:, :idx], x[:, idx + 1:]], dim=1)
 
 
-def _init_weights(module: nn.Module) -> None:
-    # BERT/data2vec initialisation: N(0, 0.02) linear weights, zero biases, unit LayerNorm.
+def _init_weights(module: nn.Module, std: float) -> None:
+    # BERT/data2vec initialisation: N(0, std) linear weights (0.02 at the base width), zero biases, unit LayerNorm.
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv2d):

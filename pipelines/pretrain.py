@@ -136,7 +136,7 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     card = check_data(settings)
     # The encoder pretrains on the data set's own length (its positional table is sized to it).
     config = dataclasses.replace(config, target_length=feed_length(card, settings.target_length, settings.data,
-                                                                   config.patch_size))
+                                                                   config.patch_size)).for_run(settings.steps)
     resume_file = worker.resolve_checkpoint(settings.resume)
     run_id = start_tracking(config, settings, card, kind=tracking.KIND_PRETRAIN, tags=tags,
                             extra_params={tracking.PARAM_DATA_TARGET_LENGTH: str(config.target_length)})

@@ -85,3 +85,27 @@ def test_loss_falls_on_a_fixed_batch(reduction):
         losses.append((out["loss"].item(), out["loss_frame"].item()))
     first, last = (torch.tensor(losses[:5]).mean(0), torch.tensor(losses[-5:]).mean(0))
     assert last[1] < 0.75 * first[1] and last[0] < 0.9 * first[0], (first, last)
+
+
+def _attention_logit_std(config: ASDAConfig) -> float:
+    torch.manual_seed(0)
+    attn = ASDA(config).student.blocks[0].attn
+    x = torch.nn.functional.layer_norm(torch.randn(4, 64, config.embed_dim), (config.embed_dim,))
+    q1, k1 = attn.project_qkv(x)[:2]
+    return float((q1 @ k1.transpose(-2, -1) / q1.shape[-1] ** 0.5).std())
+
+
+def test_width_aware_init_gives_a_narrow_model_the_base_widths_attention_logit_spread():
+    """At 768 wide, N(0, 0.02) weights give attention logits of std ~0.3; at 128 wide the same std gives ~0.05
+    (near-uniform attention). The default init_std scales with the width so the narrow model starts like the base."""
+    tiny = ASDAConfig.tiny()
+    assert tiny.linear_init_std == pytest.approx(0.02 * (768 / 128) ** 0.5) and ASDAConfig().linear_init_std == 0.02
+    assert 0.2 < _attention_logit_std(tiny) < 0.45
+    assert _attention_logit_std(dataclasses.replace(tiny, init_std=0.02)) < 0.08
+
+
+def test_ema_anneal_fraction_sizes_the_teacher_schedule_to_the_run():
+    tiny = ASDAConfig.tiny()
+    assert tiny.for_run(200).ema_anneal_steps == 200 and tiny.for_run(60).ema_anneal_steps == 60
+    assert ASDAConfig().for_run(200).ema_anneal_steps == 100_000  # the release's fixed anneal
+    assert ema_decay(200, tiny.ema_decay_start, tiny.ema_decay_end, tiny.for_run(200).ema_anneal_steps) == 0.99

@@ -204,7 +204,8 @@ def test_the_baseline_is_cached_in_the_sweep_folder_and_not_redone_on_resume(tmp
                 "metric_value": 0.1 * seed, "error": "OSError: disk" if seed == 1 and len(calls) == 2 else None}
 
     monkeypatch.setattr(driver, "_baseline_seed", fake)
-    sweep = SimpleNamespace(base=ASDAConfig.tiny(), pretrain=SimpleNamespace(data=str(data), target_length=None))
+    sweep = SimpleNamespace(base=ASDAConfig.tiny(), pretrain=SimpleNamespace(data=str(data), target_length=None,
+                                                                       threads_per_worker=1))
     assert [r["seed"] for r in driver.run_baseline(grid, sweep, tmp_path)] == [0, 1] and calls == [0, 1]
     assert json.loads((tmp_path / BASELINE_FILE).read_text())[1]["error"] == "OSError: disk"
     driver.run_baseline(grid, sweep, tmp_path)  # resumed: seed 0 is kept, the failed seed 1 runs again

@@ -55,16 +55,31 @@ def paired_delta(cell: dict[int, float], centre: dict[int, float]) -> tuple[floa
     return statistics.fmean(diffs), se, len(diffs)
 
 
-def judge(delta: float, se: float, pairs: int, sigma: float) -> tuple[bool | None, float]:
-    """(|Δ| > Z·SE, the SE used). Two or more pairs: the SE of their differences. One pair has no spread of its own:
-    it is judged against √2·σ_seed, the spread of the difference of two runs under the pooled seed noise (a shared
-    seed can only bring two runs closer, so this errs towards "no"). None when there is nothing to judge against."""
+def judge(delta: float, pairs: int, sigma_diff: float, sigma: float) -> tuple[bool | None, float]:
+    """(|Δ| > Z·SE, the SE used). SE = σ_diff / √pairs, with σ_diff the spread of a paired difference pooled over
+    every cell (``difference_noise``): two pairs alone give a spread of one degree of freedom, which can be tiny
+    by chance and would call noise "clear". Without a pooled σ_diff (no cell with two pairs), a difference of two
+    runs is judged against √2·σ_seed (a shared seed can only bring two runs closer, so this errs towards "no").
+    None when there is nothing to judge against."""
     if pairs == 0:
         return None, math.nan
-    used = se if pairs >= 2 else math.sqrt(2) * sigma
+    spread = sigma_diff if math.isfinite(sigma_diff) else math.sqrt(2) * sigma
+    used = spread / math.sqrt(pairs)
     if not (math.isfinite(used) and math.isfinite(delta)):
         return None, used
     return abs(delta) > Z * used, used
+
+
+def difference_noise(cells: list[dict[int, float]], centre: dict[int, float]) -> float:
+    """σ_diff: the standard deviation of (cell − centre) at one seed, pooled over the cells with two pairs or more
+    (NaN if none has)."""
+    num, den = 0.0, 0
+    for cell in cells:
+        diffs = [cell[s] - centre[s] for s in cell.keys() & centre.keys()]
+        if len(diffs) > 1:
+            num += statistics.variance(diffs) * (len(diffs) - 1)
+            den += len(diffs) - 1
+    return math.sqrt(num / den) if den else math.nan
 
 
 def seed_noise(rows: list[dict[str, Any]]) -> float:
@@ -83,15 +98,16 @@ def seed_noise(rows: list[dict[str, Any]]) -> float:
 
 
 def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]], centre: dict[int, float],
-              sigma: float, metric: str) -> dict[str, Any]:
+              noise: tuple[float, float], metric: str) -> dict[str, Any]:
+    """``noise``: (σ_diff, σ_seed), what a Δ is judged against (``judge``)."""
     """One line of the table: the cell's runs (``members``) against the centre's metric per seed."""
     mean, std, n = _stats([r.get("metric_value") for r in members])
     is_centre = cell == "centre"
     if is_centre:
         delta, pairs, clear, se = 0.0, n, None, math.nan
     else:
-        delta, paired_se, pairs = paired_delta(_by_seed(members), centre)
-        clear, se = judge(delta, paired_se, pairs, sigma)
+        delta, _, pairs = paired_delta(_by_seed(members), centre)
+        clear, se = judge(delta, pairs, *noise)
     return {"factor": factor, "value": value, "cell": cell, "metric": metric, "mean": mean, "std": std, "n": n,
             "delta": delta, "se_delta": se, "pairs": pairs, "clear": clear,
             "attn_event_share": _stats([r.get("attn_event_share") for r in members])[0], "centre": is_centre,
@@ -105,7 +121,7 @@ def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any
         if r["cell"] != BASELINE:
             by_cell.setdefault(r["cell"], []).append(r)
     centre = _by_seed(by_cell.get("centre", []))
-    sigma = seed_noise(rows)
+    noise = noises(rows)
     table = []
     factors = list(grid.factors) if grid.design == "one_at_a_time" else ["factorial"]
     for factor in factors:
@@ -114,7 +130,7 @@ def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any
             cells = [("centre" if v == grid.centre.get(factor) else f"{factor}={v}", v) for v in values]
         else:
             cells = sorted({(cell, cell) for cell in by_cell})
-        table += [table_row(factor, value, cell, by_cell.get(cell, []), centre, sigma, grid.metric)
+        table += [table_row(factor, value, cell, by_cell.get(cell, []), centre, noise, grid.metric)
                   for cell, value in cells]
     return table
 
@@ -124,7 +140,17 @@ def baseline_row(baseline: list[dict[str, Any]], rows: list[dict[str, Any]], met
     if not baseline:
         return None
     centre = _by_seed([r for r in rows if r["cell"] == "centre"])
-    return table_row(BASELINE, BASELINE_VALUE, BASELINE, baseline, centre, seed_noise(rows), metric)
+    return table_row(BASELINE, BASELINE_VALUE, BASELINE, baseline, centre, noises(rows), metric)
+
+
+def noises(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(σ_diff, σ_seed) of the pretrained trials."""
+    by_cell: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["cell"] != BASELINE:
+            by_cell.setdefault(r["cell"], []).append(r)
+    centre = _by_seed(by_cell.pop("centre", []))
+    return difference_noise([_by_seed(m) for m in by_cell.values()], centre), seed_noise(rows)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -156,9 +182,8 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: float, baseline: di
     lines = [f"# Ablation report: {grid.name}", "",
              f"Metric: `{grid.metric}` ({grid.evaluation['kind']}); mean ± standard deviation over seeds (n; no ± "
              f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
-             f"error where a cell has two seeds or more. *clear* when |Δ| > {Z:g} standard errors: for two seeds or "
-             f"more the error of the paired differences; for one seed √2·σ_seed, the spread of the difference of "
-             f"two runs. {how}.", "",
+             f"error σ_diff/√pairs, with σ_diff the spread of one paired difference pooled over every cell (or, "
+             f"where no cell has two seeds, √2·σ_seed). *clear* when |Δ| > {Z:g} standard errors. {how}.", "",
              f"Attention on event: the share of the last layer's utterance-query attention |A1 − λ·A2| on the "
              f"labelled event's patches, mean over the cell's runs{chance}; — where the data has no events.", "",
              f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(noise)}.**", "",

@@ -13,7 +13,7 @@ import yaml
 
 from sweeps import report as rp
 from sweeps.grid import load_grid
-from sweeps.report import BASELINE, BASELINE_FILE, ablation_table, build_report, paired_delta, seed_noise
+from sweeps.report import BASELINE, BASELINE_FILE, Z, ablation_table, build_report, paired_delta, seed_noise
 
 
 def _rows(cells, shares=None):
@@ -52,6 +52,21 @@ def test_delta_is_the_mean_of_paired_differences_so_what_a_seed_shares_cancels()
     assert paired_delta({0: 0.5, 5: 0.9}, centre) == (pytest.approx(0.0), pytest.approx(math.nan, nan_ok=True), 1)
 
 
+def test_a_cell_is_judged_against_the_paired_noise_of_every_cell_not_its_own_two_pairs():
+    """Two pairs that happen to agree (+0.010, +0.011) give a tiny spread of one degree of freedom; pooled with the
+    other cells' differences the same Δ is noise."""
+    grid = load_grid("ablation")
+    rows = _rows([("centre", "centre", None, {0: 0.30, 1: 0.30}),
+                  ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.310, 1: 0.311}),
+                  ("alpha=1.0", "alpha", 1.0, {0: 0.36, 1: 0.26}),
+                  ("alpha=2.0", "alpha", 2.0, {0: 0.25, 1: 0.33})])
+    zero = next(r for r in ablation_table(rows, grid) if r["cell"] == "diff_lambda=0.0")
+    assert zero["delta"] == pytest.approx(0.0105) and zero["pairs"] == 2
+    alone = paired_delta({0: 0.310, 1: 0.311}, {0: 0.30, 1: 0.30})[1]
+    assert abs(zero["delta"]) > Z * alone  # its own two pairs would call it clear
+    assert zero["se_delta"] > 0.03 and zero["clear"] is False
+
+
 def test_a_one_seed_cell_has_no_error_bar_and_is_judged_against_root_two_sigma_seed(tmp_path):
     grid = load_grid("smoke")
     rows = _rows([("centre", "centre", None, {0: 0.50, 1: 0.52, 2: 0.48}),
@@ -65,7 +80,7 @@ def test_a_one_seed_cell_has_no_error_bar_and_is_judged_against_root_two_sigma_s
     report = build_report(rows, grid, tmp_path / "report")
     line = next(x for x in report["markdown"].splitlines() if x.startswith("| diff_lambda | 0.0 |"))
     assert line == "| diff_lambda | 0.0 | 0.440 | 1 (2 failed) | -0.060 | yes | — |"  # no ± anywhere
-    assert "for one seed √2·σ_seed" in report["markdown"]
+    assert "√2·σ_seed" in report["markdown"]
     # without any cell of two seeds there is no noise to judge a one-seed Δ against: no verdict, and the report
     # says why
     single = _rows([("centre", "centre", None, {0: 0.50}), ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.30})])

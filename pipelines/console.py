@@ -27,18 +27,21 @@ def set_verbose(verbose: bool) -> None:
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # "Token authentication is enabled": the sweep's header says so, with where the token is.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # A failed trial's traceback: the sweep prints one line with the reason and where the whole error is.
-    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
-    try:
+    try:  # first: importing ray.data sets its logger to DEBUG with a console handler
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
     except ImportError:
         pass
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray.data").handlers:  # its log file keeps the rest
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.ERROR)
+    # "Token authentication is enabled": the sweep's header says so, with where the token is.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # A failed trial's traceback: the sweep prints one line with the reason and where the whole error is.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
 
 
 def is_verbose() -> bool:

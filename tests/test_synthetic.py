@@ -178,3 +178,9 @@ def test_the_default_set_generates_in_seconds(tmp_path):
     started = time.perf_counter()
     manifest = ensure_dataset(tmp_path)
     assert len(manifest["clips"]) == 960 and time.perf_counter() - started < 30
+
+
+@pytest.mark.parametrize("seconds, frames", [(2.56, 256), (1.0, 112)])
+def test_the_cards_length_is_the_clips_own_in_whole_patches(tmp_path, seconds, frames):
+    index = build_index("synthetic", tmp_path, num_train=2, num_valid=0, num_test=0, clip_seconds=seconds)
+    assert index.target_length == frames  # a 1 s clip is not padded to 2.56 s

@@ -584,7 +584,9 @@ def synthetic(
         clip_seconds=clip_seconds, sample_rate=sample_rate, snr_min_db=snr_min_db, snr_max_db=snr_max_db)
     clips = [ClipRef(id=c["id"], path=str(source / c["file"]), split=c["split"], labels=(c["label"],),
                      event=(float(c["event"][0]), float(c["event"][1]))) for c in generated["clips"]]
-    return _finish("synthetic", list(generated["class_names"]), clips, [], multilabel=False, target_length=256,
+    # The clip's own length: 100 frames a second, rounded up to whole patches (2.56 s -> 256 frames).
+    frames = -(-int(round(clip_seconds * 100)) // 16) * 16
+    return _finish("synthetic", list(generated["class_names"]), clips, [], multilabel=False, target_length=frames,
                    stats=None)
 
 

@@ -124,6 +124,31 @@ def _bench_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_curve(args: argparse.Namespace) -> int:
+
+    from bench.curve import bench_curve, speechcommands_layout
+
+    data = args.data
+    if args.layout == "speechcommands":  # the synthetic classes as 1 s clips in Speech Commands' layout
+        from .data.prepare import prepare
+        from .runtime import DATA_ROOT
+
+        data = DATA_ROOT / "prepared" / "synthetic-speechcommands-layout"
+        if not (data / "dataset.json").is_file():
+            prepare("speechcommands", speechcommands_layout(DATA_ROOT / "raw" / "synthetic-speechcommands-layout"),
+                    data)
+    data = (data or _default_data()).resolve()
+    _ensure_default_data(data)
+    r = bench_curve(data, steps=args.steps, every=args.every, seeds=tuple(args.seeds), names=tuple(args.presets))
+    print(f"probe accuracy vs pretraining updates on {data.name} (one torch thread, seeds {args.seeds}):")
+    for name, c in r["curves"].items():
+        means = [sum(run[i] for run in c["accuracy"]) / len(c["accuracy"]) for i in range(len(c["updates"]))]
+        print(f"  {name:>11}: " + "  ".join(f"{u}: {m:.3f}" for u, m in zip(c["updates"], means, strict=True))
+              + f"   ({c['seconds']:.0f} s)")
+    _write_json(args.json, r)
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     which = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -162,6 +187,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--max-concurrent", type=int, help="trials at a time (default: the sweep's)")
     sweep.add_argument("--json", help="also write the results to this JSON file")
     sweep.set_defaults(func=_bench_sweep)
+    learn = which.add_parser("curve", help="probe accuracy vs pretraining updates: the tiny preset old and new")
+    learn.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set)")
+    learn.add_argument("--layout", choices=("synthetic", "speechcommands"), default="synthetic",
+                       help="speechcommands: the synthetic classes as 1 s clips in Speech Commands' layout")
+    learn.add_argument("--steps", type=int, default=200, help="pretraining updates (default: 200)")
+    learn.add_argument("--every", type=int, default=50, help="updates between probes (default: 50)")
+    learn.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    learn.add_argument("--presets", nargs="+", choices=("old", "new", "width-aware"), default=["old", "new"],
+                       help="tiny preset as it was, as it is, and as it is with the width-aware init")
+    learn.add_argument("--json", help="also write the results to this JSON file")
+    learn.set_defaults(func=_bench_curve)
 
 
 def _parse_options(items: list[str]) -> dict:

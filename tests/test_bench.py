@@ -77,3 +77,25 @@ def test_naive_and_stacked_baselines_compute_the_training_path_function():
         layer.load_state_dict(reference.state_dict())
         torch.testing.assert_close(layer(x, padding)[:, :14], reference(x, padding)[:, :14])
         torch.testing.assert_close(layer(x), reference(x))
+
+
+def test_bench_curve_probes_both_presets_at_each_interval(synthetic_prepared, tmp_path, capsys):
+    out = tmp_path / "curve.json"
+    assert main(["bench", "curve", "--data", str(synthetic_prepared), "--steps", "2", "--every", "1",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["curves"]) == {"old", "new"}
+    for curve in report["curves"].values():
+        assert curve["updates"] == [0, 1, 2] and all(0 <= a <= 1 for a in curve["accuracy"][0])
+    assert "probe accuracy vs pretraining updates" in capsys.readouterr().out
+
+
+def test_speechcommands_layout_of_the_synthetic_classes_prepares_as_speech_commands(ray_local, tmp_path):
+    from bench.curve import speechcommands_layout
+    from pipelines.data.card import load_card
+    from pipelines.data.prepare import prepare
+
+    prepare("speechcommands", speechcommands_layout(tmp_path / "raw", per_class=5), tmp_path / "prepared")
+    card = load_card(tmp_path / "prepared")
+    assert card["target_length"] == 128 and len(card["class_names"]) == 8
+    assert card["splits"] == {"train": 32, "test": 8}

@@ -41,6 +41,16 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ASDAConfig, **ex
     return path
 
 
+def corruption(path: str | Path) -> str | None:
+    """Why the checkpoint file at ``path`` must not be read (its bytes differ from the sha256 saved beside it),
+    or None."""
+    path = Path(path)
+    hash_file = path.with_name(path.name + HASH_SUFFIX)
+    if hash_file.is_file() and _sha256(path) != hash_file.read_text().strip():
+        return f"checkpoint {path} is corrupt: its sha256 differs from the one saved beside it ({hash_file.name})"
+    return None
+
+
 def read_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint file's contents, after checking its bytes against the sha256 saved beside it (checkpoints
     written before hashes were kept have none and are read as they are). Only tensors and plain containers are
@@ -48,10 +58,9 @@ def read_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    hash_file = path.with_name(path.name + HASH_SUFFIX)
-    if hash_file.is_file() and _sha256(path) != hash_file.read_text().strip():
-        raise ValueError(f"checkpoint {path} is corrupt: its sha256 differs from the one saved beside it "
-                         f"({hash_file.name}); use an earlier checkpoint")
+    problem = corruption(path)
+    if problem:
+        raise ValueError(f"{problem}; use an earlier checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, not a torch file, foreign pickle

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from model import ASDAConfig, read_state, save_checkpoint
+from model.checkpoint import corruption
 
 CHECKPOINT_PREFIX = "checkpoint_"  # + the update, 7 digits: a checkpoint folder in the run folder
 CHECKPOINT_FILE = "model.pt"  # rank 0's training state inside a checkpoint folder
@@ -202,7 +204,15 @@ class Checkpointer:
         if not self.in_process:
             return ray.train.get_checkpoint()
         found = sorted(p for p in Path(self.run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / CHECKPOINT_FILE).is_file())
-        return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+        for folder in reversed(found):  # newest first; a corrupt one gives way to the one before it
+            problem = corruption(folder / CHECKPOINT_FILE)
+            if problem is None:
+                return ray.train.Checkpoint.from_directory(str(folder))
+            print(f"{problem}: continuing from the checkpoint before it", file=sys.stderr, flush=True)
+        if found:
+            raise ValueError(f"every checkpoint of {self.run_dir} is corrupt ({', '.join(p.name for p in found)}); "
+                             f"delete them to start the run over")
+        return None
 
     def restore(self, checkpoint, seed: int) -> tuple[int, int]:
         """Continue from a Ray Train checkpoint (or start at update 0); returns (step, epoch).

@@ -153,3 +153,34 @@ def test_resuming_from_a_checkpoint_changed_after_saving_is_refused(tmp_path):
     state.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"checkpoint {state} is corrupt"):
         _checkpointer(tmp_path).restore(Checkpoint.from_directory(str(folder)), seed=0)
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _one(step):
+    return 1.0
+
+
+def test_a_corrupt_newest_checkpoint_gives_way_to_the_one_before_it(tmp_path, capsys):
+    def in_process():
+        """A checkpointer writing into the run folder, as a trial training in its own process does."""
+        model = torch.nn.Linear(4, 2)
+        optimiser = torch.optim.AdamW(model.parameters())
+        return worker.Checkpointer(rank=0, run_dir=str(tmp_path / "run"), every=2, last_step=10, model=model,
+                                   optimiser=optimiser, scheduler=torch.optim.lr_scheduler.LambdaLR(optimiser, _one),
+                                   config=ASDAConfig.tiny(), in_process=True, report=lambda *a, **k: None)
+
+    saver = in_process()
+    saver.save(2, 0, {"loss": 1.0})
+    saver.save(4, 0, {"loss": 1.0})
+    _flip_a_byte(tmp_path / "run" / "checkpoint_0000004" / worker.CHECKPOINT_FILE)
+    found = in_process().latest()
+    assert Path(found.path).name == "checkpoint_0000002"
+    assert "checkpoint_0000004/model.pt is corrupt" in capsys.readouterr().err
+    _flip_a_byte(tmp_path / "run" / "checkpoint_0000002" / worker.CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="every checkpoint of .* is corrupt"):
+        in_process().latest()

@@ -67,6 +67,10 @@ def _private_token() -> None:
         path.chmod(0o600)
 
 
+LOOPBACK = "127.0.0.1"
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": the node address stays loopback
+
+
 def ensure_ray(num_cpus: int | None = None):
     """Connect to ``RAY_ADDRESS`` if set, else to a cluster started here with ``make ray-up``, else start (once)
     a local instance. Returns the ray module."""
@@ -96,8 +100,16 @@ def ensure_ray(num_cpus: int | None = None):
     else:
         # No spot instances here: Train V2's preemption watcher would only be one more process per run.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Only this machine needs the instance, so every server Ray starts (GCS, raylet, object manager, agents,
+        # workers) listens on loopback. Ray on Linux replaces a loopback node address with the machine's reachable
+        # one; this switch (Ray's single-machine mode, the default on macOS and Windows) keeps the node on
+        # 127.0.0.1, and the processes the instance starts inherit it.
+        os.environ[SINGLE_MACHINE_ENV] = "0"
+        from ray._private import ray_constants  # read once at import, which has happened: this process too
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         _remember(ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=True,
-                           dashboard_host="127.0.0.1", log_to_driver=is_verbose(),
+                           dashboard_host=LOOPBACK, log_to_driver=is_verbose(),
                            logging_level=logging.INFO if is_verbose() else logging.WARNING))
     _private_token()
     return ray

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,18 @@ def session_members(sid: int) -> list[int]:
             if int(fields[3]) == sid:
                 members.append(int(entry.name))
     return members
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str]]:
+    """(pid, local address) of every listening TCP socket the processes ``pids`` hold (``ss -ltnpH``)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    wanted, found = set(pids), []
+    for line in out.splitlines():
+        fields = line.split()
+        for pid in (int(p) for p in re.findall(r"pid=(\d+)", line)):
+            if pid in wanted:
+                found.append((pid, fields[3]))
+    return found
 
 
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

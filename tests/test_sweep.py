@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, mlflow_server_at, stop_group
+from conftest import free_port, listening_sockets, mlflow_server_at, session_members, stop_group
 from mlflow import MlflowClient
 
 from sweeps.driver import run_sweep
@@ -116,6 +116,30 @@ def test_a_killed_in_process_trial_is_retried_by_tune_and_resumes_from_its_check
     resumed = MlflowClient().get_metric_history(run[0].info.run_id, "resumed_from_step")
     assert max(m.value for m in resumed) >= 4, resumed  # the second attempt started from a checkpoint
     assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_0000036", "checkpoint_0000040"]
+
+
+def test_the_local_ray_instance_of_a_sweep_listens_on_loopback_only(tracking_store, synthetic_prepared, tmp_path):
+    """`asda sweep` with no RAY_ADDRESS starts its own Ray instance: while a trial trains, no process of the
+    command (driver, GCS, raylet, agents, workers, trials) listens on anything but 127.0.0.1."""
+    storage = tmp_path / "sweeps"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("asda")), "sweep", "--grid",
+                             str(_retry_grid(tmp_path, synthetic_prepared)), "--storage", str(storage)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(storage.glob("*/runs/*/checkpoint_*/model.pt")):
+            time.sleep(0.2)
+        sockets = listening_sockets(session_members(proc.pid))
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        stop_group(proc, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert len(sockets) >= 3, sockets  # GCS, raylet, dashboard at least: the check saw the instance
+    loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
+    exposed = [(pid, address) for pid, address in sockets if not address.startswith(loopback)]
+    assert not exposed, exposed
 
 
 def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_store, tmp_path):

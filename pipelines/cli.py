@@ -462,10 +462,15 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sweeps.driver import SWEEPS_ROOT, run_sweep
+    from sweeps.driver import SWEEPS_ROOT, SweepInterrupted, run_sweep
 
-    result = run_sweep(args.grid, storage=args.storage or SWEEPS_ROOT, fresh=args.fresh,
-                       max_concurrent=args.max_concurrent, asha=args.asha, experiment=args.experiment)
+    try:
+        result = run_sweep(args.grid, storage=args.storage or SWEEPS_ROOT, fresh=args.fresh,
+                           max_concurrent=args.max_concurrent, asha=args.asha, experiment=args.experiment,
+                           sweep_id=args.sweep_id)
+    except SweepInterrupted as stop:
+        print(f"{stop}\nresume it with: {stop.resume}", flush=True)
+        return 128 + stop.signum
     failed = [t for t in result["trials"] if t.get("error")]
     if failed:
         print(f"{len(failed)} trial(s) failed; rerun the same command to retry them:")
@@ -479,7 +484,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run an ablation grid on Ray Tune (pretrain -> probe/finetune per trial)")
     p.add_argument("--grid", default="ablation",
                    help="grid name in sweeps/grids (ablation, factorial, smoke, paper) or a YAML file")
-    p.add_argument("--fresh", action="store_true", help="start over instead of resuming this grid's sweep")
+    p.add_argument("--fresh", action="store_true", help="start a new sweep of this grid beside the existing ones")
+    p.add_argument("--sweep-id", help="resume this sweep of the grid (default: its newest unfinished one)")
     p.add_argument("--max-concurrent", type=int, help="trials at a time (default: what the resources allow)")
     p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on the pretraining loss)")
     p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")

@@ -8,9 +8,11 @@ grid starts a new sweep.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,7 +290,7 @@ def _parent_run(grid: Grid, state: dict, experiment: str) -> str:
 
 def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROOT, fresh: bool = False,
               max_concurrent: int | None = None, asha: bool = False,
-              experiment: str = tracking.DEFAULT_EXPERIMENT) -> dict[str, Any]:
+              experiment: str = tracking.DEFAULT_EXPERIMENT, sweep_id: str | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep: the trials on Tune, then the random-init baseline on this process, then the report;
     returns {"dir", "parent_run_id", "trials", "baseline", "report"}."""
     from pipelines.runtime import ensure_ray
@@ -298,26 +300,87 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     grid = load_grid(grid_name_or_path)  # every cell's config is validated here, before Ray starts
     trials = grid.trials()
     data = prepared_data(grid)  # a bad data section fails here, before the sweep has a folder
-    folder, state = _open_sweep(grid, storage, fresh)
+    folder, state = _open_sweep(grid, storage, fresh, sweep_id)
     ensure_ray()
     state["parent_run_id"] = _parent_run(grid, state, experiment)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
     sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha)
     _header(state, grid, trials, concurrent, folder, sweep)
-    results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
+    _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
+    with _stop_signals() as received:
+        results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
     rows = _collect(results, grid)
+    unfinished = [r for r in rows if r["metric_value"] is None and not r["error"]]
+    if received or unfinished:
+        _interrupted(received.get("signum", signal.SIGINT), state, folder, rows, unfinished)
     (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
     baseline = run_baseline(grid, sweep, folder)
     report = build_report(rows, grid, folder / "report", baseline=baseline, parent_run_id=state["parent_run_id"],
                           data=str(data))
     failed = [r for r in rows + baseline if r.get("error")]
     tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
+    (folder / STATE_FILE).write_text(json.dumps({**state, "finished": True}, indent=2))
     print_report(report)
     print(f"report: {folder / 'report'}")
     print(f"MLflow: {tracking.run_url(state['parent_run_id'])}")
     return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "baseline": baseline,
             "report": report}
+
+
+class SweepInterrupted(Exception):
+    """The sweep was stopped by a signal: its unfinished trials and runs are marked KILLED, nothing unfinished
+    was written as a result, and ``resume`` is the command that continues it. Exit status 128 + ``signum``."""
+
+    def __init__(self, signum: int, message: str, resume: str):
+        super().__init__(message)
+        self.signum, self.resume = signum, resume
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """While Tune runs: SIGTERM stops the sweep as Ctrl+C does (Tune's own SIGINT handler stops the trials and
+    saves its state); the dict yielded names the signal that came."""
+    received: dict[str, int] = {}
+
+    def on_term(signum, frame):
+        received["signum"] = signum
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def on_int(signum, frame):  # only reached outside Tune's own handler
+        received["signum"] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+def _close_orphans(parent_run_id: str) -> None:
+    """Mark KILLED the runs under the sweep that are still RUNNING: nothing of this sweep runs yet, so they were
+    left by an interrupted or killed driver (a trial that resumes sets its run RUNNING again)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    for run in client.search_runs([parent.info.experiment_id], filter_string=(
+            f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'")):
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfinished: list[dict]) -> None:
+    """Record an interrupted sweep as such: finished trials only in trials.json, every run still RUNNING under
+    the parent and the parent itself KILLED, and the command that resumes it."""
+    done = [r for r in rows if r not in unfinished]
+    (folder / TRIALS_FILE).write_text(json.dumps(done, indent=2, default=str))
+    _close_orphans(state["parent_run_id"])
+    tracking.end_run(state["parent_run_id"], "KILLED")
+    resume = f"asda sweep --grid {state['grid']} --storage {folder.parent} --sweep-id {state['sweep_id']}"
+    raise SweepInterrupted(signum, f"sweep {state['sweep_id']} stopped by {signal.Signals(signum).name}: "
+                           f"{len(done)} of {len(rows)} trials finished, the rest marked KILLED", resume)
 
 
 def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams) -> None:
@@ -337,16 +400,27 @@ def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folde
         print(f"  logs       Ray's, Ray Data's and the trials' output: {ray_logs()} (--verbose shows it here)")
 
 
-def _open_sweep(grid: Grid, storage: str | Path, fresh: bool) -> tuple[Path, dict[str, Any]]:
-    """The sweep's folder and its state: this grid's existing sweep (resumed), or a new one."""
-    folder = sweep_dir(grid, storage)
-    if fresh and folder.exists():
-        folder = folder.with_name(f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+def _open_sweep(grid: Grid, storage: str | Path, fresh: bool,
+                sweep_id: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The sweep's folder and its state. ``sweep_id``: that sweep of this grid; else the newest unfinished sweep of
+    this grid (an interrupted or killed one, ``--fresh`` ones included), else the grid's folder (resumed when it
+    exists); ``fresh``: a new sweep in a folder of its own."""
+    base = sweep_dir(grid, storage)
+    folders = sorted((f for f in base.parent.glob(f"{base.name}*") if (f / STATE_FILE).is_file()),
+                     key=lambda f: f.stat().st_mtime)
+    states = {f: json.loads((f / STATE_FILE).read_text()) for f in folders}
+    if sweep_id:
+        folder = next((f for f, s in states.items() if s.get("sweep_id") == sweep_id), None)
+        if folder is None:
+            raise ValueError(f"--sweep-id {sweep_id}: no sweep of grid {grid.name} has that id in {base.parent}; "
+                             f"it has {[s.get('sweep_id') for s in states.values()] or 'none'}")
+    elif fresh:
+        folder = base.with_name(f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}") if base.exists() else base
+    else:
+        folder = next((f for f in reversed(folders) if not states[f].get("finished")), base)
     folder.mkdir(parents=True, exist_ok=True)
-    state_path = folder / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {
-        "sweep_id": f"{grid.name}-{time.strftime('%m%d-%H%M%S')}", "grid": grid.path,
-        "fingerprint": grid.fingerprint()}
+    state = states.get(folder) or {"sweep_id": f"{grid.name}-{time.strftime('%m%d-%H%M%S')}", "grid": grid.path,
+                                   "fingerprint": grid.fingerprint()}
     return folder, state
 
 

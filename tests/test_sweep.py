@@ -76,10 +76,10 @@ def test_smoke_grid_on_the_distributed_path_reports_where_each_trials_time_went(
     assert report["total"]["machine_cpu_s"] > 0 and report["total"]["wall_s"] > 0
 
 
-def _retry_grid(tmp_path, data) -> Path:
+def _retry_grid(tmp_path, data, steps: int = 40) -> Path:
     grid = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "grids" / "smoke.yaml").read_text())
     grid.update(name="retry", data={"prepared": str(data)}, factors={"diff_lambda": [0.3]})
-    grid["train"].update(steps=40, checkpoint_every=4, log_every=4, max_failures=1)
+    grid["train"].update(steps=steps, checkpoint_every=4, log_every=4, max_failures=1)
     path = tmp_path / "retry.yaml"
     path.write_text(yaml.safe_dump(grid))
     return path
@@ -116,6 +116,40 @@ def test_a_killed_in_process_trial_is_retried_by_tune_and_resumes_from_its_check
     resumed = MlflowClient().get_metric_history(run[0].info.run_id, "resumed_from_step")
     assert max(m.value for m in resumed) >= 4, resumed  # the second attempt started from a checkpoint
     assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_0000036", "checkpoint_0000040"]
+
+
+def test_a_stopped_sweep_is_marked_killed_and_the_plain_command_resumes_it(ray_local, tracking_store,
+                                                                           synthetic_prepared, tmp_path):
+    """SIGTERM to `asda sweep` mid-trial: exit 143, no result for the unfinished trial, its run and the parent
+    KILLED, and the printed command; the same command again finishes the sweep in the same folder."""
+    storage = tmp_path / "sweeps"
+    grid = _retry_grid(tmp_path, synthetic_prepared, steps=200)  # still training when the signal comes
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("asda")), "sweep", "--grid", str(grid),
+                             "--storage", str(storage)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(storage.glob("*/runs/*/checkpoint_*/model.pt")):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        stop_group(proc, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM: 0 of 1 trials finished" in out and "resume it with: asda sweep --grid" in out
+    folder = next(storage.iterdir())
+    assert json.loads((folder / "trials.json").read_text()) == []  # nothing unfinished passes for a result
+    state = json.loads((folder / "sweep.json").read_text())
+    client = MlflowClient()
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+    children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
+    assert children and {c.info.status for c in children} == {"KILLED"}
+    again = run_sweep(grid, storage=storage)
+    assert again["dir"] == str(folder) and again["parent_run_id"] == state["parent_run_id"]
+    assert again["trials"][0]["metric_value"] is not None
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
 
 
 def test_the_local_ray_instance_of_a_sweep_listens_on_loopback_only(tracking_store, synthetic_prepared, tmp_path):

@@ -75,8 +75,9 @@ def test_naive_and_stacked_baselines_compute_the_training_path_function():
     for name in ("naive", "stacked"):
         layer = build_layer(name, 64, 4, 0.3).double()
         layer.load_state_dict(reference.state_dict())
-        torch.testing.assert_close(layer(x, padding)[:, :14], reference(x, padding)[:, :14])
-        torch.testing.assert_close(layer(x), reference(x))
+        # the naive maps take their softmax in float32, as the training path's explicit reference does
+        torch.testing.assert_close(layer(x, padding)[:, :14], reference(x, padding)[:, :14], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer(x), reference(x), atol=1e-6, rtol=1e-5)
 
 
 def test_bench_curve_probes_both_presets_at_each_interval(synthetic_prepared, tmp_path, capsys):

@@ -85,21 +85,32 @@ def _retry_grid(tmp_path, data, steps: int = 40) -> Path:
     return path
 
 
+def _sweep_command(grid: Path, storage: Path, env: dict) -> subprocess.Popen:
+    """`asda sweep` as a user starts it, in a session of its own (stop_group stops all it started)."""
+    return subprocess.Popen([str(Path(sys.executable).with_name("asda")), "sweep", "--grid", str(grid),
+                             "--storage", str(storage)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _first_checkpoint(storage: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(storage.glob("*/runs/*/checkpoint_*/model.pt")):
+        time.sleep(0.2)
+
+
+def _joining(ray_local) -> dict:
+    return {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+
+
 def test_a_killed_in_process_trial_is_retried_by_tune_and_resumes_from_its_checkpoint_on_a_quiet_console(
         ray_local, tracking_store, synthetic_prepared, tmp_path):
     """`asda sweep` as a user runs it: the trial trains in its own process; SIGKILL it after its first checkpoint
     and Tune's FailureConfig runs it again, from that checkpoint. The terminal shows one line per event and none
     of Ray's own output."""
     storage = tmp_path / "sweeps"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("asda")), "sweep", "--grid",
-                             str(_retry_grid(tmp_path, synthetic_prepared)), "--storage", str(storage)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = _sweep_command(_retry_grid(tmp_path, synthetic_prepared), storage, _joining(ray_local))
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(storage.glob("*/runs/*/checkpoint_*/model.pt")):
-            time.sleep(0.2)
+        _first_checkpoint(storage)
         run_dir = next(storage.glob("*/runs/*")).resolve()
         os.kill(int((run_dir / "workers" / "rank0.pid").read_text()), signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
@@ -124,14 +135,9 @@ def test_a_stopped_sweep_is_marked_killed_and_the_plain_command_resumes_it(ray_l
     KILLED, and the printed command; the same command again finishes the sweep in the same folder."""
     storage = tmp_path / "sweeps"
     grid = _retry_grid(tmp_path, synthetic_prepared, steps=200)  # still training when the signal comes
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("asda")), "sweep", "--grid", str(grid),
-                             "--storage", str(storage)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = _sweep_command(grid, storage, _joining(ray_local))
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(storage.glob("*/runs/*/checkpoint_*/model.pt")):
-            time.sleep(0.2)
+        _first_checkpoint(storage)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -156,15 +162,10 @@ def test_the_local_ray_instance_of_a_sweep_listens_on_loopback_only(tracking_sto
     """`asda sweep` with no RAY_ADDRESS starts its own Ray instance: while a trial trains, no process of the
     command (driver, GCS, raylet, agents, workers, trials) listens on anything but 127.0.0.1."""
     storage = tmp_path / "sweeps"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("asda")), "sweep", "--grid",
-                             str(_retry_grid(tmp_path, synthetic_prepared)), "--storage", str(storage)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the sweep starts its own instance
+    proc = _sweep_command(_retry_grid(tmp_path, synthetic_prepared), storage, env)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(storage.glob("*/runs/*/checkpoint_*/model.pt")):
-            time.sleep(0.2)
+        _first_checkpoint(storage)
         sockets = listening_sockets(session_members(proc.pid))
         out, _ = proc.communicate(timeout=600)
     finally:

@@ -137,3 +137,22 @@ def test_a_bad_data_section_leaves_no_sweep_folder_behind(tmp_path):
     with pytest.raises(ValueError, match="num_trian"):
         run_sweep(path, storage=tmp_path / "sweeps")
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_plain_run_resumes_the_newest_unfinished_sweep_of_the_grid_and_sweep_id_picks_one(tmp_path):
+    import json
+    import os
+
+    from sweeps.driver import STATE_FILE, _open_sweep
+
+    grid = load_grid("smoke")
+    first, state = _open_sweep(grid, tmp_path, fresh=False)
+    (first / STATE_FILE).write_text(json.dumps({**state, "sweep_id": "first", "finished": True}))
+    fresh, _ = _open_sweep(grid, tmp_path, fresh=True)  # --fresh: a folder of its own beside the first
+    assert fresh != first and fresh.name.startswith(first.name)
+    (fresh / STATE_FILE).write_text(json.dumps({**state, "sweep_id": "fresh"}))  # killed before it finished
+    os.utime(first / STATE_FILE, (1, 1))
+    assert _open_sweep(grid, tmp_path, fresh=False)[0] == fresh  # not the older, finished one
+    assert _open_sweep(grid, tmp_path, fresh=False, sweep_id="first")[0] == first
+    with pytest.raises(ValueError, match="--sweep-id nope: no sweep of grid smoke has that id"):
+        _open_sweep(grid, tmp_path, fresh=False, sweep_id="nope")

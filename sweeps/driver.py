@@ -313,7 +313,7 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     rows = _collect(results, grid)
     unfinished = [r for r in rows if r["metric_value"] is None and not r["error"]]
     if received or unfinished:
-        _interrupted(received.get("signum", signal.SIGINT), state, folder, rows, unfinished)
+        _interrupted(received.get("signum", signal.SIGINT), state, folder, rows, unfinished, grid.metric)
     (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
     baseline = run_baseline(grid, sweep, folder)
     report = build_report(rows, grid, folder / "report", baseline=baseline, parent_run_id=state["parent_run_id"],
@@ -359,24 +359,29 @@ def _stop_signals():
         signal.signal(signal.SIGINT, previous[1])
 
 
-def _close_orphans(parent_run_id: str) -> None:
+def _close_orphans(parent_run_id: str, metric: str | None = None) -> None:
     """Mark KILLED the runs under the sweep that are still RUNNING: nothing of this sweep runs yet, so they were
-    left by an interrupted or killed driver (a trial that resumes sets its run RUNNING again)."""
+    left by an interrupted or killed driver (a trial that resumes sets its run RUNNING again). With ``metric``,
+    also every trial run without it: its pretraining may have finished, the trial did not."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
-    for run in client.search_runs([parent.info.experiment_id], filter_string=(
-            f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'")):
-        client.set_terminated(run.info.run_id, status="KILLED")
+    for run in client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}'"):
+        unevaluated = (metric is not None and run.data.tags.get(tracking.TAG_KIND) == tracking.KIND_TRIAL
+                       and metric not in run.data.metrics)
+        if run.info.status == "RUNNING" or (unevaluated and run.info.status != "KILLED"):
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfinished: list[dict]) -> None:
+def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfinished: list[dict],
+                 metric: str) -> None:
     """Record an interrupted sweep as such: finished trials only in trials.json, every run still RUNNING under
     the parent and the parent itself KILLED, and the command that resumes it."""
     done = [r for r in rows if r not in unfinished]
     (folder / TRIALS_FILE).write_text(json.dumps(done, indent=2, default=str))
-    _close_orphans(state["parent_run_id"])
+    _close_orphans(state["parent_run_id"], metric)
     tracking.end_run(state["parent_run_id"], "KILLED")
     resume = f"asda sweep --grid {state['grid']} --storage {folder.parent} --sweep-id {state['sweep_id']}"
     raise SweepInterrupted(signum, f"sweep {state['sweep_id']} stopped by {signal.Signals(signum).name}: "

@@ -7,6 +7,8 @@ imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -357,8 +359,18 @@ def _pretrain(args: argparse.Namespace) -> int:
     config = _model_config(args)
     data = (args.data or _default_data()).resolve()
     settings = PretrainSettings(**_train_settings(args, data), resume=str(args.resume) if args.resume else None)
+    settings = settings.resolved("pretrain")  # its name now: the command that resumes it names it
     _ensure_default_data(data)
-    result = pretrain(config, settings)
+    from .runtime import ensure_ray
+    from .training import check_data
+
+    check_data(settings)  # bad data fails here, before Ray starts
+    ensure_ray()  # connecting installs Ray's own SIGTERM handler: ours goes on top of it
+    with _interrupts() as received:
+        try:
+            result = pretrain(config, settings)
+        except KeyboardInterrupt:
+            return _stopped(settings, received.get("signum", signal.SIGINT))
     from .tracking import run_url
 
     print(f"finished {result['name']}: step {result['metrics'].get('step')}, "
@@ -366,6 +378,39 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result['checkpoint']}")
     print(f"MLflow: {run_url(result['run_id'])}")
     return 0
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """SIGTERM stops the command as Ctrl+C does (KeyboardInterrupt); the dict yielded names the signal that came."""
+    received: dict[str, int] = {}
+
+    def on_signal(signum, frame):
+        received["signum"] = signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stopped(settings, signum: int) -> int:
+    """A stopped training run: its MLflow run KILLED, the command that continues it, exit 128 + the signal."""
+    import shlex
+
+    from . import tracking
+
+    run_id = tracking.find_run(settings.experiment, settings.name)
+    if run_id:
+        tracking.end_run(run_id, "KILLED")
+    named = any(a == "--name" or a.startswith("--name=") for a in sys.argv[1:])
+    argv = sys.argv[1:] if named else [*sys.argv[1:], "--name", settings.name]
+    print(f"run {settings.name} stopped by {signal.Signals(signum).name}; its checkpoints in "
+          f"{settings.storage}/{settings.name} are kept\nresume it with: {shlex.join(['asda', *argv])}", flush=True)
+    return 128 + signum
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:

@@ -135,6 +135,18 @@ def log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=items[i:i + 100])
 
 
+def find_run(experiment: str, name: str) -> str | None:
+    """The id of the training run named ``name`` (its TAG_RUN_NAME) in ``experiment``, or None."""
+    from mlflow import MlflowClient
+
+    found = MlflowClient().get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = MlflowClient().search_runs([found.experiment_id], filter_string=f"tags.`{TAG_RUN_NAME}` = '{name}'",
+                                      max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def end_run(run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 

@@ -220,6 +220,44 @@ def test_probe_feeds_the_data_sets_length_not_the_encoders(ray_local, tracking_s
     assert MlflowClient().get_run(result["run_id"]).data.params["data.target_length"] == "128"
 
 
+def test_a_stopped_pretraining_run_is_marked_killed_and_the_printed_command_resumes_it(
+        ray_local, tracking_store, synthetic_prepared, tmp_path):
+    """SIGTERM to `asda pretrain` after its first checkpoint: exit 143, the MLflow run KILLED, and a command that,
+    run again, continues from the checkpoint and finishes the run."""
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import stop_group
+
+    small = ["embed_dim=64", "depth=2", "average_top_k_layers=2", "num_students=2", "decoder_layers=1"]
+    argv = [str(Path(sys.executable).with_name("asda")), "pretrain", "--data", str(synthetic_prepared),
+            "--storage", str(tmp_path), "--name", "stop-me", "--steps", "200", "--checkpoint-every", "4",
+            "--batch-size", "4", *small]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(tmp_path.glob("stop-me/checkpoint_*/model.pt")):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        stop_group(proc, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("asda").experiment_id],
+                                     filter_string="tags.`asda.run_name` = 'stop-me'")[0]
+    assert run.info.status == "KILLED"
+    command = out.strip().splitlines()[-1]
+    assert command.startswith("resume it with: asda pretrain") and "--name stop-me" in command, out[-2000:]
+    again = subprocess.run([str(Path(sys.executable).with_name("asda")), *shlex.split(command)[4:]], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    run = MlflowClient().get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_step"] >= 4
+
+
 def test_cross_validation_names_the_folds_a_data_set_lacks(synthetic_prepared):
     with pytest.raises(ValueError, match=r"has no fold \[1, 2\].*ESC-50 has folds 1-5"):
         probe(ProbeSettings(data=str(synthetic_prepared), cv_folds=2))

@@ -239,7 +239,9 @@ def test_a_stopped_pretraining_run_is_marked_killed_and_the_printed_command_resu
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not list(tmp_path.glob("stop-me/checkpoint_*/model.pt")):
+        # a checkpoint Ray Train has registered (its snapshot names it): the one a resumed run starts from
+        while time.time() < deadline and not (list(tmp_path.glob("stop-me/checkpoint_*/model.pt")) and
+                                              (tmp_path / "stop-me" / "checkpoint_manager_snapshot.json").is_file()):
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)

@@ -7,7 +7,6 @@ imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
 from collections.abc import Callable
@@ -361,12 +360,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     settings = PretrainSettings(**_train_settings(args, data), resume=str(args.resume) if args.resume else None)
     settings = settings.resolved("pretrain")  # its name now: the command that resumes it names it
     _ensure_default_data(data)
-    from .runtime import ensure_ray
+    from .runtime import ensure_ray, stop_signals
     from .training import check_data
 
     check_data(settings)  # bad data fails here, before Ray starts
     ensure_ray()  # connecting installs Ray's own SIGTERM handler: ours goes on top of it
-    with _interrupts() as received:
+    with stop_signals() as received:
         try:
             result = pretrain(config, settings)
         except KeyboardInterrupt:
@@ -378,23 +377,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result['checkpoint']}")
     print(f"MLflow: {run_url(result['run_id'])}")
     return 0
-
-
-@contextlib.contextmanager
-def _interrupts():
-    """SIGTERM stops the command as Ctrl+C does (KeyboardInterrupt); the dict yielded names the signal that came."""
-    received: dict[str, int] = {}
-
-    def on_signal(signum, frame):
-        received["signum"] = signum
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _stopped(settings, signum: int) -> int:

@@ -3,8 +3,10 @@ or whatever ``RAY_ADDRESS`` names. Nothing happens at import time."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -113,3 +115,26 @@ def ensure_ray(num_cpus: int | None = None):
                            logging_level=logging.INFO if is_verbose() else logging.WARNING))
     _private_token()
     return ray
+
+
+@contextlib.contextmanager
+def stop_signals(sigterm_as_sigint: bool = False):
+    """While a command runs: SIGINT and SIGTERM stop it as Ctrl+C does, and the dict yielded names the signal that
+    came. By default both raise KeyboardInterrupt here; ``sigterm_as_sigint`` turns SIGTERM into a SIGINT to this
+    process instead, for code with its own SIGINT handler (Ray Tune stops its trials and saves its state).
+    Install after connecting to Ray: connecting installs Ray's own SIGTERM handler."""
+    received: dict[str, int] = {}
+
+    def on_signal(signum, frame):
+        received["signum"] = signum
+        if sigterm_as_sigint and signum == signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

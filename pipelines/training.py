@@ -165,10 +165,8 @@ def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, k
 
     experiment_id = tracking.setup(settings.experiment)
     client = MlflowClient()
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.TAG_RUN_NAME}` = '{settings.name}'",
-                                  max_results=1)
-    if existing:
-        run_id = existing[0].info.run_id
+    run_id = tracking.find_run(settings.experiment, settings.name)
+    if run_id:
         client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {tracking.TAG_RUN_NAME: settings.name, tracking.TAG_KIND: kind, tracking.TAG_CODE_VERSION: code_version(),

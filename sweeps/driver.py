@@ -8,7 +8,6 @@ grid starts a new sweep.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +22,7 @@ from pipelines import tracking
 from pipelines.finetune import FinetuneSettings
 from pipelines.pretrain import PretrainSettings
 from pipelines.probe import ProbeSettings
-from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version
+from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
 
 from .grid import Grid, Trial, load_grid
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE
@@ -308,7 +307,7 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha)
     _header(state, grid, trials, concurrent, folder, sweep)
     _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
-    with _stop_signals() as received:
+    with stop_signals(sigterm_as_sigint=True) as received:  # Tune's SIGINT handler stops the trials
         results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
     rows = _collect(results, grid)
     unfinished = [r for r in rows if r["metric_value"] is None and not r["error"]]
@@ -335,28 +334,6 @@ class SweepInterrupted(Exception):
     def __init__(self, signum: int, message: str, resume: str):
         super().__init__(message)
         self.signum, self.resume = signum, resume
-
-
-@contextlib.contextmanager
-def _stop_signals():
-    """While Tune runs: SIGTERM stops the sweep as Ctrl+C does (Tune's own SIGINT handler stops the trials and
-    saves its state); the dict yielded names the signal that came."""
-    received: dict[str, int] = {}
-
-    def on_term(signum, frame):
-        received["signum"] = signum
-        os.kill(os.getpid(), signal.SIGINT)
-
-    def on_int(signum, frame):  # only reached outside Tune's own handler
-        received["signum"] = signum
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous[0])
-        signal.signal(signal.SIGINT, previous[1])
 
 
 def _close_orphans(parent_run_id: str, metric: str | None = None) -> None:

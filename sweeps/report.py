@@ -116,10 +116,7 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
 
 def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
     """One row per (factor, value), the centre value included in every factor's block."""
-    by_cell: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["cell"] != BASELINE:
-            by_cell.setdefault(r["cell"], []).append(r)
+    by_cell = _cells(rows)
     centre = _by_seed(by_cell.get("centre", []))
     noise = noises(rows)
     table = []
@@ -143,12 +140,18 @@ def baseline_row(baseline: list[dict[str, Any]], rows: list[dict[str, Any]], met
     return table_row(BASELINE, BASELINE_VALUE, BASELINE, baseline, centre, noises(rows), metric)
 
 
-def noises(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(σ_diff, σ_seed) of the pretrained trials."""
+def _cells(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """cell -> its trial rows, the random-init baseline left out."""
     by_cell: dict[str, list[dict]] = {}
     for r in rows:
         if r["cell"] != BASELINE:
             by_cell.setdefault(r["cell"], []).append(r)
+    return by_cell
+
+
+def noises(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(σ_diff, σ_seed) of the pretrained trials."""
+    by_cell = _cells(rows)
     centre = _by_seed(by_cell.pop("centre", []))
     return difference_noise([_by_seed(m) for m in by_cell.values()], centre), seed_noise(rows)
 

@@ -547,10 +547,34 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_report)
 
 
+def _import_weights(args: argparse.Namespace) -> int:
+    from model.fairseq import format_report, import_fairseq
+
+    report = import_fairseq(args.checkpoint, args.out, which=args.which, overrides=args.overrides, force=args.force)
+    print(format_report(report))
+    return 0
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="warm start: a released EAT or ASDA checkpoint as this project's checkpoint")
+    p.add_argument("--from", dest="source_format", choices=("fairseq",), required=True,
+                   help="format of the released checkpoint (fairseq: EAT and ASDA)")
+    p.add_argument("checkpoint", type=Path, help="the released checkpoint file (.pt)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="checkpoint to write (for asda probe/finetune --checkpoint); the report goes beside it "
+                   "as <out>.import.json")
+    p.add_argument("--which", choices=("student", "teacher"), default="student",
+                   help="student (default; the release fine-tunes from it) or the EMA teacher")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="ASDAConfig fields to set after inference (e.g. num_heads=12 for a checkpoint without cfg)")
+    p.set_defaults(func=_import_weights)
+
+
 # The functions above that add each command's subparser, in the order `asda --help` lists them.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_model, _add_prepare, _add_verify, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report,
-    _add_bench]
+    _add_import, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,10 +103,14 @@ def _bench_data(args: argparse.Namespace) -> int:
           f"{r['cores']} cores, {r['shards']} shards)")
     print(f"bare torchaudio decode + fbank: {r['bare_torchaudio']['clips_per_s_per_core']:.1f} clips/s per core; "
           f"prepare per core / bare = {r['prepare_per_core_over_bare']:.2f}")
+    if r["prepare_per_cpu_s_over_bare"]:
+        print(f"in CPU time: prepare {r['clips'] / r['prepare_cpu_s']:.1f} clips per CPU-second (every process of "
+              f"the local Ray instance), bare {r['bare_torchaudio']['clips_per_cpu_s']:.1f}; "
+              f"ratio {r['prepare_per_cpu_s_over_bare']:.2f}")
     ray_s = r["in_ray"]
     print("in the shard tasks: " + ", ".join(f"{k} {v:.2f} s" for k, v in ray_s["stage_seconds"].items())
-          + f"; rest of the tasks {ray_s['task_seconds_outside_stages']:.2f} s; core-seconds outside tasks "
-          f"{ray_s['core_seconds_outside_tasks']:.1f}")
+          + f"; rest of the tasks {ray_s['task_seconds_outside_stages']:.2f} s; the tasks' CPU "
+          f"{ray_s['task_cpu_seconds']:.1f} s; core-seconds outside tasks {ray_s['core_seconds_outside_tasks']:.1f}")
     if "profile" in r:
         print("one process, one thread, ms per clip: "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["ms_per_clip"].items()))

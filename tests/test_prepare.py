@@ -165,17 +165,15 @@ def test_a_killed_prepare_resumes_at_shard_granularity_and_ends_with_the_same_ca
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{printed[-2000:]}"
     assert not out.exists()  # nothing that looks finished
     (staging,) = tmp_path.glob(".out.staging-*")
-    time.sleep(1.0)  # let the killed job's last tasks (if any) finish dying
     kept = _finished_records(staging)
     assert kept, "no shard was finished before the kill"
 
     capsys.readouterr()
     assert main(args) == 0
-    resumed_print = capsys.readouterr().out
     card = load_card(out)
-    assert f"resuming: {len(kept)} of 60 shards" in resumed_print
-    assert card["throughput"]["shards_resumed"] == len(kept)
-    assert card["throughput"]["shards_this_run"] == 60 - len(kept)
+    resumed = card["throughput"]["shards_resumed"]  # a task of the killed run may have finished after the count
+    assert f"resuming: {resumed} of 60 shards" in capsys.readouterr().out
+    assert len(kept) <= resumed < 60 and card["throughput"]["shards_this_run"] == 60 - resumed
     for shard, inode in kept.items():  # the same files, moved into place with their folder, never rewritten
         assert (out / f"shard-{shard:05d}.parquet").stat().st_ino == inode
     assert not list(tmp_path.glob(".out.staging-*")) and not (out / "_progress").exists()

@@ -96,11 +96,26 @@ def _bench_data(args: argparse.Namespace) -> int:
 
     from bench.data import bench_data
 
-    r = bench_data(clips=args.clips, batch_size=args.batch, epochs=args.epochs)
-    print(f"prepare: {r['clips']} clips in {r['prepare']['seconds']:.1f} s = {r['prepare']['clips_per_s']:.1f} "
-          f"clips/s ({r['prepare']['clips_per_s_per_core']:.1f} per core, {r['cores']} cores)")
+    r = bench_data(clips=args.clips, batch_size=args.batch, epochs=args.epochs, sample_rate=args.sample_rate,
+                   profile=args.profile)
+    print(f"prepare: {r['clips']} clips at {r['sample_rate']} Hz in {r['prepare']['seconds']:.1f} s = "
+          f"{r['prepare']['clips_per_s']:.1f} clips/s ({r['prepare']['clips_per_s_per_core']:.1f} per core, "
+          f"{r['cores']} cores, {r['shards']} shards)")
     print(f"bare torchaudio decode + fbank: {r['bare_torchaudio']['clips_per_s_per_core']:.1f} clips/s per core; "
           f"prepare per core / bare = {r['prepare_per_core_over_bare']:.2f}")
+    if r["prepare_per_cpu_s_over_bare"]:
+        print(f"in CPU time: prepare {r['clips'] / r['prepare_cpu_s']:.1f} clips per CPU-second (every process of "
+              f"the local Ray instance), bare {r['bare_torchaudio']['clips_per_cpu_s']:.1f}; "
+              f"ratio {r['prepare_per_cpu_s_over_bare']:.2f}")
+    ray_s = r["in_ray"]
+    print("in the shard tasks: " + ", ".join(f"{k} {v:.2f} s" for k, v in ray_s["stage_seconds"].items())
+          + f"; rest of the tasks {ray_s['task_seconds_outside_stages']:.2f} s; the tasks' CPU "
+          f"{ray_s['task_cpu_seconds']:.1f} s; core-seconds outside tasks {ray_s['core_seconds_outside_tasks']:.1f}")
+    if "profile" in r:
+        print("one process, one thread, ms per clip: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["ms_per_clip"].items()))
+        for row in r["profile"]["top_functions"]:
+            print(f"  {row['share']:6.1%}  {row['function']}")
     print(f"feed: {r['feed']['batches_per_s']:.1f} batches/s of {args.batch} ({r['feed']['mb_per_s']:.1f} MB/s)")
     _write_json(args.json, r)
     return 0
@@ -178,6 +193,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--clips", type=int, default=320, help="synthetic clips to prepare (default: 320)")
     data.add_argument("--batch", type=int, default=32, help="feed batch size (default: 32)")
     data.add_argument("--epochs", type=int, default=2, help="passes over the prepared split (default: 2)")
+    data.add_argument("--sample-rate", type=int, default=16_000,
+                      help="sample rate of the synthetic clips (default: 16000; 44100 exercises resampling)")
+    data.add_argument("--profile", action="store_true",
+                      help="also time each stage in one process and list cProfile's busiest functions")
     data.add_argument("--json", help="also write the results to this JSON file")
     data.set_defaults(func=_bench_data)
     sweep = which.add_parser("sweep", help="a grid from scratch: per trial wall, training-loop and overhead time")
@@ -213,6 +232,13 @@ def _parse_options(items: list[str]) -> dict:
     return options
 
 
+def _location(value: str | Path) -> Path | str:
+    """A folder, or a URI pyarrow's filesystems know (file://, s3://, ...); local ones as absolute paths."""
+    from .data.storage import normalise
+
+    return normalise(value)
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
     from .runtime import DATA_ROOT
@@ -238,7 +264,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="source layout (default: synthetic, generated if missing)")
     p.add_argument("--source", type=Path, help="the data set as its release lays it out "
                    "(default for synthetic: data/raw/synthetic)")
-    p.add_argument("--out", type=Path, help="output folder (default: data/prepared/<dataset>)")
+    p.add_argument("--out", type=_location,
+                   help="output folder or URI, e.g. /shared/as2m, file:///shared/as2m or s3://bucket/as2m "
+                   "(default: data/prepared/<dataset>)")
     p.add_argument("--force", action="store_true", help="redo a finished preparation")
     p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MB (default: 128)")
     p.add_argument("--max-rejected", type=float, default=0.5,
@@ -253,7 +281,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .data.card import load_card
     from .data.feed import verify_shards
 
-    folder = args.prepared.resolve()
+    folder = args.prepared
     card = load_card(folder)
     shards = verify_shards(folder, card)
     hashed = sum("sha256" in s for s in card["shards"])
@@ -264,7 +292,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a prepared folder's shards against its card (exit 2 naming a bad one)")
-    p.add_argument("prepared", type=Path, help="the prepared folder (holds dataset.json)")
+    p.add_argument("prepared", type=_location, help="the prepared folder or URI (holds dataset.json)")
     p.set_defaults(func=_verify)
 
 
@@ -305,7 +333,8 @@ def _ensure_default_data(data: Path) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float, warmup: int) -> None:
-    p.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set, prepared if missing)")
+    p.add_argument("--data", type=_location,
+                   help="prepared folder or URI (default: the synthetic set, prepared if missing)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks; default: 1)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
     p.add_argument("--cpus-per-worker", type=float, help="Ray CPUs per worker (default: derived from the machine)")
@@ -356,7 +385,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import PretrainSettings, pretrain
 
     config = _model_config(args)
-    data = (args.data or _default_data()).resolve()
+    data = _location(args.data or _default_data())
     settings = PretrainSettings(**_train_settings(args, data), resume=str(args.resume) if args.resume else None)
     settings = settings.resolved("pretrain")  # its name now: the command that resumes it names it
     _ensure_default_data(data)
@@ -406,7 +435,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneSettings, finetune
     from .worker import resolve_checkpoint
 
-    data = (args.data or _default_data()).resolve()
+    data = _location(args.data or _default_data())
     checkpoint = resolve_checkpoint(args.checkpoint)
     settings = FinetuneSettings(
         **_train_settings(args, data), checkpoint=checkpoint, which=args.which, layer_decay=args.layer_decay,
@@ -453,7 +482,7 @@ def _probe(args: argparse.Namespace) -> int:
     from .probe import ProbeSettings, probe
     from .worker import resolve_checkpoint
 
-    data = (args.data or _default_data()).resolve()
+    data = _location(args.data or _default_data())
     checkpoint = resolve_checkpoint(args.checkpoint)
     if checkpoint is None and not args.random_init:
         raise ValueError("give --checkpoint (a pretraining run folder or .pt file) or --random-init for the baseline")
@@ -471,7 +500,8 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="linear probe on frozen utterance vectors (eval_accuracy / eval_map)")
-    p.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set, prepared if missing)")
+    p.add_argument("--data", type=_location,
+                   help="prepared folder or URI (default: the synthetic set, prepared if missing)")
     p.add_argument("--checkpoint", type=Path, help="pretraining run folder (final.pt), checkpoint folder or .pt")
     p.add_argument("--random-init", action="store_true", help="probe a randomly initialised encoder (baseline)")
     p.add_argument("--which", choices=("student", "teacher"), default="student", help="encoder of the checkpoint")

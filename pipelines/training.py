@@ -80,7 +80,9 @@ class TrainSettings:
 
     def resolved(self, kind: str):
         """Absolute paths (workers chdir) and a concrete run name."""
-        return dataclasses.replace(self, data=str(Path(self.data).resolve()), storage=str(Path(self.storage).resolve()),
+        from .data.storage import normalise
+
+        return dataclasses.replace(self, data=str(normalise(self.data)), storage=str(Path(self.storage).resolve()),
                                    name=self.name or time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
 
 

@@ -117,3 +117,135 @@ def test_bad_layout_fails_before_ray_starts(tmp_path):
         prepare("esc50", tmp_path, tmp_path / "out")
     assert ray.is_initialized() == was_running
     assert main(["prepare", "--dataset", "esc50", "--source", str(tmp_path / "nope")]) == 2
+
+
+# --- shared storage, resume, throughput, hashes -----------------------------------------------------------------
+
+def _comparable(card: dict) -> dict:
+    """A card without what depends on when and where it ran."""
+    return {k: v for k, v in card.items() if k not in ("created", "prepare_seconds", "throughput")}
+
+
+def _finished_records(staging) -> dict[int, int]:
+    """Shard -> inode of its file, for every shard whose record says it is finished."""
+    finished = {}
+    for record_path in sorted((staging / "_progress").glob("shard-*.json")):
+        record = json.loads(record_path.read_text())
+        if record["rows"]:
+            finished[record["shard"]] = (staging / record["file"]).stat().st_ino
+    return finished
+
+
+def test_a_killed_prepare_resumes_at_shard_granularity_and_ends_with_the_same_card(ray_local, tmp_path, capsys):
+    """`asda prepare` in its own process, killed (SIGKILL) once some shards are finished; the same command again
+    keeps those shards (same files, not rewritten) and makes only the rest; its card equals an uninterrupted
+    run's, shard hashes included."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = write_esc50(tmp_path / "src", n_per_fold=8)  # 120 clips of 0.3 s at five sample rates
+    out = tmp_path / "out"
+    args = ["prepare", "--dataset", "esc50", "--source", str(source), "--out", str(out), "--shard-mb", "0.25"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            stagings = list(tmp_path.glob(".out.staging-*"))
+            if stagings and len(list((stagings[0] / "_progress").glob("shard-*.json"))) >= 3:
+                break
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        printed = proc.communicate()[0].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{printed[-2000:]}"
+    assert not out.exists()  # nothing that looks finished
+    (staging,) = tmp_path.glob(".out.staging-*")
+    kept = _finished_records(staging)
+    assert kept, "no shard was finished before the kill"
+
+    capsys.readouterr()
+    assert main(args) == 0
+    card = load_card(out)
+    resumed = card["throughput"]["shards_resumed"]  # a task of the killed run may have finished after the count
+    assert f"resuming: {resumed} of 60 shards" in capsys.readouterr().out
+    assert len(kept) <= resumed < 60 and card["throughput"]["shards_this_run"] == 60 - resumed
+    for shard, inode in kept.items():  # the same files, moved into place with their folder, never rewritten
+        assert (out / f"shard-{shard:05d}.parquet").stat().st_ino == inode
+    assert not list(tmp_path.glob(".out.staging-*")) and not (out / "_progress").exists()
+
+    whole = prepare("esc50", source, tmp_path / "whole", shard_mb=0.25)
+    assert _comparable(card) == _comparable(whole)
+    assert len(card["shards"]) == 60 and card["num_clips"] == 120
+    assert main(["verify", str(out)]) == 0
+
+
+def test_a_file_uri_is_prepared_in_place_of_a_path_and_probed_end_to_end(ray_local, tracking_store, tmp_path,
+                                                                          capsys):
+    """`--out file:///...` writes real files where the path would; verify, the readers and `asda probe` take the
+    URI; the card's hashes, made while writing, are the files' sha256; the card and the run's end report the
+    throughput of every node."""
+    from pipelines.data.card import file_hash
+    from pipelines.data.feed import read_clips, verify_shards
+
+    source = write_speechcommands(tmp_path / "src")
+    uri = (tmp_path / "out").as_uri()
+    assert uri.startswith("file:///")
+    assert main(["prepare", "--dataset", "speechcommands", "--source", str(source), "--out", uri]) == 0
+    printed = capsys.readouterr().out
+    card = load_card(uri)
+    assert card == load_card(tmp_path / "out")
+    for shard in card["shards"]:
+        assert file_hash(tmp_path / "out" / shard["file"]) == shard["sha256"]
+    (node,) = card["throughput"]["nodes"]
+    assert node["clips"] == card["num_clips"] == 12 and node["clips_per_s"] > 0 and node["audio_seconds_per_s"] > 0
+    assert f"node {node['node_ip']}" in printed and "clips/s" in printed and "audio-s/s" in printed
+    assert [str(p) for p in verify_shards(uri)] == [str(tmp_path / "out" / s["file"]) for s in card["shards"]]
+    assert read_clips(uri, "test", labels="index")["fbank"].shape == (3, 128, 128)
+    assert main(["verify", uri]) == 0
+    assert main(["probe", "--data", uri, "--random-init", "--eval-split", "test"]) == 0
+    assert "probe on test" in capsys.readouterr().out
+
+
+def test_in_place_output_matches_the_staged_one_and_is_unfinished_without_its_card(ray_local, tmp_path):
+    """Where nothing can be renamed (object stores), shards go straight into the output and the card last: the
+    same shards, byte for byte, as the staged run; without the card readers refuse the folder."""
+    source = write_esc50(tmp_path / "src", n_per_fold=1)
+    staged = prepare("esc50", source, tmp_path / "staged", shard_mb=0.5)
+    in_place = prepare("esc50", source, (tmp_path / "direct").as_uri(), shard_mb=0.5, in_place=True)
+    assert _comparable(in_place) == _comparable(staged) and len(in_place["shards"]) > 1
+    assert sorted(p.name for p in (tmp_path / "direct").iterdir()) == sorted(
+        [CARD_NAME] + [s["file"] for s in staged["shards"]])
+    (tmp_path / "direct" / CARD_NAME).unlink()
+    with pytest.raises(ValueError, match="not a prepared data set"):
+        load_card(tmp_path / "direct")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not ours")
+    with pytest.raises(ValueError, match="holds files but no prepared data set"):
+        prepare("esc50", source, tmp_path / "other", in_place=True)
+    assert (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_shards_are_cut_from_the_data_alone():
+    from pipelines.data.prepare import shard_rows
+
+    assert shard_rows(2_000_000, 1024, 128.0) == 512  # AudioSet: 128 MB of 10 s clips
+    assert shard_rows(2000, 256, 128.0) == 64  # a small set is still made in parallel
+    assert shard_rows(100, 1024, 0.25) == 1
+    assert shard_rows(20_000, 1024, 128.0) == 512
+
+
+@pytest.mark.parametrize("rate", [8_000, 22_050, 44_100, 48_000])
+def test_the_cached_resampler_gives_torchaudios_resample_exactly(rate):
+    import torch
+    import torchaudio
+
+    from model.features import mono_16k
+
+    wav = torch.randn(2, rate)
+    expected = torchaudio.functional.resample(wav.mean(0, keepdim=True), rate, 16_000)
+    assert torch.equal(mono_16k(wav, rate), expected) and torch.equal(mono_16k(wav, rate), expected)

@@ -12,11 +12,15 @@ HASH = "sha256"  # the card's per-shard content hash
 
 
 def load_card(prepared: str | Path) -> dict:
-    """The dataset card of a prepared folder, or a clear error saying how to make one."""
-    path = Path(prepared) / CARD_NAME
-    if not path.is_file():
-        raise ValueError(f"{Path(prepared)} is not a prepared data set (no {CARD_NAME}); run `asda prepare` first")
-    return json.loads(path.read_text())
+    """The dataset card of a prepared folder (a path or a URI), or a clear error saying how to make one. The card
+    is written last, so an output whose preparation has not finished has none and is refused here."""
+    from . import storage
+
+    fs, path = storage.filesystem(prepared)
+    text = storage.read_text(fs, f"{path}/{CARD_NAME}")
+    if text is None:
+        raise ValueError(f"{prepared} is not a prepared data set (no {CARD_NAME}); run `asda prepare` first")
+    return json.loads(text)
 
 
 def cv_folds(card: dict, split: str, k: int, data: str | Path) -> list[int]:
@@ -40,10 +44,10 @@ def feed_length(card: dict, override: int | None, data: str | Path, patch_size: 
     return length
 
 
-def file_hash(path: str | Path, chunk: int = 1 << 22) -> str:
-    """The content hash the card records for a shard (sha256, hex)."""
+def file_hash(path: str | Path, chunk: int = 1 << 22, fs=None) -> str:
+    """The content hash the card records for a shard (sha256, hex); ``fs``: the pyarrow filesystem it is on."""
     digest = hashlib.new(HASH)
-    with open(path, "rb") as fh:
+    with open(path, "rb") if fs is None else fs.open_input_stream(str(path)) as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import storage
 from .card import HASH, file_hash, load_card
 
 LabelMode = Literal["index", "multihot", "none"]
@@ -31,45 +32,50 @@ DATA_TASK_CPUS = 0.25  # decoding float16 rows is light; whole CPUs would starve
 DATA_TASKS_PER_WORKER = 2
 
 
-def verify_shards(prepared: str | Path, card: dict | None = None) -> list[Path]:
+def verify_shards(prepared: str | Path, card: dict | None = None) -> list[Path | str]:
     """Every shard the card lists exists, has its recorded size, a readable Parquet footer, its row count and
     (cards since schema 2) its content hash; else an error that names the shard. Reading is verified again page by
-    page (Parquet page checksums), so a shard that changes after this check cannot be read silently either."""
+    page (Parquet page checksums), so a shard that changes after this check cannot be read silently either.
+    ``prepared``: a folder or a URI (``file://``, ``s3://``, ...); returns the shards as paths or URIs."""
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    prepared = Path(prepared).resolve()
+    prepared = storage.normalise(prepared)
+    fs, base = storage.filesystem(prepared)
     card = card or load_card(prepared)
     paths = []
     for shard in card["shards"]:
-        path = prepared / shard["file"]
+        path = storage.join(prepared, shard["file"])
+        inside = f"{base}/{shard['file']}"
         redo = f"; re-run `asda prepare --force` for {prepared}"
-        if not path.is_file():
+        info = fs.get_file_info(inside)
+        if info.type != pafs.FileType.File:
             raise ValueError(f"shard {path} is missing{redo}")
-        if path.stat().st_size != shard["bytes"]:
-            raise ValueError(f"corrupt shard {path}: {path.stat().st_size} bytes, card says {shard['bytes']}{redo}")
+        if info.size != shard["bytes"]:
+            raise ValueError(f"corrupt shard {path}: {info.size} bytes, card says {shard['bytes']}{redo}")
         try:
-            rows = pq.ParquetFile(path).metadata.num_rows
+            with fs.open_input_file(inside) as fh:
+                rows = pq.ParquetFile(fh).metadata.num_rows
         except Exception as exc:
             raise ValueError(f"corrupt shard {path}: {exc}{redo}") from None
         if rows != shard["rows"]:
             raise ValueError(f"corrupt shard {path}: {rows} rows, card says {shard['rows']}{redo}")
-        if HASH in shard and _content_hash(path) != shard[HASH]:
+        if HASH in shard and _content_hash(fs, inside, info) != shard[HASH]:
             raise ValueError(f"corrupt shard {path}: its {HASH} differs from the card's (same size, changed "
                              f"content){redo}")
         paths.append(path)
     return paths
 
 
-_hashed: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> content hash, for this process
+_hashed: dict[tuple[str, str, int, int], str] = {}  # (filesystem, path, size, mtime_ns) -> hash, for this process
 
 
-def _content_hash(path: Path) -> str:
+def _content_hash(fs, path: str, info) -> str:
     """A shard's content hash, read once per process while the file is unchanged: a run checks its data before
     it starts, again when its feed is built and once per split it evaluates on."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (fs.type_name, path, info.size, info.mtime_ns or 0)
     if key not in _hashed:
-        _hashed[key] = file_hash(path)
+        _hashed[key] = file_hash(path, fs=fs)
     return _hashed[key]
 
 
@@ -144,7 +150,7 @@ def split_labels(prepared: str | Path, split: str | Sequence[str], folds: Iterab
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    prepared = Path(prepared).resolve()
+    prepared = storage.normalise(prepared)
     card = load_card(prepared)
     splits = _splits(card, split)
     labels = []
@@ -230,7 +236,7 @@ def feed_dataset(
 
     from ..runtime import ensure_ray
 
-    prepared = Path(prepared).resolve()
+    prepared = storage.normalise(prepared)
     card = load_card(prepared)
     splits = _splits(card, split)
     _check_labels(card, labels)
@@ -328,7 +334,7 @@ def read_clips(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    prepared = Path(prepared).resolve()
+    prepared = storage.normalise(prepared)
     card = load_card(prepared)
     splits = _splits(card, split)
     _check_labels(card, labels)

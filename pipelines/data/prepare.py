@@ -1,19 +1,34 @@
 """`asda prepare`: audio as users have it -> fbank Parquet shards and a dataset card, in parallel on Ray Data.
 
-The adapter indexes the source (no decoding), Ray Data decodes, resamples and computes the log-mel features of
-every clip, and the shards are written into a staging folder that is renamed into place only when everything,
-the card included, is complete: an interrupted run never leaves something that looks finished.
+The adapter indexes the source (no decoding) and the index is cut into shards of consecutive clips: which clips
+a shard holds depends only on the data and ``shard_mb``, never on the cluster. Ray Data runs one task per shard
+on whichever node has a free core; the task decodes, resamples and computes the log-mel features of its clips and
+writes its Parquet file straight to the output's storage (a local or network-mounted folder, or a URI pyarrow
+knows: ``file://``, ``s3://``, ...), hashing the bytes as they are written. A shard is finished when its record
+(``_progress/shard-NNNNN.json``: rows, bytes, hash, rejected clips, counts, timings) exists; the record is written
+after the shard is complete, so a shard cut short never counts.
+
+Completeness, two ways:
+- On a filesystem that renames atomically (local and POSIX network mounts, ``file://``), everything is written
+  into a staging folder next to the output, named after the run's fingerprint (data set, source, options, clip
+  index, shard size, code version), and the staging folder is renamed into place when everything, the card
+  included, is complete: an interrupted run never leaves something that looks finished.
+- An object store has no rename: shards are written in place and the card is written last. Readers require the
+  card (``load_card``), so an unfinished output is refused as "not a prepared data set".
+Either way, running the same command again after an interruption keeps every finished shard and makes only the
+others, and the card is the same as an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
-import shutil
 import time
 import uuid
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +37,49 @@ import numpy as np
 from model.features import FEATURE_SETTINGS, NUM_MEL_BINS, SAMPLE_RATE
 
 from ..runtime import code_version, ensure_ray
+from . import storage
 from .adapters import DatasetIndex, build_index
-from .card import CARD_NAME, HASH, file_hash, load_card
+from .card import CARD_NAME, HASH
 
-SCHEMA_VERSION = 2  # 2: page checksums in every shard, a content hash per shard in the card
-REJECTED_DIR = "_rejected"
+SCHEMA_VERSION = 3  # 3: shards cut from the index (resumable), the card's throughput per node
+PROGRESS_DIR = "_progress"  # one record per finished shard, and the plan they belong to
+TMP_DIR = "_tmp"  # shards being written, where the filesystem renames atomically
+PLAN_NAME = "plan.json"
 BYTES_PER_FRAME = NUM_MEL_BINS * 2  # float16
+# A small data set is still cut into this many shards, so that it is made in parallel; never below MIN_SHARD_ROWS.
+MIN_SHARDS, MIN_SHARD_ROWS = 32, 64
+ROW_GROUP_ROWS = 64  # rows per Parquet row group: ~16 MB of 10 s clips
+STAGES = ("decode", "resample", "fbank", "float16", "parquet")
 
 
 class RejectedClip(Exception):
     """A clip that cannot become features; the message is the reason recorded in the card."""
 
 
-def clip_features(path: str) -> tuple[np.ndarray, int, float]:
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()), ("path", pa.string()), ("split", pa.string()), ("fold", pa.int64()),
+        ("labels", pa.list_(pa.int64())), ("event_start", pa.float64()), ("event_end", pa.float64()),
+        ("frames", pa.int64()), ("fbank", pa.binary()), ("sample_rate", pa.int64()), ("duration", pa.float64()),
+        ("fbank_sum", pa.float64()), ("fbank_sumsq", pa.float64()),
+    ])
+
+
+def clip_features(path: str, timings: dict[str, float] | None = None) -> tuple[np.ndarray, int, float]:
     """Decode one file and compute its raw log-mel features: (frames x 128 float32, sample rate, seconds).
 
-    Raises RejectedClip with a reason for anything a data set should not contain.
+    Raises RejectedClip with a reason for anything a data set should not contain. ``timings`` (stage -> seconds)
+    accumulates the time spent decoding, resampling and computing the filterbank.
     """
     import soundfile as sf
     import torch
 
-    from model.features import log_mel
+    from model.features import kaldi_log_mel, mono_16k
 
+    timings = timings if timings is not None else defaultdict(float)
+    start = time.perf_counter()
     problem = _unopenable(path)
     if problem:
         raise RejectedClip(problem)
@@ -55,10 +91,17 @@ def clip_features(path: str) -> tuple[np.ndarray, int, float]:
         raise RejectedClip("empty: no audio samples")
     if not np.isfinite(data).all():
         raise RejectedClip("non-finite samples (NaN or inf)")
+    decoded = time.perf_counter()
+    timings["decode"] += decoded - start
+    wav = mono_16k(torch.from_numpy(np.ascontiguousarray(data.T)), rate)
+    resampled = time.perf_counter()
+    timings["resample"] += resampled - decoded
     try:
-        feats = log_mel(torch.from_numpy(np.ascontiguousarray(data.T)), rate)
+        feats = kaldi_log_mel(wav)
     except ValueError as exc:  # e.g. shorter than one 25 ms frame
         raise RejectedClip(str(exc)) from None
+    finally:
+        timings["fbank"] += time.perf_counter() - resampled
     if feats.shape[0] == 0:
         raise RejectedClip("no feature frames")
     feats = feats.numpy()
@@ -82,41 +125,155 @@ def _unopenable(path: str) -> str | None:
     return None
 
 
-def extract_batch(batch: dict[str, np.ndarray], rejected_dir: str) -> dict[str, list]:
-    """Ray Data batch function: index rows in, feature rows out. Rejected clips leave the batch and are written
-    as a small JSON file into the staging folder (a side channel that works on every node of a shared store)."""
-    out: dict[str, list] = {k: [] for k in (
-        "id", "path", "split", "fold", "labels", "event_start", "event_end",
-        "frames", "fbank", "sample_rate", "duration", "fbank_sum", "fbank_sumsq")}
-    rejected = []
-    for i, path in enumerate(batch["path"]):
+# --- one shard: the Ray Data task ----------------------------------------------------------------------------
+
+class _HashingSink:
+    """A write-only file that hashes every byte on its way to ``raw``: the card's content hash without reading
+    the finished shard again."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.digest, self.size, self.closed = raw, hashlib.new(HASH), 0, False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        self.raw.write(view)
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _record_name(index: int) -> str:
+    return f"{PROGRESS_DIR}/shard-{index:05d}.json"
+
+
+def write_shard(table, fs, path: str) -> tuple[int, str]:
+    """Write ``table`` as one Parquet file with page checksums; returns (bytes, content hash), hashed while
+    writing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fs.open_output_stream(path) as raw:
+        sink = _HashingSink(raw)
+        # Page checksums: every read verifies each page (pyarrow's page_checksum_verification).
+        with pq.ParquetWriter(pa.PythonFile(sink, mode="w"), table.schema, write_page_checksum=True) as writer:
+            writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+    return sink.size, sink.digest.hexdigest()
+
+
+def stored_features(feats: np.ndarray) -> tuple[bytes, int, float, float]:
+    """(float16 bytes, frames, sum, sum of squares) of a clip's features as the shard stores them; the sums are
+    of the float16 values, for the card's mean/std. In torch on this thread: numpy's float16 cast is slower, and
+    its dot product goes through a multi-threaded BLAS that stalls when the cores are busy."""
+    import torch
+
+    half = torch.from_numpy(feats).half()
+    wide = half.double()
+    return half.numpy().tobytes(), half.shape[0], float(wide.sum()), float((wide * wide).sum())
+
+
+def make_shard(spec: dict[str, Any], *, fs, work: str, atomic: bool, run: str) -> dict[str, Any]:
+    """Ray Data task: one shard's clips in, the shard written to ``work`` and its record out (also written, last,
+    to ``work/_progress``). Rejected clips leave the shard and are listed in the record."""
+    import pyarrow as pa
+    import ray
+    import torch
+
+    began, cpu = time.time(), time.process_time()
+    torch.set_num_threads(1)  # one task per core; intra-op threads only fight the other tasks
+    clips = json.loads(spec["clips"])
+    timings: dict[str, float] = defaultdict(float)
+    columns: dict[str, list] = {name: [] for name in _schema().names}
+    rejected: list[dict] = []
+    summary = _Summary()
+    audio_seconds = 0.0
+    for clip in clips:
         try:
-            feats, rate, seconds = clip_features(str(path))
+            feats, rate, seconds = clip_features(clip["path"], timings)
         except RejectedClip as exc:
-            rejected.append({"path": str(path), "reason": str(exc)})
+            rejected.append({"path": clip["path"], "reason": str(exc)})
             continue
-        for key in ("id", "path", "split", "fold", "event_start", "event_end"):
-            out[key].append(_python(batch[key][i]))
-        out["labels"].append([int(x) for x in batch["labels"][i]])
-        half = feats.astype(np.float16)
-        out["frames"].append(feats.shape[0])
-        out["fbank"].append(half.tobytes())
-        out["sample_rate"].append(rate)
-        out["duration"].append(seconds)
-        # Statistics of what the shards hold (float16), for the card's mean/std.
-        stored = half.astype(np.float64)
-        out["fbank_sum"].append(float(stored.sum()))
-        out["fbank_sumsq"].append(float(np.square(stored).sum()))
-    if rejected:
-        Path(rejected_dir, f"{uuid.uuid4().hex}.json").write_text(json.dumps(rejected))
-    return out
+        start = time.perf_counter()
+        fbank, frames, total, total_sq = stored_features(feats)
+        timings["float16"] += time.perf_counter() - start
+        for key in ("id", "path", "split", "fold", "labels", "event_start", "event_end"):
+            columns[key].append(clip[key])
+        columns["frames"].append(frames)
+        columns["fbank"].append(fbank)
+        columns["sample_rate"].append(rate)
+        columns["duration"].append(seconds)
+        columns["fbank_sum"].append(total)
+        columns["fbank_sumsq"].append(total_sq)
+        summary.add(clip["split"], clip["fold"], clip["labels"], frames, total, total_sq)
+        audio_seconds += seconds
+    start = time.perf_counter()
+    record = {"shard": int(spec["shard"]), "file": None, "rows": len(columns["id"]), "bytes": 0, HASH: None}
+    if record["rows"]:
+        record["file"] = shard_name(record["shard"])
+        table = pa.table(columns, schema=_schema())
+        target = f"{work}/{record['file']}"
+        if atomic:  # a half-written file never has the shard's name
+            partial = f"{work}/{TMP_DIR}/{record['file']}.{uuid.uuid4().hex[:8]}"
+            record["bytes"], record[HASH] = write_shard(table, fs, partial)
+            fs.move(partial, target)
+        else:  # an object store shows an object only once it is complete
+            record["bytes"], record[HASH] = write_shard(table, fs, target)
+    timings["parquet"] += time.perf_counter() - start
+    context = ray.get_runtime_context()
+    record.update(
+        rejected=rejected, summary=summary.to_json(), clips=record["rows"], audio_seconds=audio_seconds,
+        run=run, node_id=context.get_node_id(), node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
+        started=began, finished=time.time(), cpu_seconds=round(time.process_time() - cpu, 4), stages={k: round(timings[k], 4) for k in STAGES},
+    )
+    storage.write_text(fs, f"{work}/{_record_name(record['shard'])}", json.dumps(record))
+    return {"record": json.dumps(record)}
 
 
-def _python(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
+class _Summary:
+    """What the card counts, per shard: clips per split, fold and class, and the float16 sums of each split."""
+
+    def __init__(self, data: dict | None = None) -> None:
+        data = data or {}
+        self.splits: dict[str, int] = data.get("splits", {})
+        self.folds: dict[str, dict[str, int]] = data.get("folds", {})
+        self.classes: dict[str, dict[str, int]] = data.get("classes", {})
+        self.sums: dict[str, list[float]] = data.get("sums", {})  # split -> [values, sum, sum of squares]
+
+    def add(self, split: str, fold: int, labels: list[int], frames: int, total: float, total_sq: float) -> None:
+        self.splits[split] = self.splits.get(split, 0) + 1
+        if fold:
+            per_split = self.folds.setdefault(split, {})
+            per_split[str(fold)] = per_split.get(str(fold), 0) + 1
+        counts = self.classes.setdefault(split, {})
+        for label in labels:
+            counts[str(label)] = counts.get(str(label), 0) + 1
+        sums = self.sums.setdefault(split, [0.0, 0.0, 0.0])
+        sums[0] += frames * NUM_MEL_BINS
+        sums[1] += total
+        sums[2] += total_sq
+
+    def to_json(self) -> dict:
+        return {"splits": self.splits, "folds": self.folds, "classes": self.classes, "sums": self.sums}
 
 
-def _index_rows(index: DatasetIndex) -> list[dict[str, Any]]:
+# --- the plan: shards cut from the index ---------------------------------------------------------------------
+
+def _clip_rows(index: DatasetIndex) -> list[dict[str, Any]]:
     return [
         {
             "id": c.id, "path": c.path, "split": c.split, "fold": c.fold, "labels": list(c.labels),
@@ -127,6 +284,45 @@ def _index_rows(index: DatasetIndex) -> list[dict[str, Any]]:
     ]
 
 
+def shard_rows(num_clips: int, target_length: int, shard_mb: float) -> int:
+    """Clips per shard: about ``shard_mb`` of float16 features at the data set's typical length (~1 s of audio per
+    100 frames), and a small data set cut into at least MIN_SHARDS shards (of at least MIN_SHARD_ROWS clips) so
+    that it is made in parallel. Depends on the data only, so a resumed run cuts the same shards."""
+    by_size = max(1, int(shard_mb * 2**20 // (target_length * BYTES_PER_FRAME)))
+    return min(by_size, max(MIN_SHARD_ROWS, -(-num_clips // MIN_SHARDS)))
+
+
+def _fingerprint(dataset: str, source: str, options: dict, rows: list[dict], per_shard: int) -> str:
+    """What makes two runs the same run: a resumed run reuses shards only under the same fingerprint."""
+    digest = hashlib.sha256()
+    head = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "source": source, "options": options,
+            "rows_per_shard": per_shard, "features": FEATURE_SETTINGS, "code_version": code_version()}
+    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _read_record(fs, work: str, index: int) -> dict | None:
+    """A shard's record, if the shard is finished: the record is complete and its file has the recorded size."""
+    import pyarrow.fs as pafs
+
+    try:
+        text = storage.read_text(fs, f"{work}/{_record_name(index)}")
+        record = json.loads(text) if text is not None else None
+    except (OSError, ValueError):
+        return None
+    if record is None or record.get("shard") != index:
+        return None
+    if record["rows"]:
+        info = fs.get_file_info(f"{work}/{record['file']}")
+        if info.type != pafs.FileType.File or info.size != record["bytes"]:
+            return None
+    return record
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
 def prepare(
     dataset: str,
     source: str | Path,
@@ -136,10 +332,19 @@ def prepare(
     shard_mb: float = 128.0,
     max_rejected: float = 0.5,
     options: dict[str, Any] | None = None,
+    in_place: bool | None = None,
 ) -> dict:
-    """Prepare ``source`` (a ``dataset`` layout) into ``out``; returns the dataset card."""
-    out = Path(out).resolve()
-    if (out / CARD_NAME).is_file() and not force:
+    """Prepare ``source`` (a ``dataset`` layout) into ``out`` (a folder or a URI); returns the dataset card.
+
+    ``in_place``: write the shards straight into ``out`` and the card last, instead of staging and renaming;
+    default: only where the filesystem cannot rename atomically (object stores).
+    """
+    from .card import load_card
+
+    out = storage.normalise(out)
+    fs, out_path = storage.filesystem(out)
+    existing = _card_or_none(fs, out_path)
+    if existing is not None and not force:
         print(f"{out} is already prepared (use --force to redo it)")
         return load_card(out)
     if not 0.0 <= max_rejected <= 1.0:
@@ -151,81 +356,190 @@ def prepare(
     if not index.clips:
         raise ValueError(f"{dataset} source {source} has no usable clips ({len(index.rejected)} rejected)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    rejected_dir = staging / REJECTED_DIR
-    rejected_dir.mkdir(parents=True)
+    rows = _clip_rows(index)
+    per_shard = shard_rows(len(rows), index.target_length, shard_mb)
+    plan = [rows[i:i + per_shard] for i in range(0, len(rows), per_shard)]
+    fingerprint = _fingerprint(dataset, str(Path(source).resolve()), options or {}, rows, per_shard)
+    in_place = not storage.renames_atomically(fs) if in_place is None else in_place
+    parent, name = out_path.rstrip("/").rsplit("/", 1) if "/" in out_path.rstrip("/") else ("", out_path)
+    work = out_path if in_place else f"{parent}/.{name}.staging-{fingerprint[:12]}"
+    _start_work(fs, work, fingerprint, len(plan), in_place=in_place, existing=existing is not None, out=out)
+
+    done = {i: r for i in range(len(plan)) if (r := _read_record(fs, work, i)) is not None}
+    todo = [i for i in range(len(plan)) if i not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(plan)} shards are already written ({work}); making the other "
+              f"{len(todo)}")
+    run = uuid.uuid4().hex[:12]
     try:
-        ray = ensure_ray()
-        # ~1 s of audio per 100 frames; size shards from the data set's typical clip length.
-        rows_per_shard = max(1, int(shard_mb * 2**20 // (index.target_length * BYTES_PER_FRAME)))
-        ds = ray.data.from_items(_index_rows(index), override_num_blocks=min(len(index.clips), 200))
-        ds = ds.map_batches(extract_batch, fn_kwargs={"rejected_dir": str(rejected_dir)},
-                            batch_size=16, batch_format="numpy")
-        # Page checksums: every read verifies each page (pyarrow's page_checksum_verification).
-        ds.write_parquet(str(staging), min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard,
-                         write_page_checksum=True)
-        rejected = list(index.rejected)
-        for part in sorted(rejected_dir.glob("*.json")):
-            rejected.extend(json.loads(part.read_text()))
-        shutil.rmtree(rejected_dir)
-        card = _card(index, dataset, source, staging, rejected, time.time() - started)
-        total = card["num_clips"] + len(rejected)
-        share = len(rejected) / total if total else 1.0
-        if card["num_clips"] == 0 or share > max_rejected:
-            reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:5])
-            raise ValueError(
-                f"{len(rejected)} of {total} clips rejected ({share:.0%} > allowed {max_rejected:.0%}); "
-                f"first: {reasons}"
-            )
-        (staging / CARD_NAME).write_text(json.dumps(card, indent=2))
-        _replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        if todo:
+            done.update(_make_shards(fs, work, plan, todo, atomic=not in_place, run=run))
+    except (Exception, KeyboardInterrupt):
+        print(f"interrupted: the finished shards stay in {work}; run the same command again to continue")
+        raise
+    records = [done[i] for i in range(len(plan))]
+    card = _card(index, dataset, source, records, time.time() - started, run)
+    rejected = card["rejected"]
+    total = card["num_clips"] + len(rejected)
+    share = len(rejected) / total if total else 1.0
+    if card["num_clips"] == 0 or share > max_rejected:
+        _discard(fs, work, in_place)  # the same data would fail the same way: nothing worth resuming
+        reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:5])
+        raise ValueError(
+            f"{len(rejected)} of {total} clips rejected ({share:.0%} > allowed {max_rejected:.0%}); "
+            f"first: {reasons}"
+        )
+    if not in_place:
+        fs.delete_dir(f"{work}/{TMP_DIR}")
+    # The card is the last thing written: its presence marks a finished output.
+    storage.write_text(fs, f"{work}/{CARD_NAME}", json.dumps(card, indent=2))
+    if not in_place:
+        _replace(fs, work, out_path)
+    fs.delete_dir(f"{out_path}/{PROGRESS_DIR}")
+    _report(card)
     return card
 
 
-def _replace(staging: Path, out: Path) -> None:
-    """Swap the finished staging folder in; a previous result is removed only after the new one is in place."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+def _card_or_none(fs, out_path: str) -> dict | None:
+    text = storage.read_text(fs, f"{out_path}/{CARD_NAME}")
+    return json.loads(text) if text is not None else None
+
+
+def _start_work(fs, work: str, fingerprint: str, shards: int, *, in_place: bool, existing: bool, out) -> None:
+    """Make the working folder ready: keep what an interrupted run of the same plan wrote, clear anything else."""
+    import pyarrow.fs as pafs
+
+    plan_path = f"{work}/{PROGRESS_DIR}/{PLAN_NAME}"
+    text = storage.read_text(fs, plan_path) if fs.get_file_info(work).type != pafs.FileType.NotFound else None
+    same = text is not None and json.loads(text).get("fingerprint") == fingerprint
+    if in_place:
+        if existing:  # --force: from now on the output no longer looks finished
+            fs.delete_file(f"{work}/{CARD_NAME}")
+        if not same and fs.get_file_info(work).type != pafs.FileType.NotFound:
+            if text is None and not existing and fs.get_file_info(pafs.FileSelector(work, recursive=False)):
+                raise ValueError(f"{out} holds files but no prepared data set: choose an empty location")
+            fs.delete_dir_contents(work, missing_dir_ok=True)
+    elif not same:
+        fs.delete_dir_contents(work, missing_dir_ok=True)
+    fs.create_dir(f"{work}/{PROGRESS_DIR}")
+    if not in_place:
+        fs.delete_dir_contents(f"{work}/{TMP_DIR}", missing_dir_ok=True)  # partial shards of a killed run
+        fs.create_dir(f"{work}/{TMP_DIR}")
+    if not same:
+        storage.write_text(fs, plan_path, json.dumps({"fingerprint": fingerprint, "shards": shards}))
+
+
+def _discard(fs, work: str, in_place: bool) -> None:
+    if in_place:
+        fs.delete_dir_contents(work, missing_dir_ok=True)
     else:
-        os.replace(staging, out)
+        fs.delete_dir(work)
 
 
-def _card(index: DatasetIndex, dataset: str, source, folder: Path, rejected: list[dict], seconds: float) -> dict:
-    import pyarrow.parquet as pq
+def task_cpus(ray) -> float:
+    """Ray CPUs per shard task, so that one task runs per core: a local instance advertises more logical CPUs
+    than the machine has cores (``runtime.local_num_cpus``); a cluster's nodes advertise their cores."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1:
+        logical = nodes[0].get("Resources", {}).get("CPU", 1.0)
+        return max(1.0, logical / (os.cpu_count() or 1))
+    return 1.0
 
-    shards = sorted(folder.glob("*.parquet"))
-    columns = ["split", "fold", "labels", "frames", "fbank_sum", "fbank_sumsq"]
-    tables = [pq.read_table(s, columns=columns, page_checksum_verification=True) for s in shards]
+
+def _make_shards(fs, work: str, plan: list[list[dict]], todo: list[int], *, atomic: bool, run: str) -> dict:
+    """Run one Ray Data task per shard in ``todo``; returns their records by shard, printing progress."""
+    ray = ensure_ray()
+    specs = [{"shard": i, "clips": json.dumps(plan[i])} for i in todo]
+    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    ds = ds.map(make_shard, fn_kwargs=dict(fs=fs, work=work, atomic=atomic, run=run), num_cpus=task_cpus(ray))
+    records: dict[int, dict] = {}
+    shown = time.time()
+    for row in ds.iter_rows():
+        record = json.loads(row["record"])
+        records[record["shard"]] = record
+        if time.time() - shown > 30 or len(records) == len(todo):
+            shown = time.time()
+            print(f"  {len(records)} of {len(todo)} shards written")
+    return records
+
+
+def _replace(fs, staging: str, out: str) -> None:
+    """Swap the finished staging folder in; a previous result is removed only after the new one is in place."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(out).type != pafs.FileType.NotFound:
+        parent, name = out.rsplit("/", 1)
+        old = f"{parent}/.{name}.old-{uuid.uuid4().hex[:8]}"
+        fs.move(out, old)
+        fs.move(staging, out)
+        fs.delete_dir(old)
+    else:
+        fs.move(staging, out)
+
+
+def throughput(records: list[dict], run: str) -> dict:
+    """Clips/s and audio-seconds/s per node: each node's clips over the time it spent on them (its first task's
+    start to its last task's end, per run that made shards there). ``this_run`` counts only ``run``'s shards."""
+    spans: dict[tuple[str, str], list[float]] = {}
+    nodes: dict[str, dict[str, Any]] = {}
+    stages = dict.fromkeys(STAGES, 0.0)
+    for r in records:
+        node = nodes.setdefault(r["node_id"], {"node_ip": r["node_ip"], "node_id": r["node_id"], "shards": 0,
+                                               "clips": 0, "audio_seconds": 0.0, "task_seconds": 0.0,
+                                               "task_cpu_seconds": 0.0})
+        node["shards"] += 1
+        node["clips"] += r["clips"]
+        node["audio_seconds"] += r["audio_seconds"]
+        node["task_seconds"] += r["finished"] - r["started"]
+        node["task_cpu_seconds"] += r["cpu_seconds"]
+        span = spans.setdefault((r["run"], r["node_id"]), [r["started"], r["finished"]])
+        span[0], span[1] = min(span[0], r["started"]), max(span[1], r["finished"])
+        for stage in STAGES:
+            stages[stage] += r["stages"][stage]
+    for (_, node_id), (first, last) in spans.items():
+        nodes[node_id]["seconds"] = nodes[node_id].get("seconds", 0.0) + (last - first)
+    listed = []
+    for node in sorted(nodes.values(), key=lambda n: (n["node_ip"], n["node_id"])):
+        seconds = max(node["seconds"], 1e-9)
+        listed.append({**node, "seconds": round(seconds, 3), "audio_seconds": round(node["audio_seconds"], 3),
+                       "task_seconds": round(node["task_seconds"], 3),
+                       "task_cpu_seconds": round(node["task_cpu_seconds"], 3),
+                       "clips_per_s": round(node["clips"] / seconds, 2),
+                       "audio_seconds_per_s": round(node["audio_seconds"] / seconds, 2)})
+    return {"nodes": listed, "shards_this_run": sum(r["run"] == run for r in records),
+            "shards_resumed": sum(r["run"] != run for r in records),
+            "stage_seconds": {k: round(v, 3) for k, v in stages.items()}}
+
+
+def _card(index: DatasetIndex, dataset: str, source, records: list[dict], seconds: float, run: str) -> dict:
+    """The dataset card, from the shards' records alone (no shard is read again)."""
     splits: dict[str, int] = {}
     class_counts: dict[str, list[int]] = {}
     folds: dict[str, dict[str, int]] = {}
-    sums = {"n": 0.0, "sum": 0.0, "sumsq": 0.0}
-    stats_split = "train" if any(c.split == "train" for c in index.clips) else None
-    for table in tables:
-        data = table.to_pydict()
-        for split, fold, labels, frames, s, s2 in zip(*(data[c] for c in columns), strict=True):
-            splits[split] = splits.get(split, 0) + 1
-            if fold:
-                per_split = folds.setdefault(split, {})
-                per_split[str(fold)] = per_split.get(str(fold), 0) + 1
+    sums: dict[str, list[float]] = {}
+    for record in records:
+        summary = _Summary(record["summary"])
+        for split, n in summary.splits.items():
+            splits[split] = splits.get(split, 0) + n
+        for split, per_fold in summary.folds.items():
+            for fold, n in per_fold.items():
+                folds.setdefault(split, {})[fold] = folds.setdefault(split, {}).get(fold, 0) + n
+        for split, per_class in summary.classes.items():
             counts = class_counts.setdefault(split, [0] * len(index.class_names))
-            for label in labels:
-                counts[label] += 1
-            if stats_split is None or split == stats_split:
-                sums["n"] += frames * NUM_MEL_BINS
-                sums["sum"] += s
-                sums["sumsq"] += s2
-    mean = sums["sum"] / sums["n"] if sums["n"] else 0.0
-    std = math.sqrt(max(sums["sumsq"] / sums["n"] - mean**2, 0.0)) if sums["n"] else 1.0
+            for label, n in per_class.items():
+                counts[int(label)] += n
+        for split, values in summary.sums.items():
+            acc = sums.setdefault(split, [0.0, 0.0, 0.0])
+            for k in range(3):
+                acc[k] += values[k]
+    stats_split = "train" if any(c.split == "train" for c in index.clips) else None
+    chosen = [sums[stats_split]] if stats_split in sums else ([] if stats_split else list(sums.values()))
+    n, total, total_sq = (sum(v[k] for v in chosen) for k in range(3))
+    mean = total / n if n else 0.0
+    std = math.sqrt(max(total_sq / n - mean**2, 0.0)) if n else 1.0
     norm_mean, norm_std, norm_source = (*index.stats, "published") if index.stats else (
         mean, std, f"{stats_split or 'all'} split")
+    rejected = list(index.rejected) + [r for record in records for r in record["rejected"]]
     return {
         "schema_version": SCHEMA_VERSION,
         "name": index.name,
@@ -245,7 +559,20 @@ def _card(index: DatasetIndex, dataset: str, source, folder: Path, rejected: lis
         "normalisation": {"mean": norm_mean, "std": norm_std, "source": norm_source},
         "features": {**FEATURE_SETTINGS, "resample_to": SAMPLE_RATE, "dc_removal": True, "mono": "mean of channels",
                      "storage": "float16 bytes, row-major (frames, num_mel_bins)"},
-        "shards": [{"file": s.name, "rows": t.num_rows, "bytes": s.stat().st_size, HASH: file_hash(s)}
-                   for s, t in zip(shards, tables, strict=True)],
+        "shards": [{"file": r["file"], "rows": r["rows"], "bytes": r["bytes"], HASH: r[HASH]}
+                   for r in records if r["rows"]],
+        "throughput": throughput(records, run),
         "rejected": rejected,
     }
+
+
+def _report(card: dict) -> None:
+    """Per node: clips/s and audio-seconds/s of the shards it made."""
+    t = card["throughput"]
+    resumed = f", {t['shards_resumed']} kept from an interrupted run" if t["shards_resumed"] else ""
+    print(f"prepared {card['num_clips']} clips in {len(card['shards'])} shard(s) in {card['prepare_seconds']:.1f} s"
+          f"{resumed}")
+    for node in t["nodes"]:
+        print(f"  node {node['node_ip']} ({node['node_id'][:8]}): {node['shards']} shards, {node['clips']} clips "
+              f"in {node['seconds']:.1f} s = {node['clips_per_s']:.1f} clips/s, "
+              f"{node['audio_seconds_per_s']:.1f} audio-s/s")

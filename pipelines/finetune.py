@@ -305,7 +305,8 @@ def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, task: dict[
     dataset = feed_dataset(settings.data, settings.split, target_length=task["target_length"],
                            labels="multihot" if task["multilabel"] else "index", random_crop=True,
                            seed=settings.seed, folds=train_folds, workers=settings.workers,
-                           balanced=balanced_draw(settings, card))
+                           balanced=balanced_draw(settings, card),
+                           clips=settings.steps * settings.batch_size * settings.workers)
     result = fit(finetune_loop, FinetuneWorkerConfig, config=config, settings=settings, run_id=run_id,
                  datasets={"train": dataset}, eval_split=eval_split, eval_folds=eval_folds, **task)
     metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval_")}

@@ -141,7 +141,8 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     run_id = start_tracking(config, settings, card, kind=tracking.KIND_PRETRAIN, tags=tags,
                             extra_params={tracking.PARAM_DATA_TARGET_LENGTH: str(config.target_length)})
     dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length, labels="none",
-                           random_crop=True, seed=settings.seed, workers=settings.workers)
+                           random_crop=True, seed=settings.seed, workers=settings.workers,
+                           clips=settings.steps * settings.batch_size * settings.workers)
     result = fit(pretrain_loop, PretrainWorkerConfig, config=config, settings=settings, run_id=run_id,
                  datasets={"train": dataset}, report_to_tune=report_to_tune, resume_file=resume_file)
     run_dir = Path(settings.storage) / settings.name

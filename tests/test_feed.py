@@ -134,3 +134,31 @@ def test_an_intact_prepared_folder_verifies(synthetic_prepared, capsys):
 
     assert main(["verify", str(synthetic_prepared)]) == 0
     assert "intact (sizes, footers, row counts, content hashes)" in capsys.readouterr().out
+
+
+def test_each_pass_reads_the_shards_in_its_own_seeded_order_over_shuffled_clips(synthetic_prepared):
+    """A run drawing more clips than the split holds gets enough passes, each every clip once and in its own
+    seeded shard order (the same again for the same seed); the clips themselves are stored shuffled, so a shard
+    is a random sample of the data set and not a run of one class."""
+    from pipelines.data.feed import passes_for, shard_order
+
+    card = load_card(synthetic_prepared)
+    n, shards = card["splits"]["train"], len(card["shards"])
+    assert shards >= 2 and passes_for(n + 1, n) == 3 and passes_for(None, n) == 1
+    seed = next(s for s in range(20) if shard_order(shards, s, 0) != shard_order(shards, s, 1))
+
+    def fed(seed: int) -> list[list[float]]:
+        ds = feed_dataset(synthetic_prepared, "train", labels="index", random_crop=False, seed=seed, clips=n + 1)
+        keys = [round(float(row["fbank"].sum()), 3) for row in ds.take_all()]
+        assert len(keys) == 3 * n
+        return [keys[k * n:(k + 1) * n] for k in range(3)]
+
+    passes = fed(seed)
+    assert all(sorted(p) == sorted(passes[0]) for p in passes)  # every clip once per pass
+    assert passes[0] != passes[1]  # their shard orders differ
+    assert fed(seed) == passes  # reproducible
+    assert sorted(set(shard_order(shards, seed, 0))) == list(range(shards))
+
+    stored = [i for shard in verify_shards(synthetic_prepared) for i in pq.read_table(shard, columns=["id"])["id"]
+              .to_pylist()]
+    assert "shuffled" in card["clip_order"] and sorted(stored) != stored and len(set(stored)) == len(stored)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -225,12 +226,15 @@ def feed_dataset(
     folds: Iterable[int] | None = None,
     workers: int = 1,
     balanced: BalancedDraw | None = None,
+    clips: int | None = None,
 ):
     """A Ray Dataset of model-ready rows for ``split`` (one name or several) of a prepared folder.
 
     target_length defaults to the card's; ``folds`` keeps only those folds (ESC-50 cross-validation);
     ``workers`` (the Train workers it feeds) bounds the concurrent tasks to ``DATA_TASKS_PER_WORKER`` each;
-    ``balanced`` makes the dataset that many class-balanced passes, one after the other (see ``BalancedDraw``).
+    ``clips``: how many clips the run draws (updates x batch x workers): the dataset is then enough passes over
+    the split for them, one after the other, each reading the shards in its own seeded order (see
+    ``shard_order``); ``balanced`` makes it that many class-balanced passes instead (see ``BalancedDraw``).
     """
     import ray.data
 
@@ -243,9 +247,15 @@ def feed_dataset(
     shards = verify_shards(prepared, card)
     ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
     tasks = DATA_TASKS_PER_WORKER * max(1, workers)
-    read = dict(shards=shards, splits=splits, folds=folds, tasks=tasks)
+
+    def read(*passes: int):  # every shard once per pass, each pass in its own order, one pass after the other
+        return _read_rows(shards=[shards[i] for k in passes for i in shard_order(len(shards), seed, k)],
+                          splits=splits, folds=folds, tasks=tasks)
+
     if balanced is None:
-        ds = _read_rows(**read)
+        rows = sum(card["splits"][s] if folds is None else
+                   sum(card.get("folds", {}).get(s, {}).get(str(f), 0) for f in folds) for s in splits)
+        ds = read(*range(passes_for(clips, rows)))  # one read: passes in sequence (a union would interleave them)
     else:
         clip_labels = split_labels(prepared, splits, folds)
         counts = np.bincount(np.concatenate([np.asarray(ls, dtype=np.int64) for ls in clip_labels]),
@@ -253,9 +263,10 @@ def feed_dataset(
         weights = class_weights(counts)
         keep = dict(weights=weights, scale=inclusion_scale(clip_weights(clip_labels, weights), balanced.per_pass),
                     seed=seed)
-        passes = [_read_rows(**read).map_batches(_keep_balanced, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-                                                 fn_kwargs={**keep, "pass_index": k})
+        passes = [read(k).map_batches(_keep_balanced, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
+                                      fn_kwargs={**keep, "pass_index": k})
                   for k in range(balanced.passes)]
+        # With order preserved, a union takes a block from each pass in turn: deterministic, the passes interleaved.
         ds = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
     norm = card["normalisation"]
     ds = ds.map_batches(
@@ -265,10 +276,27 @@ def feed_dataset(
                        num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"],
                        labels=labels, random_crop=random_crop, seed=seed),
     )
-    # Rows arrive in shard order whatever task finishes first: with the seeded local shuffle and seeded crops,
-    # a run is reproducible.
+    # Rows arrive in each pass's shard order whatever task finishes first: with the seeded local shuffle and
+    # seeded crops, a run is reproducible.
     ds.context.execution_options.preserve_order = True
     return ds
+
+
+def shard_order(count: int, seed: int, pass_index: int) -> list[int]:
+    """The order in which pass ``pass_index`` of a run seeded ``seed`` reads a data set's ``count`` shards: a
+    seeded permutation, a different one every pass. Together with clips stored in a shuffled order (``asda
+    prepare`` writes them so: every shard is a random sample of the data set) and the local shuffle buffer, each
+    pass mixes clips across the whole data set, not only within the few shards the buffer spans."""
+    return np.random.default_rng([seed, pass_index, count]).permutation(count).tolist()
+
+
+def passes_for(clips: int | None, rows: int) -> int:
+    """Passes over a split of ``rows`` clips that a run drawing ``clips`` needs: one more than they fill, for the
+    batches a pass drops at its end and a split that folds make smaller (a run that still runs out reads the
+    passes again, with the next epoch's local shuffle)."""
+    if clips is None or rows <= 0:
+        return 1
+    return math.ceil(clips / rows) + 1
 
 
 def _read_rows(*, shards: list[Path], splits: list[str], folds: Iterable[int] | None, tasks: int):

@@ -48,6 +48,7 @@ PLAN_NAME = "plan.json"
 BYTES_PER_FRAME = NUM_MEL_BINS * 2  # float16
 # A small data set is still cut into this many shards, so that it is made in parallel; never below MIN_SHARD_ROWS.
 MIN_SHARDS, MIN_SHARD_ROWS = 32, 64
+CLIP_ORDER_SEED = 0  # the shuffled order clips are stored in (see clip_order)
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: ~16 MB of 10 s clips
 STAGES = ("decode", "resample", "fbank", "float16", "parquet")
 
@@ -284,6 +285,14 @@ def _clip_rows(index: DatasetIndex) -> list[dict[str, Any]]:
     ]
 
 
+def clip_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The index in a fixed shuffled order (seed CLIP_ORDER_SEED), the order shards are cut in: a layout sorted by
+    class (Speech Commands' folder per keyword) would otherwise give shards of one class, which no shard-order
+    shuffle or local shuffle buffer mixes back. Fixed, so a resumed run cuts the same shards."""
+    order = np.random.default_rng(CLIP_ORDER_SEED).permutation(len(rows))
+    return [rows[i] for i in order]
+
+
 def shard_rows(num_clips: int, target_length: int, shard_mb: float) -> int:
     """Clips per shard: about ``shard_mb`` of float16 features at the data set's typical length (~1 s of audio per
     100 frames), and a small data set cut into at least MIN_SHARDS shards (of at least MIN_SHARD_ROWS clips) so
@@ -356,7 +365,7 @@ def prepare(
     if not index.clips:
         raise ValueError(f"{dataset} source {source} has no usable clips ({len(index.rejected)} rejected)")
 
-    rows = _clip_rows(index)
+    rows = clip_order(_clip_rows(index))
     per_shard = shard_rows(len(rows), index.target_length, shard_mb)
     plan = [rows[i:i + per_shard] for i in range(0, len(rows), per_shard)]
     fingerprint = _fingerprint(dataset, str(Path(source).resolve()), options or {}, rows, per_shard)
@@ -559,6 +568,7 @@ def _card(index: DatasetIndex, dataset: str, source, records: list[dict], second
         "normalisation": {"mean": norm_mean, "std": norm_std, "source": norm_source},
         "features": {**FEATURE_SETTINGS, "resample_to": SAMPLE_RATE, "dc_removal": True, "mono": "mean of channels",
                      "storage": "float16 bytes, row-major (frames, num_mel_bins)"},
+        "clip_order": f"shuffled with seed {CLIP_ORDER_SEED}: every shard is a random sample of the data set",
         "shards": [{"file": r["file"], "rows": r["rows"], "bytes": r["bytes"], HASH: r[HASH]}
                    for r in records if r["rows"]],
         "throughput": throughput(records, run),

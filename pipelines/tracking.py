@@ -13,6 +13,9 @@ from typing import Any
 from .runtime import REPO_ROOT
 
 LOCAL_STORE = REPO_ROOT / "mlruns"
+# MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends, credentials and all; the platform prints
+# its own links with them dropped (run_url). Every process that logs imports this module first.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 DEFAULT_EXPERIMENT = "asda"
 MAX_PARAM_LENGTH = 6000
 

@@ -306,7 +306,10 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
     sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha)
     _header(state, grid, trials, concurrent, folder, sweep)
-    _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
+    orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
+    if orphans:
+        print(f"  closed     {len(orphans)} run(s) an earlier driver left RUNNING (marked KILLED; the trials "
+              f"start again): {', '.join(orphans)}")
     with stop_signals(sigterm_as_sigint=True) as received:  # Tune's SIGINT handler stops the trials
         results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
     rows = _collect(results, grid)
@@ -336,20 +339,24 @@ class SweepInterrupted(Exception):
         self.signum, self.resume = signum, resume
 
 
-def _close_orphans(parent_run_id: str, metric: str | None = None) -> None:
+def _close_orphans(parent_run_id: str, metric: str | None = None) -> list[str]:
     """Mark KILLED the runs under the sweep that are still RUNNING: nothing of this sweep runs yet, so they were
     left by an interrupted or killed driver (a trial that resumes sets its run RUNNING again). With ``metric``,
-    also every trial run without it: its pretraining may have finished, the trial did not."""
+    also every trial run without it: its pretraining may have finished, the trial did not. Returns the names of
+    the runs it closed."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
+    closed = []
     for run in client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}'"):
         unevaluated = (metric is not None and run.data.tags.get(tracking.TAG_KIND) == tracking.KIND_TRIAL
                        and metric not in run.data.metrics)
         if run.info.status == "RUNNING" or (unevaluated and run.info.status != "KILLED"):
             client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_name or run.info.run_id)
+    return closed
 
 
 def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfinished: list[dict],

@@ -158,23 +158,70 @@ def test_a_stopped_sweep_is_marked_killed_and_the_plain_command_resumes_it(ray_l
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
 
 
-def test_the_local_ray_instance_of_a_sweep_listens_on_loopback_only(tracking_store, synthetic_prepared, tmp_path):
+def test_a_sweep_whose_driver_was_killed_outright_closes_its_orphaned_runs_and_resumes(
+        ray_local, tracking_store, synthetic_prepared, tmp_path, capsys):
+    """SIGKILL to the driver of `asda sweep` (nothing of it can clean up): its trial run and the parent stay
+    RUNNING. The plain command again picks that unfinished sweep, marks the orphaned run KILLED and says so,
+    then runs the trial to the end in the same run: one run per trial, nothing left RUNNING."""
+    storage = tmp_path / "sweeps"
+    grid = _retry_grid(tmp_path, synthetic_prepared, steps=40)  # the first checkpoint comes at update 4
+    proc = _sweep_command(grid, storage, _joining(ray_local))
+    try:
+        _first_checkpoint(storage)
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        stop_group(proc, signal.SIGKILL)
+    folder = next(storage.iterdir())
+    state = json.loads((folder / "sweep.json").read_text())
+    client = MlflowClient()
+    experiment = [client.get_run(state["parent_run_id"]).info.experiment_id]
+    under = f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
+    orphans = client.search_runs(experiment, filter_string=under)
+    assert [r.info.status for r in orphans] == ["RUNNING"] and not state.get("finished")
+    again = run_sweep(grid, storage=storage)
+    out = capsys.readouterr().out
+    assert f"closed     1 run(s) an earlier driver left RUNNING (marked KILLED; the trials start again): " \
+           f"{orphans[0].info.run_name}" in out, out[-3000:]
+    assert again["dir"] == str(folder) and again["parent_run_id"] == state["parent_run_id"]
+    assert again["trials"][0]["metric_value"] is not None
+    runs = client.search_runs(experiment, filter_string=under)
+    trial_runs = [r for r in runs if r.data.tags.get("asda.kind") == "sweep-trial"]
+    assert [r.info.run_id for r in trial_runs] == [orphans[0].info.run_id]  # the trial resumed its own run
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_a_sweep_on_its_own_ray_instance_listens_on_loopback_only_and_stops_cleanly_on_ctrl_c(
+        tracking_store, synthetic_prepared, tmp_path):
     """`asda sweep` with no RAY_ADDRESS starts its own Ray instance: while a trial trains, no process of the
-    command (driver, GCS, raylet, agents, workers, trials) listens on anything but 127.0.0.1."""
+    command (driver, GCS, raylet, agents, workers, trials) listens on anything but 127.0.0.1. Ctrl+C then (SIGINT
+    to the command's whole process group, as a terminal sends it) stops it as SIGTERM does: exit 130, the trial's
+    run and the parent KILLED, no result for the trial, and the command that resumes it."""
     storage = tmp_path / "sweeps"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the sweep starts its own instance
-    proc = _sweep_command(_retry_grid(tmp_path, synthetic_prepared), storage, env)
+    proc = _sweep_command(_retry_grid(tmp_path, synthetic_prepared, steps=200), storage, env)
     try:
         _first_checkpoint(storage)
         sockets = listening_sockets(session_members(proc.pid))
-        out, _ = proc.communicate(timeout=600)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
     finally:
         stop_group(proc, signal.SIGKILL)
-    assert proc.returncode == 0, out[-3000:]
     assert len(sockets) >= 3, sockets  # GCS, raylet, dashboard at least: the check saw the instance
     loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
     exposed = [(pid, address) for pid, address in sockets if not address.startswith(loopback)]
     assert not exposed, exposed
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert "stopped by SIGINT: 0 of 1 trials finished" in out and "resume it with: asda sweep --grid" in out
+    folder = next(storage.iterdir())
+    assert json.loads((folder / "trials.json").read_text()) == []
+    state = json.loads((folder / "sweep.json").read_text())
+    client = MlflowClient()
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+    children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
+    assert children and {c.info.status for c in children} == {"KILLED"}
 
 
 def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_store, tmp_path):
@@ -264,10 +311,15 @@ def test_smoke_grid_logs_to_an_mlflow_server_over_http(ray_local, mlflow_server,
 
 
 def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_rest(
-        ray_local, postgres, tmp_path, monkeypatch):
+        ray_local, postgres, tmp_path, monkeypatch, capsys):
+    """Through a tracking URI with credentials in it (the server ignores them), which must never reach the
+    screen, a file of the sweep, a run's params or Ray's session files."""
+    secret = "s3cret-4a7f"
     with mlflow_server_at(postgres, tmp_path / "server-artifacts", tmp_path / "server.log") as url:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        result = run_sweep("smoke", storage=tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url.replace("http://", f"http://alice:{secret}@"))
+        result = run_sweep("smoke", storage=tmp_path / "sweeps")
+        printed = capsys.readouterr()
+        assert secret not in printed.out + printed.err and printed.out.strip()
         _check_sweep(result)
         # Read the nested runs back through the REST API itself, not the client library.
         parent = result["parent_run_id"]
@@ -280,6 +332,11 @@ def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_res
         for run in runs:
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
             assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+            assert secret not in json.dumps(run["data"])  # params and tags
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    holding = [str(f) for folder in (tmp_path / "sweeps", session) for f in folder.rglob("*")
+               if f.is_file() and not f.is_symlink() and secret.encode() in f.read_bytes()]
+    assert not holding, holding
     # The runs live in PostgreSQL: the server's tables hold them, not a file next to it.
     import psycopg
 

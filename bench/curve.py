@@ -1,8 +1,8 @@
 """Does a preset learn? Probe accuracy against pretraining updates, for the tiny preset as it was and as it is.
 
-The update is the trainer's (``PretrainJob.step``'s parts: AdamW with the weight-decay groups, warm-up + cosine,
-grad-norm clip, one teacher EMA step); batches are drawn from the prepared train split in this process, seeded,
-one torch thread, so the numbers depend on the recipe and not on Ray Data or the machine's cores. Every
+The update is the trainer's (``pipelines.update.build_update`` with the run's settings: fused AdamW with the
+weight-decay groups, warm-up + cosine, grad-norm clip, one teacher EMA step); batches are drawn from the prepared
+train split in this process, seeded, one torch thread, so the numbers depend on the recipe and not on Ray Data or the machine's cores. Every
 ``every`` updates the student's utterance vectors are probed as `asda probe` does (logistic regression, test
 split). ``speechcommands_layout`` writes the synthetic classes as 1 s clips in Speech Commands' layout, so the
 curve can be drawn on the speechcommands adapter's 128-frame input too.
@@ -50,10 +50,11 @@ def curve(config, schedule: dict[str, float], data: str | Path, *, steps: int, e
     """[(updates, probe accuracy)] for one pretraining run of ``steps`` updates."""
     import torch
 
-    from model import ASDA, param_groups_weight_decay
+    from model import ASDA
     from pipelines.data.card import feed_length, load_card
     from pipelines.data.feed import read_clips
-    from pipelines.worker import warmup_cosine
+    from pipelines.pretrain import PretrainSettings
+    from pipelines.update import build_update
 
     card = load_card(data)
     length = feed_length(card, None, data)
@@ -63,21 +64,16 @@ def curve(config, schedule: dict[str, float], data: str | Path, *, steps: int, e
     num_classes = len(card["class_names"])
     torch.manual_seed(seed)
     model = ASDA(config)
-    optimiser = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, warmup_cosine(max(1, int(schedule["warmup"] * steps)), steps, schedule["min_lr_ratio"]))
+    settings = PretrainSettings(data=str(data), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                warmup_steps=max(1, int(schedule["warmup"] * steps)),
+                                min_lr_ratio=schedule["min_lr_ratio"])
+    update = build_update(model, settings, torch.device("cpu"))
     rng = np.random.default_rng(seed)
     points = [(0, _probe(model.student, train, test, num_classes))]
     for step in range(1, steps + 1):
         model.train()
         batch = torch.as_tensor(train["fbank"][rng.choice(len(train["fbank"]), batch_size, replace=False)])
-        loss = model(batch)["loss"]
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
-        optimiser.step()
-        scheduler.step()
-        model.update_teacher()
+        update(batch)
         if step % every == 0 or step == steps:
             points.append((step, _probe(model.student, train, test, num_classes)))
     return points

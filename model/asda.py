@@ -1,12 +1,14 @@
 """ASDA pretraining: many masked students, one EMA teacher, frame- and utterance-level regression.
 
-forward = teacher_targets -> student views (clone + inverse block mask) -> student encoder -> decoder -> losses.
+forward = teacher_targets -> draw_views (inverse block masks, mask-token noise) -> forward_students (student
+encoder over each clone's visible patches, decoder) -> losses.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from torch import nn
 from .config import ASDAConfig
 from .decoder import CNNDecoder
 from .encoder import ASDAEncoder
-from .masking import inverse_block_mask, visible_indices
+from .masking import inverse_block_mask, split_indices
 
 
 def ema_decay(step: int, start: float, end: float, anneal_steps: int) -> float:
@@ -34,14 +36,36 @@ def objective_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     count M): frame = Σ over masked patches and channels / M, utterance = Σ over clones and channels. "mean"
     averages each term over its elements, which is the release's scaled by 1/D and 1/(D·B·S).
     """
+    return reduce_terms(pred.float()[mask], target[mask], utterance, utterance_target, reduction)
+
+
+def reduce_terms(pred: torch.Tensor, target: torch.Tensor, utterance: torch.Tensor, utterance_target: torch.Tensor,
+                 reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``objective_terms`` of the masked patches alone: pred, target (M, D), the M masked patches of every clone
+    in (clone, patch) order; utterance, utterance_target (B·S, D)."""
     scale = 1.0 / math.sqrt(pred.shape[-1])
-    frame = (pred.float()[mask] - target[mask]).pow(2) * scale  # (M, D)
+    frame = (pred.float() - target).pow(2) * scale  # (M, D)
     utt = (utterance.float() - utterance_target).pow(2) * scale  # (B·S, D)
     if reduction == "release":
         return frame.sum() / frame.shape[0], utt.sum()
     if reduction == "mean":
         return frame.mean(), utt.mean()
     raise ValueError(f"loss_reduction={reduction!r} is not allowed: expected 'release' or 'mean'")
+
+
+class StudentViews(NamedTuple):
+    """What an update draws at random for its students, drawn before the forward so that a compiled forward is a
+    fixed function of its inputs (and draws exactly what the eager one does)."""
+
+    visible: torch.Tensor  # (B·S, k) ascending indices of the patches each clone sees
+    masked: torch.Tensor  # (B·S, P − k) ascending indices of the patches it predicts
+    noise: torch.Tensor  # (B·S, P, D) N(0, 1); the decoder scales it into mask tokens
+
+
+def _per_clip(indices: torch.Tensor, clips: int) -> torch.Tensor:
+    """(B·S, n) per-clone patch indices -> (B, S·n, 1): clip b's clones one after another, ready for ``gather``
+    along a clip's patch axis (the clone order of the batch, b·S + s, is kept)."""
+    return indices.reshape(clips, -1).unsqueeze(-1)
 
 
 class ASDA(nn.Module):
@@ -76,8 +100,10 @@ class ASDA(nn.Module):
     def update_teacher(self) -> float:
         """One EMA step ``teacher = d * teacher + (1 - d) * student`` at the current decay (float32); returns d."""
         d = self.ema_decay
-        for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
-            t.lerp_(s.detach().to(t.dtype), 1.0 - d)
+        teacher, student = list(self.teacher.parameters()), list(self.student.parameters())
+        assert len(teacher) == len(student), "teacher and student must have the same parameters"
+        # One multi-tensor lerp over every parameter: the same arithmetic as a per-tensor lerp_, one launch on GPU.
+        torch._foreach_lerp_(teacher, [s.detach().to(t.dtype) for t, s in zip(teacher, student, strict=True)], 1.0 - d)
         self.num_updates += 1
         return d
 
@@ -85,40 +111,70 @@ class ASDA(nn.Module):
     def teacher_targets(self, fbank: torch.Tensor) -> torch.Tensor:
         """(B, P, D): top-K layer MLP outputs, instance-normed over patches, averaged, layer-normed."""
         _, _, layers = self.teacher.forward_tokens(self.teacher.embed(fbank), return_layer_targets=True)
-        top = layers[-self.config.average_top_k_layers:]
-        # instance_norm normalises each channel over the patch axis: (B, D, P).
-        y = sum(F.instance_norm(t.float().transpose(1, 2)) for t in top) / len(top)
+        top = torch.stack(layers[-self.config.average_top_k_layers:]).float()  # (K, B, P, D)
+        K, B, P, D = top.shape
+        # instance_norm normalises each channel over the patch axis: all K layers in one call on (K·B, D, P).
+        y = F.instance_norm(top.view(K * B, P, D).transpose(1, 2)).view(K, B, D, P).mean(dim=0)  # (B, D, P)
         y = y.transpose(1, 2)  # (B, P, D)
         return F.layer_norm(y, y.shape[-1:])
 
     # --- students
-    def forward(self, fbank: torch.Tensor) -> dict[str, torch.Tensor]:
+    def draw_views(self, fbank: torch.Tensor) -> StudentViews:
+        """Each clone's inverse block mask and its mask-token noise, for a batch of ``fbank`` (B, T, F)."""
         c = self.config
         B, S, D = fbank.shape[0], c.num_students, c.embed_dim
-        y = self.teacher_targets(fbank)  # (B, P, D), float32
-
-        tokens = self.student.embed(fbank)  # (B, P, D): embed once, then clone
-        P = tokens.shape[1]
         grid = self.student.patch_embed.grid(fbank.shape[1])
-        tokens = tokens.repeat_interleave(S, dim=0)  # (B*S, P, D)
-        mask = inverse_block_mask(
-            B * S, grid, mask_ratio=c.mask_ratio, block_size=c.mask_block_size, adjust=c.mask_adjust,
-            device=fbank.device,
-        )  # (B*S, P), True = masked
-        vis = visible_indices(mask)  # (B*S, k)
-        visible = tokens.gather(1, vis.unsqueeze(-1).expand(-1, -1, D))  # (B*S, k, D)
-        utterance, patches, _ = self.student.forward_tokens(visible, num_patches=P)
-        pred = self.decoder(patches, vis, grid)  # (B*S, P, D)
+        P = grid[0] * grid[1]
+        mask = inverse_block_mask(B * S, grid, mask_ratio=c.mask_ratio, block_size=c.mask_block_size,
+                                  adjust=c.mask_adjust, device=fbank.device)  # (B·S, P), True = masked
+        visible, masked = split_indices(mask, int(P * (1 - c.mask_ratio)))
+        noise = torch.randn(B * S, P, D, device=fbank.device, dtype=self.decoder.proj.weight.dtype)
+        return StudentViews(visible, masked, noise)
 
-        assert P == y.shape[1], f"teacher grid {y.shape[1]} != student grid {P}"
-        loss_frame, loss_utterance = objective_terms(
-            pred, y.repeat_interleave(S, dim=0), mask, utterance, y.mean(dim=1).repeat_interleave(S, dim=0),
+    def forward_students(self, fbank: torch.Tensor, views: StudentViews) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every clone's student pass: (utterance (B·S, D), decoder predictions (B·S, P, D)).
+
+        The clip is embedded once; each clone's visible tokens are gathered from it directly, all clones of a
+        clip in one gather (no B·S copy of the clip)."""
+        B, S = fbank.shape[0], self.config.num_students
+        tokens = self.student.embed(fbank)  # (B, P, D)
+        _, P, D = tokens.shape
+        clones, k = views.visible.shape
+        assert clones == B * S, f"views for {clones} clones, batch has {B} clips x {S} students"
+        index = _per_clip(views.visible, B).expand(-1, -1, D)  # (B, S·k, D)
+        visible = tokens.gather(1, index).view(clones, k, D)  # (B·S, k, D)
+        utterance, patches, _ = self.student.forward_tokens(visible, num_patches=P)
+        pred = self.decoder(patches, views.visible, views.noise, self.student.patch_embed.grid(fbank.shape[1]))
+        return utterance, pred  # (B·S, D), (B·S, P, D)
+
+    def losses(self, pred: torch.Tensor, utterance: torch.Tensor, y: torch.Tensor,
+               views: StudentViews) -> dict[str, torch.Tensor]:
+        """The objective of every clone against the teacher's targets y (B, P, D) (``reduce_terms``)."""
+        c = self.config
+        B, P, D = y.shape
+        assert pred.shape[1] == P, f"teacher grid {P} != student grid {pred.shape[1]}"
+        # The masked patches of every clone in (clone, patch) order, (M, D): from pred (B·S, P, D), and from the
+        # targets of the clone's clip in y (B, P, D) without repeating y per clone.
+        masked = views.masked.unsqueeze(-1).expand(-1, -1, D)  # (B·S, m, D)
+        pred_masked = pred.gather(1, masked).reshape(-1, D)
+        target_masked = y.gather(1, _per_clip(views.masked, B).expand(-1, -1, D)).reshape(-1, D)
+        loss_frame, loss_utterance = reduce_terms(
+            pred_masked, target_masked, utterance, y.mean(dim=1).repeat_interleave(c.num_students, dim=0),
             c.loss_reduction)
         return {
             "loss": c.alpha * loss_utterance + loss_frame,
             "loss_frame": loss_frame,
             "loss_utterance": loss_utterance,
         }
+
+    def forward(self, fbank: torch.Tensor, views: StudentViews | None = None) -> dict[str, torch.Tensor]:
+        """fbank (B, T, F) -> {"loss", "loss_frame", "loss_utterance"}. ``views``: the students' masks and noise
+        (``draw_views``), drawn here when not given."""
+        y = self.teacher_targets(fbank)  # (B, P, D), float32
+        if views is None:
+            views = self.draw_views(fbank)
+        utterance, pred = self.forward_students(fbank, views)
+        return self.losses(pred, utterance, y, views)
 
     def lambdas(self) -> list[float]:
         """λ of each student layer (differential attention), for logging."""

@@ -157,7 +157,8 @@ class DifferentialAttention(nn.Module):
         # (A1 − λA2) v = A1 v − λ (A2 v): two fused-kernel calls, no N x N map in memory.
         o = F.scaled_dot_product_attention(q1, k1, v, attn_mask=mask)  # (B, H, N, d)
         if self.learnable_lambda or self.diff_lambda != 0.0:
-            lam = self.lambda_value().to(o.dtype)
+            # A fixed λ multiplies as a Python number: no tensor is made (nor copied to the device) per call.
+            lam = self.lambda_value().to(o.dtype) if self.learnable_lambda else self.diff_lambda
             o = o - lam * F.scaled_dot_product_attention(q2, k2, v, attn_mask=mask)
         return self._finish(o)
 

@@ -43,12 +43,15 @@ class CNNDecoder(nn.Module):
         )
         self.proj = nn.Linear(D, D)
 
-    def forward(self, visible: torch.Tensor, visible_idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """visible (B, k, D) at ascending patch indices visible_idx (B, k) -> predictions (B, P, D)."""
+    def forward(self, visible: torch.Tensor, visible_idx: torch.Tensor, noise: torch.Tensor,
+                grid: tuple[int, int]) -> torch.Tensor:
+        """visible (B, k, D) at ascending patch indices visible_idx (B, k) -> predictions (B, P, D).
+
+        noise (B, P, D): N(0, 1) draws, fresh every update (``ASDA.draw_views``); scaled, they are the mask tokens,
+        not a learned embedding."""
         B, _, D = visible.shape
         T, Fq = grid
-        # Mask tokens are fresh noise every call, not a learned embedding.
-        x = torch.randn(B, T * Fq, D, device=visible.device, dtype=visible.dtype) * self.noise_std
+        x = (noise * self.noise_std).to(visible.dtype)  # (B, P, D)
         x = x.scatter(1, visible_idx.unsqueeze(-1).expand(-1, -1, D), visible)  # (B, P, D)
         x = x.transpose(1, 2).reshape(B, D, T, Fq)  # (B, D, T, F), time-major like the patch grid
         for block in self.blocks:

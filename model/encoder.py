@@ -130,6 +130,8 @@ def _insert(x: torch.Tensor, item: torch.Tensor, idx: int) -> torch.Tensor:
 def _drop_token(x: torch.Tensor, idx: int | None) -> torch.Tensor:
     if idx is None:
         return x
+    if idx == 0:  # the CLS at the head: a view, no copy
+        return x[:, 1:]
     return torch.cat([x[:, :idx], x[:, idx + 1:]], dim=1)
 
 

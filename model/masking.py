@@ -54,3 +54,14 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     """(B, P) mask with the same kept count per row -> (B, k) ascending indices of the kept patches."""
     B = mask.shape[0]
     return (~mask).nonzero(as_tuple=False)[:, 1].view(B, -1)
+
+
+def split_indices(mask: torch.Tensor, keep_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) mask with ``keep_count`` kept cells per row -> (visible (B, k), masked (B, P - k)), each ascending.
+
+    The same indices as ``visible_indices`` and ``mask.nonzero``, but of shapes known before the mask is drawn:
+    no device-to-host sync, and a compiled graph needs no dynamic shape. A stable sort puts the kept cells (0)
+    before the masked ones (1), each group in index order.
+    """
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices  # (B, P)
+    return order[:, :keep_count], order[:, keep_count:]

@@ -48,6 +48,9 @@ class SinCos2dPositionalEncoding(nn.Module):
         super().__init__()
         self.freq_bins, self.cls_position = max_grid[1], cls_position
         self.register_buffer("table", sincos_2d_table(max_grid, embed_dim), persistent=False)
+        # The CLS's code for every time column it can sit in (-1: before the first), computed once rather than on
+        # every forward: row c + 1 is column c's.
+        self.register_buffer("cls_table", self._cls_codes(torch.arange(-1, max_grid[0])), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.codes(x.shape[1]).to(x.dtype)
@@ -59,12 +62,18 @@ class SinCos2dPositionalEncoding(nn.Module):
             return sincos_2d_table(grid, self.table.shape[1]).to(self.table.device)[:num_patches]
         return self.table[:num_patches]
 
+    def _cls_codes(self, columns: torch.Tensor) -> torch.Tensor:
+        """(len(columns), D): zeros in the frequency half, the time half at each column."""
+        half = self.table.shape[1] // 2
+        time = sincos_1d(columns, half)  # (n, D/2)
+        return torch.cat([torch.zeros_like(time), time], dim=1)
+
     def cls_code(self, num_patches: int) -> torch.Tensor:
         """(D,) code of the CLS token for an input of ``num_patches`` patches."""
         column = cls_column(self.cls_position, num_patches, self.freq_bins)
-        half = self.table.shape[1] // 2
-        time = sincos_1d(torch.tensor([float(column)]), half)[0].to(self.table.device)
-        return torch.cat([torch.zeros_like(time), time])
+        if column + 1 < self.cls_table.shape[0]:
+            return self.cls_table[column + 1]
+        return self._cls_codes(torch.tensor([column]))[0].to(self.table.device)  # beyond the table's length
 
 
 class Learned1dPositionalEncoding(nn.Module):
@@ -85,7 +94,9 @@ class Learned1dPositionalEncoding(nn.Module):
         cls_row = self.cls_row(num_patches)
         if cls_row is not None:
             rows = rows + (rows >= cls_row).long()  # patches at or after the CLS's slot move up one row
-        if num_patches and int(rows[-1]) >= self.table.shape[0]:
+        # The last patch's row, from Python integers: no device-to-host read, no break in a compiled graph.
+        last = num_patches - 1 + (cls_row is not None and num_patches - 1 >= cls_row)
+        if num_patches and last >= self.table.shape[0]:
             raise ValueError(
                 f"input has {num_patches // self.freq_bins} patch columns, more than the "
                 f"{self.table.shape[0] // self.freq_bins} that target_length allows; raise target_length or crop "

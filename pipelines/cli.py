@@ -12,10 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-# Spelled out here rather than imported, because importing either home imports torch; tests/test_cli.py checks they
-# equal model.config.PRESETS and pipelines.data.adapters.ADAPTERS.
+# Spelled out here rather than imported, because importing their homes imports torch; tests/test_cli.py checks they
+# equal model.config.PRESETS, pipelines.data.adapters.ADAPTERS and pipelines.update.PRECISIONS.
 PRESETS = ("base", "tiny")
 DATASETS = ("audioset", "esc50", "folder", "manifest", "speechcommands", "synthetic")
+PRECISIONS = ("bf16", "fp32")  # pipelines.update.PRECISIONS
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -56,8 +57,10 @@ def _bench_step(args: argparse.Namespace) -> int:
     from model import ASDAConfig
 
     config = ASDAConfig.preset(args.preset).with_overrides(args.overrides)
+    if args.profile:
+        return _bench_profile(args, config)
     report = bench_step(config, batch_size=args.batch, repeats=args.repeats, device=args.device,
-                        compile=args.compile)
+                        compile=args.compile, precision=args.precision)
     for r in report["results"]:
         print(f"{r['name']:>12}: {r['median_ms']:8.1f} ms/update  {r['clips_per_s']:7.1f} clips/s  "
               f"{r['gflops_per_update']:8.1f} GFLOP/update  {r['achieved_tflops']:6.2f} TFLOP/s  MFU {r['mfu']:.1%}")
@@ -65,7 +68,35 @@ def _bench_step(args: argparse.Namespace) -> int:
           f"{report['flops_ratio']:.2f}x FLOPs (batch {args.batch}, {config.num_students} students, "
           f"{report['device']}, {report['threads']} threads; MFU against a measured "
           f"{report['matmul_peak_dtype']} matmul peak of {report['matmul_peak_tflops']:.2f} TFLOP/s)")
+    if args.trainer:
+        from bench.step import bench_trainer
+
+        trainer = bench_trainer(config, batch_size=args.batch, steps=args.trainer_steps, device=args.device,
+                                compile=args.compile, precision=args.precision)
+        report["trainer"] = trainer
+        bench = report["results"][0]["clips_per_s"]
+        print(f"asda pretrain, same update: {trainer['clips_per_s']:7.1f} clips/s (median of "
+              f"{len(trainer['windows_clips_per_s']) - 1} windows of {trainer['log_every']} updates after the "
+              f"first; first {trainer['first_window_clips_per_s']:.1f}); trainer / benchmark "
+              f"{trainer['clips_per_s'] / bench:.2f}")
     _write_json(args.json, report)
+    return 0
+
+
+def _bench_profile(args: argparse.Namespace, config) -> int:
+    from bench.profile import profile_update
+
+    if args.device != "cpu":
+        raise ValueError(f"--profile counts operator calls on CPU only, not --device {args.device}")
+    r = profile_update(config, batch_size=args.batch, repeats=args.repeats)
+    print(f"operator calls per stage of one update (batch {r['batch']}, {config.num_students} students, "
+          f"{r['threads']} threads, float32 eager):")
+    for row in r["stages"]:
+        top = ", ".join(f"{name.removeprefix('aten::')} {n}" for name, n in row["top"])
+        print(f"  {row['stage']:>15}: {row['calls']:5d}   {top}")
+    print(f"  {'total':>15}: {r['total_calls']:5d}; update {r['median_ms']:.1f} ms wall, "
+          f"{r['median_cpu_ms']:.1f} ms CPU (median of {args.repeats})")
+    _write_json(args.json, r)
     return 0
 
 
@@ -173,7 +204,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--batch", type=int, default=8, help="clips per update (default: 8)")
     step.add_argument("--repeats", type=int, default=10, help="timed updates per variant (default: 10)")
     step.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    step.add_argument("--compile", action="store_true", help="run the forward through torch.compile")
+    step.add_argument("--compile", action="store_true", help="compile the model as asda pretrain --compile does")
+    step.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on cuda, fp32 on cpu")
+    step.add_argument("--trainer", action="store_true",
+                      help="also run asda pretrain at the same settings on a synthetic set and report its clips/s")
+    step.add_argument("--trainer-steps", type=int, default=40, help="updates of the --trainer run (default: 40)")
+    step.add_argument("--profile", action="store_true",
+                      help="instead: count the operator calls of each stage of one update (torch.profiler, CPU)")
     step.add_argument("--json", help="also write the results to this JSON file")
     step.add_argument("overrides", nargs="*", metavar="field=value", help="ASDAConfig fields to override")
     step.set_defaults(func=_bench_step)
@@ -386,7 +423,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     config = _model_config(args)
     data = _location(args.data or _default_data())
-    settings = PretrainSettings(**_train_settings(args, data), resume=str(args.resume) if args.resume else None)
+    settings = PretrainSettings(**_train_settings(args, data), resume=str(args.resume) if args.resume else None,
+                                compile=args.compile, precision=args.precision)
     settings = settings.resolved("pretrain")  # its name now: the command that resumes it names it
     _ensure_default_data(data)
     from .runtime import ensure_ray, stop_signals
@@ -428,6 +466,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="ASDA self-supervised pretraining on Ray Train (DDP) with MLflow")
     _add_train_args(p, steps=300, batch=8, lr=5e-4, warmup=30)
     p.add_argument("--resume", type=Path, help="start from this checkpoint (folder or .pt) in a new run")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (a C++ compiler on CPU; the first updates take longer)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="bf16 autocast or float32 (default: bf16 with --use-gpu, else fp32)")
     p.set_defaults(func=_pretrain)
 
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from model import ASDA, ASDAConfig, param_groups_weight_decay, read_state, save_checkpoint
+from model import ASDA, ASDAConfig, read_state, save_checkpoint
 
 from . import tracking, worker
 from .training import TrainSettings, WorkerConfig, check_data, fit, start_tracking
+from .update import PretrainUpdate, build_update, check_precision, default_precision
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,16 @@ class PretrainSettings(TrainSettings):
     resume: str | None = None  # start from this checkpoint (folder or model.pt) in a new run
     figure_split: str | None = None  # clips for the attention figure (default: valid, test or train)
     figure_clips: int = 4
+    compile: bool = False  # torch.compile the model's forward (and so its backward)
+    precision: str | None = None  # "bf16" (autocast) or "fp32"; None: bf16 with use_gpu, else fp32
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.figure_clips < 0:
             raise ValueError(f"figure_clips={self.figure_clips!r} is not allowed: expected an integer >= 0")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile={self.compile!r} is not allowed: expected true or false")
+        check_precision(self.precision)
 
 
 # --------------------------------------------------------------------------------------------------- worker
@@ -50,12 +56,11 @@ def pretrain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     rank, world, device = worker.start_worker(w.threads, w.run_dir, s.in_process)
     torch.manual_seed(s.seed)  # identical initial weights on every rank
     model = ASDA(w.model).to(device)
-    optimiser = torch.optim.AdamW(param_groups_weight_decay(model, s.weight_decay), lr=s.lr,
-                                  betas=(s.beta1, s.beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, worker.warmup_cosine(s.warmup_steps, s.steps, s.min_lr_ratio))
+    # Compiled (with settings.compile) in place: the checkpointer's state dicts keep their names.
+    update = build_update(model, s, device)
     checkpointer = worker.Checkpointer(rank=rank, run_dir=w.run_dir, every=s.checkpoint_every, last_step=s.steps,
-                                       model=model, optimiser=optimiser, scheduler=scheduler, config=w.model,
+                                       model=model, optimiser=update.optimiser, scheduler=update.scheduler,
+                                       config=w.model,
                                        extra={"settings": dataclasses.asdict(s)}, in_process=s.in_process,
                                        report_to_tune=w.report_to_tune)
     checkpoint = checkpointer.latest()
@@ -64,20 +69,20 @@ def pretrain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     step, epoch = checkpointer.restore(checkpoint, s.seed)
     logger = worker.RankZeroLogger(w.tracking_uri, w.run_id, enabled=rank == 0)
     logger.log({"resumed_from_step": step}, step=step)
-    job = PretrainJob(worker.wrap_ddp(model, device, world), model, optimiser, scheduler, s, device, world)
+    update.forward = worker.wrap_ddp(model, device, world)  # DDP wraps the compiled module, as torch advises
+    job = PretrainJob(update, s, world)
     return worker.run_steps(job, checkpointer, logger, steps=s.steps, log_every=s.log_every, start=(step, epoch))
 
 
 class PretrainJob:
-    """One rank's pretraining: shuffled crops in, one update (forward, backward, clip, step, EMA) per batch."""
+    """One rank's pretraining: shuffled crops in, one ``PretrainUpdate`` per batch."""
 
-    def __init__(self, ddp, model: ASDA, optimiser, scheduler, settings: PretrainSettings, device, world: int):
+    def __init__(self, update: PretrainUpdate, settings: PretrainSettings, world: int):
         import ray.train
 
-        self.ddp, self.model, self.optimiser, self.scheduler = ddp, model, optimiser, scheduler
-        self.settings, self.device, self.world = settings, device, world
+        self.update, self.model, self.optimiser = update, update.model, update.optimiser
+        self.settings, self.device, self.world = settings, update.device, world
         self.shard = ray.train.get_dataset_shard("train")
-        self.params = [p for p in model.parameters() if p.requires_grad]
 
     def batches(self, epoch: int):
         from .data.feed import iter_torch
@@ -85,17 +90,8 @@ class PretrainJob:
         return iter_torch(self.shard, self.settings.batch_size, seed=self.settings.seed + epoch, drop_last=True)
 
     def step(self, batch: dict[str, torch.Tensor]) -> worker.StepOutput:
-        """One update: forward (bf16 autocast on GPU), backward, clip, step, schedule, one teacher EMA step."""
         fbank = batch["fbank"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.ddp(fbank)
-        self.optimiser.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
-        if torch.isfinite(grad_norm):
-            self.optimiser.step()
-            self.scheduler.step()
-            self.model.update_teacher()
+        out, grad_norm = self.update(fbank)
         return worker.StepOutput(out["loss"], grad_norm, fbank.shape[0] * self.world, out)
 
     def metrics(self, out: worker.StepOutput) -> dict[str, float]:
@@ -133,6 +129,9 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     from .data.feed import feed_dataset
 
     settings = settings.resolved("pretrain")
+    # The precision the workers train in, resolved here so that the run records it.
+    settings = dataclasses.replace(settings, precision=settings.precision or
+                                   default_precision("cuda" if settings.use_gpu else "cpu"))
     card = check_data(settings)
     # The encoder pretrains on the data set's own length (its positional table is sized to it).
     config = dataclasses.replace(config, target_length=feed_length(card, settings.target_length, settings.data,

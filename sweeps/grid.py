@@ -207,7 +207,10 @@ def _check_train_keys(grid: Grid, where: str) -> None:
     unknown = sorted(set(grid.train) - allowed)
     if unknown:
         raise ValueError(f"{where}: unknown train setting(s) {unknown}; allowed: {sorted(allowed)}")
-    PretrainSettings(data="-", **grid.train)  # value checks
+    try:
+        PretrainSettings(data="-", **grid.train)  # value checks (e.g. train.compile must be true or false)
+    except ValueError as exc:
+        raise ValueError(f"{where}: train.{exc}") from None
     tuned = grid.evaluation.get("settings") or {}
     if grid.evaluation["kind"] == "finetune":
         allowed_ft = {f.name for f in dataclasses.fields(FinetuneSettings)} - {"data", "checkpoint", "name"}

@@ -100,3 +100,27 @@ def test_speechcommands_layout_of_the_synthetic_classes_prepares_as_speech_comma
     card = load_card(tmp_path / "prepared")
     assert card["target_length"] == 128 and len(card["class_names"]) == 8
     assert card["splits"] == {"train": 32, "test": 8}
+
+
+def test_bench_step_profile_counts_operator_calls_per_stage_of_the_trainers_update(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    args = ["bench", "step", "--profile", "--batch", "2", "--repeats", "1", "--json", str(out),
+            "depth=1", "average_top_k_layers=1", "target_length=64", "num_students=2"]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    stages = {r["stage"]: r["calls"] for r in report["stages"]}
+    assert set(stages) >= {"draw_views", "teacher_targets", "forward", "backward", "clip", "optimiser", "ema"}
+    # Fused AdamW and the multi-tensor EMA: a handful of calls for every parameter at once.
+    assert stages["optimiser"] <= 4 and stages["ema"] <= 3
+    assert report["total_calls"] == sum(stages.values()) and report["median_cpu_ms"] > 0
+    assert "operator calls per stage" in capsys.readouterr().out
+
+
+def test_bench_trainer_reads_the_clip_rate_asda_pretrain_logged(synthetic_prepared):
+    from bench.step import bench_trainer
+    from model import ASDAConfig
+
+    config = ASDAConfig.tiny(depth=1, average_top_k_layers=1, num_students=2, target_length=64)
+    r = bench_trainer(config, batch_size=4, steps=4, log_every=2, data=str(synthetic_prepared), in_process=True)
+    assert len(r["windows_clips_per_s"]) == 2 and r["clips_per_s"] == r["windows_clips_per_s"][1] > 0
+    assert r["precision"] == "fp32" and r["compiled"] is False and r["train_loop_s"] > 0

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from pipelines.cli import main
 
 
@@ -40,8 +42,24 @@ def test_building_the_parser_and_every_help_imports_nothing_heavy():
 def test_parser_choices_match_the_presets_and_adapters_they_name():
     from model.config import PRESETS
     from pipelines.cli import DATASETS
+    from pipelines.cli import PRECISIONS as CLI_PRECISIONS
     from pipelines.cli import PRESETS as CLI_PRESETS
     from pipelines.data.adapters import ADAPTERS
+    from pipelines.update import PRECISIONS
 
     assert CLI_PRESETS == PRESETS
     assert DATASETS == tuple(sorted(ADAPTERS))
+    assert CLI_PRECISIONS == PRECISIONS
+
+
+def test_pretrain_takes_compile_and_precision_and_refuses_an_unknown_precision(capsys):
+    from pipelines.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--compile", "--precision", "bf16", "--use-gpu"])
+    assert args.compile is True and args.precision == "bf16"
+    args = build_parser().parse_args(["pretrain"])
+    assert args.compile is False and args.precision is None  # None: bf16 with --use-gpu, else fp32
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["pretrain", "--precision", "fp16"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err

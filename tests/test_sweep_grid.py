@@ -79,6 +79,8 @@ def _write(tmp_path, **changes):
         ({"seeds": ["zero"]}, r"seeds holds \['zero'\]: expected integers"),
         ({"factors": {"alpha": [float("inf")]}}, r"ASDAConfig.alpha=inf is not allowed: expected a finite number"),
         ({"train": {"lr": float("nan")}}, r"lr=nan is not allowed: expected a finite number"),
+        ({"train": {"steps": 4, "compile": "yes"}}, r"train.compile='yes' is not allowed: expected true or false"),
+        ({"train": {"steps": 4, "precision": "fp16"}}, r"train.precision='fp16' is not allowed"),
     ],
 )
 def test_bad_grids_fail_with_the_reason_before_anything_runs(tmp_path, changes, message):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from model import ASDAConfig, load_checkpoint
+from model import ASDA, ASDAConfig, load_checkpoint
 from pipelines.pretrain import PretrainSettings, pretrain
 from pipelines.probe import ProbeSettings, probe
 from pipelines.training import NonFiniteLossError
@@ -263,3 +263,40 @@ def test_a_stopped_pretraining_run_is_marked_killed_and_the_printed_command_resu
 def test_cross_validation_names_the_folds_a_data_set_lacks(synthetic_prepared):
     with pytest.raises(ValueError, match=r"has no fold \[1, 2\].*ESC-50 has folds 1-5"):
         probe(ProbeSettings(data=str(synthetic_prepared), cv_folds=2))
+
+
+@pytest.mark.slow
+def test_pretrain_compile_trains_ddp_through_ray_train_and_resumes_into_eager_and_back(
+        ray_local, tracking_store, synthetic_prepared, tmp_path, capsys):
+    """`asda pretrain --compile` end to end: two DDP workers run the compiled model; the run continues eagerly
+    from the compiled run's checkpoint, then compiled again from the eager one. Checkpoints keep the model's own
+    names, so each leg loads the other's weights, optimiser and EMA teacher."""
+    from pipelines.cli import main
+
+    small = ["embed_dim=64", "depth=2", "average_top_k_layers=2", "num_students=2", "decoder_layers=1"]
+
+    def leg(steps, *flags):
+        argv = ["pretrain", "--data", str(synthetic_prepared), "--storage", str(tmp_path), "--name", "compiled",
+                "--workers", "2", "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2",
+                "--log-every", "2", "--target-length", "64", *flags, *small]
+        assert main(argv) == 0, capsys.readouterr()
+        return torch.load(tmp_path / "compiled" / f"checkpoint_{steps:07d}" / "model.pt", weights_only=True)
+
+    compiled = leg(4, "--compile")
+    eager = leg(6)
+    again = leg(8, "--compile")
+    for state in (compiled, eager, again):
+        assert not any("_orig_mod" in k for k in state["model"])
+        assert set(state["model"]) == set(ASDA(TINY).state_dict())
+    assert int(eager["model"]["num_updates"]) == 6 and int(again["model"]["num_updates"]) == 8  # EMA steps
+    state, config = load_checkpoint(tmp_path / "compiled" / "final.pt")
+    ASDA(config).load_state_dict(state["model"])  # the portable weights load into a plain (eager) model
+
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("asda").experiment_id],
+                             filter_string="tags.`asda.run_name` = 'compiled'")[0]
+    assert run.data.params["train.compile"] == "True" and run.data.params["train.precision"] == "fp32"
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
+    assert {4.0, 6.0} <= set(resumed)

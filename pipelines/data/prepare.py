@@ -202,26 +202,30 @@ def _card(index: DatasetIndex, dataset: str, source, folder: Path, rejected: lis
 
     shards = sorted(folder.glob("*.parquet"))
     columns = ["split", "fold", "labels", "frames", "fbank_sum", "fbank_sumsq"]
-    tables = [pq.read_table(s, columns=columns, page_checksum_verification=True) for s in shards]
     splits: dict[str, int] = {}
     class_counts: dict[str, list[int]] = {}
     folds: dict[str, dict[str, int]] = {}
     sums = {"n": 0.0, "sum": 0.0, "sumsq": 0.0}
     stats_split = "train" if any(c.split == "train" for c in index.clips) else None
-    for table in tables:
-        data = table.to_pydict()
-        for split, fold, labels, frames, s, s2 in zip(*(data[c] for c in columns), strict=True):
-            splits[split] = splits.get(split, 0) + 1
-            if fold:
-                per_split = folds.setdefault(split, {})
-                per_split[str(fold)] = per_split.get(str(fold), 0) + 1
-            counts = class_counts.setdefault(split, [0] * len(index.class_names))
-            for label in labels:
-                counts[label] += 1
-            if stats_split is None or split == stats_split:
-                sums["n"] += frames * NUM_MEL_BINS
-                sums["sum"] += s
-                sums["sumsq"] += s2
+    rows = []
+    # Shard by shard, in batches, the per-clip sums only (never the fbank): memory does not grow with the data set.
+    for shard in shards:
+        reader = pq.ParquetFile(shard, page_checksum_verification=True)
+        rows.append(reader.metadata.num_rows)
+        for batch in reader.iter_batches(batch_size=4096, columns=columns):
+            data = batch.to_pydict()
+            for split, fold, labels, frames, s, s2 in zip(*(data[c] for c in columns), strict=True):
+                splits[split] = splits.get(split, 0) + 1
+                if fold:
+                    per_split = folds.setdefault(split, {})
+                    per_split[str(fold)] = per_split.get(str(fold), 0) + 1
+                counts = class_counts.setdefault(split, [0] * len(index.class_names))
+                for label in labels:
+                    counts[label] += 1
+                if stats_split is None or split == stats_split:
+                    sums["n"] += frames * NUM_MEL_BINS
+                    sums["sum"] += s
+                    sums["sumsq"] += s2
     mean = sums["sum"] / sums["n"] if sums["n"] else 0.0
     std = math.sqrt(max(sums["sumsq"] / sums["n"] - mean**2, 0.0)) if sums["n"] else 1.0
     norm_mean, norm_std, norm_source = (*index.stats, "published") if index.stats else (
@@ -245,7 +249,7 @@ def _card(index: DatasetIndex, dataset: str, source, folder: Path, rejected: lis
         "normalisation": {"mean": norm_mean, "std": norm_std, "source": norm_source},
         "features": {**FEATURE_SETTINGS, "resample_to": SAMPLE_RATE, "dc_removal": True, "mono": "mean of channels",
                      "storage": "float16 bytes, row-major (frames, num_mel_bins)"},
-        "shards": [{"file": s.name, "rows": t.num_rows, "bytes": s.stat().st_size, HASH: file_hash(s)}
-                   for s, t in zip(shards, tables, strict=True)],
+        "shards": [{"file": s.name, "rows": n, "bytes": s.stat().st_size, HASH: file_hash(s)}
+                   for s, n in zip(shards, rows, strict=True)],
         "rejected": rejected,
     }

@@ -8,8 +8,9 @@ the fbank.
 The feed's reader gives the raw rows; they are cut into blocks of exactly ``batch_size`` consecutive clips (the last
 one shorter) and an actor pool decodes each block (the feed's ``to_model_batch``) and runs the model on it as one
 batch. Which clips share a batch therefore depends on the data alone, never on how Parquet reads were split or which
-actor got a block, and with order preserved, a fixed thread count and eval mode the outputs are the same bits as
-encoding the same clips in one process in batches of ``batch_size`` (``probe.utterance_features``).
+actor got a block. With order preserved, a fixed thread count and eval mode, CPU actors give the same bits as
+encoding the same clips in one process in batches of ``batch_size`` (``probe.utterance_features``), and GPU
+actors the same bits run after run on one kind of GPU.
 
 The weights reach the actors through the object store (the config and state dict, put once); an actor takes a
 GPU when the cluster has one, else a quarter of a CPU (a whole one would starve reads on a 2-core instance, SPEC §8).

@@ -78,6 +78,7 @@ def test_a_small_job_runs_on_one_actor_and_gpus_get_one_actor_each(monkeypatch):
     assert inference.pool_size(Cluster(64, gpus=4), 1)[0] == 1
 
 
+@pytest.mark.slow  # two probes, ~25 s; the bit-for-bit test above is the fast suite's check of the same path
 def test_the_same_probe_twice_gives_identical_features_and_metrics(synthetic_prepared, tracking_store, monkeypatch):
     """Two runs of one random-init probe: the features (as Ray Data returned them) and every metric are equal."""
     seen = []

@@ -3,9 +3,10 @@
 The release's recipe: layer-wise lr decay on the blocks only, drop path, roll + gain, then mixup (with a
 probability), then SpecAugment time/frequency masks; the loss follows the data set (AudioSet: BCE per positive label;
 Speech Commands with mixup: BCE per clip; otherwise cross-entropy with label smoothing); the encoder is fed the data
-set's own clip length; AudioSet-2M draws class-balanced passes. Rank 0 evaluates the final model
-(``eval_accuracy`` / ``eval_map``). With ``cv_folds`` it runs one training per fold (ESC-50: 5-fold
-cross-validation) and reports the mean.
+set's own clip length; AudioSet-2M draws class-balanced passes. Once the Train run has ended (its workers
+and their GPUs released), the final checkpoint is evaluated on Ray Data (``eval_accuracy`` / ``eval_map``; the
+logits are computed by an actor pool, see ``pipelines.inference``). With ``cv_folds`` it runs one training per fold
+(ESC-50: 5-fold cross-validation) and reports the mean.
 """
 
 from __future__ import annotations
@@ -178,12 +179,10 @@ class FinetuneWorkerConfig(WorkerConfig):
     loss: str  # one of LOSSES
     target_length: int  # frames per clip fed to the encoder (the data set's unless overridden)
     norm_std: float  # the card's normalisation std (the gain augmentation shifts normalised log-mel)
-    eval_split: str
-    eval_folds: list[int] | None = None  # cross-validation: the held-out fold
 
 
 def finetune_loop(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train worker: one DDP rank of fine-tuning; rank 0 evaluates at the end."""
+    """Ray Train worker: one DDP rank of fine-tuning (the driver evaluates the final checkpoint)."""
     w = FinetuneWorkerConfig(**cfg)
     s = w.settings
     rank, world, device = worker.start_worker(w.threads, w.run_dir, s.in_process)
@@ -203,7 +202,7 @@ def finetune_loop(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 class FinetuneJob:
-    """One rank's fine-tuning: augmented labelled crops in, one supervised update per batch; rank 0 evaluates."""
+    """One rank's fine-tuning: augmented labelled crops in, one supervised update per batch."""
 
     def __init__(self, ddp, model: ASDAClassifier, optimiser, scheduler, w: FinetuneWorkerConfig, rank: int,
                  device, world: int):
@@ -243,7 +242,7 @@ class FinetuneJob:
                 "grad_norm": float(out.grad_norm)}
 
     def finish(self) -> dict[str, float]:
-        return evaluate_classifier(self.model, self.w, self.device) if self.rank == 0 else {}
+        return {}  # the evaluation runs on Ray Data once the run has ended (evaluate_classifier)
 
     def no_batch_reason(self) -> str:
         s = self.w.settings
@@ -251,21 +250,20 @@ class FinetuneJob:
                 f"lower --batch-size or --workers")
 
 
-@torch.no_grad()
-def evaluate_classifier(model: ASDAClassifier, w: FinetuneWorkerConfig, device) -> dict[str, float]:
-    """The classifier's eval_* metrics on the evaluation split (or held-out fold)."""
-    from .data.feed import read_clips
+def evaluate_classifier(checkpoint: str | Path, data: str, split: str, *, target_length: int, multilabel: bool,
+                        folds: list[int] | None = None, batch_size: int = 64) -> dict[str, float]:
+    """The eval_* metrics of a fine-tuning checkpoint's classifier on ``split`` (or its held-out ``folds``): its
+    logits computed on Ray Data, so this process holds (N, C) logits and the labels, never the clips."""
+    from .inference import model_outputs
     from .metrics import evaluate
 
-    model.eval()
-    s = w.settings
-    clips = read_clips(s.data, w.eval_split, target_length=w.target_length,
-                       labels="multihot" if w.multilabel else "index", folds=w.eval_folds)
-    size = s.eval_batch_size
-    scores = torch.cat([model(torch.as_tensor(clips["fbank"][i:i + size]).to(device)).float().cpu()
-                        for i in range(0, len(clips["fbank"]), size)])
-    model.train()
-    return evaluate(scores, clips["label"], w.num_classes, w.multilabel)
+    state, config = load_checkpoint(checkpoint)
+    num_classes = int(state["num_classes"])
+    model = ASDAClassifier(config, num_classes)
+    model.load_state_dict(state["model"])
+    out = model_outputs(model, data, split, target_length=target_length,
+                        labels="multihot" if multilabel else "index", folds=folds, batch_size=batch_size)
+    return evaluate(torch.from_numpy(out["output"]), out["label"], num_classes, multilabel)
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -296,6 +294,8 @@ def finetune(config: ASDAConfig, settings: FinetuneSettings) -> dict[str, Any]:
 
 def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, task: dict[str, Any], *, eval_split: str,
          train_folds: list[int] | None = None, eval_folds: list[int] | None = None) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
     from .data.feed import feed_dataset
 
     run_id = start_tracking(config, settings, card, kind=tracking.KIND_FINETUNE,
@@ -308,11 +308,20 @@ def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, task: dict[
                            balanced=balanced_draw(settings, card),
                            clips=settings.steps * settings.batch_size * settings.workers)
     result = fit(finetune_loop, FinetuneWorkerConfig, config=config, settings=settings, run_id=run_id,
-                 datasets={"train": dataset}, eval_split=eval_split, eval_folds=eval_folds, **task)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval_")}
+                 datasets={"train": dataset}, **task)
+    checkpoint = str(Path(result.checkpoint.path) / worker.CHECKPOINT_FILE)
+    try:
+        metrics = evaluate_classifier(checkpoint, settings.data, eval_split, target_length=task["target_length"],
+                                      multilabel=task["multilabel"], folds=eval_folds,
+                                      batch_size=settings.eval_batch_size)
+    except Exception:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value, step=settings.steps)
     tracking.end_run(run_id, "FINISHED")
-    return {**metrics, "run_id": run_id, "checkpoint": str(Path(result.checkpoint.path) / worker.CHECKPOINT_FILE),
-            "name": settings.name}
+    return {**metrics, "run_id": run_id, "checkpoint": checkpoint, "name": settings.name}
 
 
 def _cross_validate(config: ASDAConfig, settings: FinetuneSettings, card: dict, task: dict[str, Any]):

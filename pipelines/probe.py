@@ -1,8 +1,10 @@
 """`asda probe`: a linear classifier on frozen utterance vectors — the evaluation a sweep can afford on a CPU.
 
-Features come from the encoder of a checkpoint (or a randomly initialised one, the baseline), the classifier is
-an L2-regularised logistic (softmax or per-class sigmoid) regression on standardised features, fitted full-batch
-with L-BFGS. Reports ``eval_accuracy`` (single-label) and ``eval_map`` via ``pipelines.metrics``.
+Features come from the encoder of a checkpoint (or a randomly initialised one, the baseline), computed on Ray Data
+in one pass over the splits the probe needs (``pipelines.inference``): this process holds the (N, D) utterance
+vectors, never the clips. The classifier is an L2-regularised logistic (softmax or per-class sigmoid) regression on
+standardised features, fitted full-batch with L-BFGS. Reports ``eval_accuracy`` (single-label) and ``eval_map`` via
+``pipelines.metrics``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class ProbeSettings:
 
 @torch.no_grad()
 def utterance_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """Utterance vectors of clips already in this process, in batches of ``batch_size`` (the probe's features
+    without Ray: ``model_outputs`` gives the same bits at the same batch size and torch thread count)."""
     from .console import progress
 
     encoder.eval()
@@ -96,7 +100,7 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
     """Fit and evaluate the probe; metrics go to MLflow. ``config`` builds the random encoder when there is
     no checkpoint (default: the tiny preset)."""
     from .data.card import load_card
-    from .data.feed import read_clips
+    from .inference import model_outputs
 
     card = load_card(settings.data)
     if settings.cv_folds:
@@ -105,6 +109,7 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         folds = cv_folds(card, settings.train_split, settings.cv_folds, settings.data)
         eval_split = f"{settings.train_split} folds 1-{settings.cv_folds}"
     else:
+        folds = None
         eval_split = settings.eval_split or next((s for s in ("test", "valid") if s in card["splits"]), None)
         if eval_split is None:
             raise ValueError(f"{settings.data} has no test or valid split; name one with --eval-split, or "
@@ -116,11 +121,14 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         encoder = ASDAEncoder(config or ASDAConfig.tiny())
     multilabel, num_classes = card["multilabel"], len(card["class_names"])
     length = input_length(encoder.config, card, settings.target_length, settings.data)
+    # One pass over every clip the probe needs (the encoder runs once per clip, one actor pool is started).
+    splits = list(dict.fromkeys([settings.train_split] if folds else [settings.train_split, eval_split]))
+    encoded = model_outputs(encoder, settings.data, splits, target_length=length,
+                            labels="multihot" if multilabel else "index", folds=folds,
+                            batch_size=settings.batch_size)
 
-    def features(split: str, folds: list[int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        clips = read_clips(settings.data, split, target_length=length,
-                           labels="multihot" if multilabel else "index", folds=folds)
-        return utterance_features(encoder, clips["fbank"], settings.batch_size), clips["label"]
+    def features(keep: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        return torch.from_numpy(encoded["output"][keep]), encoded["label"][keep]
 
     def fit_and_score(train: tuple, test: tuple) -> dict[str, float]:
         classifier = fit_linear(train[0], torch.as_tensor(train[1]), num_classes, multilabel=multilabel,
@@ -131,7 +139,7 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         return {**metrics, **{f"train_{k[5:]}": v for k, v in train_metrics.items()}}
 
     if settings.cv_folds:
-        parts = {k: features(settings.train_split, [k]) for k in folds}  # the encoder runs once per clip
+        parts = {k: features(encoded["fold"] == k) for k in folds}
         per_fold = {}
         for k in folds:
             rest = [parts[j] for j in folds if j != k]
@@ -145,7 +153,7 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         num_train = sum(len(x) for x, _ in parts.values())
         num_eval = num_train
     else:
-        train, test = features(settings.train_split), features(eval_split)
+        train, test = features(encoded["split"] == settings.train_split), features(encoded["split"] == eval_split)
         metrics = fit_and_score(train, test)
         num_train, num_eval = len(train[0]), len(test[0])
     run_id = _log(settings, metrics, eval_split, encoder.config, length)

@@ -6,7 +6,8 @@
     for batch in iter_torch(ray.train.get_dataset_shard("train"), batch_size=16, seed=epoch):
         batch["fbank"]  # (B, target_length, 128) float32, normalised with the card's statistics
 
-``read_clips`` gives the same arrays without Ray, for evaluation on the driver and for figures.
+``read_clips`` gives the same arrays without Ray, for figures and small checks; evaluation computes its outputs
+on Ray Data (``pipelines.inference``), so no process holds a whole split.
 """
 
 from __future__ import annotations
@@ -357,7 +358,8 @@ def read_clips(
     limit: int | None = None,
     folds: Iterable[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The same arrays as the feed (first crop, no shuffle), read on this process with pyarrow."""
+    """The same arrays as the feed (first crop, no shuffle), read on this process with pyarrow: for a few clips
+    (``limit``: read in small batches, stopping there) or small sets; evaluation runs on Ray Data instead."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -366,24 +368,27 @@ def read_clips(
     card = load_card(prepared)
     splits = _splits(card, split)
     _check_labels(card, labels)
-    tables = []
+    batches = []
     remaining = limit
     for shard in verify_shards(prepared, card):
         try:
-            table = pq.read_table(shard, columns=_READ_COLUMNS, page_checksum_verification=True)
+            for batch in pq.ParquetFile(shard, page_checksum_verification=True).iter_batches(
+                    batch_size=64, columns=_READ_COLUMNS):
+                keep = pc.is_in(batch["split"], value_set=pa.array(splits))
+                if folds is not None:
+                    keep = pc.and_(keep, pc.is_in(batch["fold"], value_set=pa.array([int(f) for f in folds])))
+                batch = batch.filter(keep)
+                if remaining is not None:
+                    batch = batch.slice(0, remaining)
+                    remaining -= batch.num_rows
+                batches.append(batch)
+                if remaining == 0:
+                    break
         except OSError as exc:  # a page whose checksum does not match
             raise ValueError(f"corrupt shard {shard}: {exc}; re-run `asda prepare --force` for {prepared}") from None
-        keep = pc.is_in(table["split"], value_set=pa.array(splits))
-        if folds is not None:
-            keep = pc.and_(keep, pc.is_in(table["fold"], value_set=pa.array([int(f) for f in folds])))
-        table = table.filter(keep)
-        if remaining is not None:
-            table = table.slice(0, remaining)
-            remaining -= table.num_rows
-        tables.append(table)
         if remaining == 0:
             break
-    data = pa.concat_tables(tables).to_pydict() if tables else {c: [] for c in _READ_COLUMNS}
+    data = pa.Table.from_batches(batches).to_pydict() if batches else {c: [] for c in _READ_COLUMNS}
     norm = card["normalisation"]
     return to_model_batch(
         {k: np.asarray(v, dtype=object) for k, v in data.items()},

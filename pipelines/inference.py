@@ -1,0 +1,174 @@
+"""A frozen model's outputs over prepared splits, computed on Ray Data: the caller gets (N, D) vectors back, never
+the fbank.
+
+    out = model_outputs(encoder, prepared, ["train", "test"], target_length=112, labels="index")
+    out["output"]  # (N, D) float32 utterance vectors (an ASDAEncoder) or (N, C) logits (an ASDAClassifier)
+    out["label"], out["id"], out["split"], out["fold"]  # per clip, in shard order (read_clips' order)
+
+The feed's reader gives the raw rows; they are cut into blocks of exactly ``batch_size`` consecutive clips (the last
+one shorter) and an actor pool decodes each block (the feed's ``to_model_batch``) and runs the model on it as one
+batch. Which clips share a batch therefore depends on the data alone, never on how Parquet reads were split or which
+actor got a block. With order preserved, a fixed thread count and eval mode, CPU actors give the same bits as
+encoding the same clips in one process in batches of ``batch_size`` (``probe.utterance_features``), and GPU
+actors the same bits run after run on one kind of GPU.
+
+The weights reach the actors through the object store (the config and state dict, put once); an actor takes a
+GPU when the cluster has one, else a quarter of a CPU (a whole one would starve reads on a 2-core instance, SPEC §8).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import ASDAClassifier, ASDAConfig, ASDAEncoder
+
+from .data.card import load_card
+from .data.feed import (
+    DATA_TASK_CPUS,
+    DATA_TASKS_PER_WORKER,
+    LabelMode,
+    _check_labels,
+    _read_rows,
+    _splits,
+    to_model_batch,
+    verify_shards,
+)
+
+INFERENCE_THREADS = 1  # torch threads per actor: the thread count orders float sums, so it is fixed, not the machine's
+BATCHES_PER_ACTOR = 8  # a pool grows only while each actor has at least this many batches: starting one costs ~3 s
+
+
+def model_spec(model: ASDAEncoder | ASDAClassifier) -> dict[str, Any]:
+    """What an actor needs to rebuild ``model``: its kind, config, head size and weights (CPU tensors)."""
+    if isinstance(model, ASDAClassifier):
+        kind, num_classes, config = "classifier", model.head.linear.out_features, model.encoder.config
+    elif isinstance(model, ASDAEncoder):
+        kind, num_classes, config = "encoder", None, model.config
+    else:
+        raise TypeError(f"model_outputs takes an ASDAEncoder or an ASDAClassifier, not {type(model).__name__}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"kind": kind, "config": config.to_dict(), "num_classes": num_classes, "state": state}
+
+
+def build_model(spec: dict[str, Any]) -> ASDAEncoder | ASDAClassifier:
+    config = ASDAConfig.from_dict(spec["config"])
+    model = ASDAClassifier(config, spec["num_classes"]) if spec["kind"] == "classifier" else ASDAEncoder(config)
+    model.load_state_dict(spec["state"])
+    return model.eval()
+
+
+@torch.no_grad()
+def forward(model: ASDAEncoder | ASDAClassifier, fbank: torch.Tensor) -> torch.Tensor:
+    """(B, T, 128) normalised log-mel -> (B, D) utterance vectors (encoder) or (B, C) logits (classifier)."""
+    out = model(fbank) if isinstance(model, ASDAClassifier) else model.extract_features(fbank)[0]
+    return out.float()
+
+
+class _ModelActor:
+    """One actor of the pool: rebuilds the model from the object store once, then decodes and runs blocks."""
+
+    def __init__(self, spec_ref: list, *, threads: int, decode: dict[str, Any]):
+        import ray
+
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.model = build_model(ray.get(spec_ref[0])).to(self.device)
+        self.decode = decode
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        clips = to_model_batch(rows, **self.decode)
+        out = forward(self.model, torch.from_numpy(clips["fbank"]).to(self.device)).cpu().numpy()
+        result = {"output": out, "id": clips["id"], "split": np.asarray(rows["split"], dtype=object),
+                  "fold": np.asarray(rows["fold"])}
+        if "label" in clips:
+            result["label"] = clips["label"]
+        return result
+
+
+def pool_size(ray, batches: int) -> tuple[int, dict[str, float]]:
+    """(largest actor count, resources per actor): one GPU each when the cluster has GPUs (at most one actor per
+    GPU), else DATA_TASK_CPUS of a CPU each, at most one actor per two physical cores of the cluster. Never more
+    than one actor per BATCHES_PER_ACTOR batches: a small job runs on one actor, started once."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        cap, per_actor = gpus, {"num_gpus": 1, "num_cpus": DATA_TASK_CPUS}
+    else:
+        # A local instance declares more logical CPUs than it has cores (runtime.local_num_cpus); count cores.
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        cores = min(int(resources.get("CPU", 1)), (os.cpu_count() or 1) * max(1, nodes))
+        cap, per_actor = max(1, cores // 2), {"num_cpus": DATA_TASK_CPUS}
+    return max(1, min(cap, math.ceil(batches / BATCHES_PER_ACTOR))), per_actor
+
+
+def model_outputs(
+    model: ASDAEncoder | ASDAClassifier,
+    prepared: str | Path,
+    split: str | Sequence[str],
+    *,
+    target_length: int | None = None,
+    labels: LabelMode = "index",
+    folds: Iterable[int] | None = None,
+    batch_size: int = 64,
+    threads: int = INFERENCE_THREADS,
+) -> dict[str, np.ndarray]:
+    """``model``'s outputs on every clip of ``split`` (and ``folds``), computed on Ray Data (see the module).
+
+    Returns "output" (N, D or C) float32, "id", "split", "fold" and, unless labels="none", "label" as the feed
+    gives it; N may be 0. target_length defaults to the card's.
+    """
+    import ray.data
+
+    from .console import progress
+    from .runtime import ensure_ray
+
+    if batch_size < 1 or threads < 1:
+        raise ValueError(f"batch_size={batch_size!r}, threads={threads!r} are not allowed: expected >= 1 each")
+    prepared = Path(prepared).resolve()
+    card = load_card(prepared)
+    splits = _splits(card, split)
+    _check_labels(card, labels)
+    shards = verify_shards(prepared, card)
+    folds = None if folds is None else [int(f) for f in folds]
+    clips = sum(card["splits"][s] if folds is None else sum(card.get("folds", {}).get(s, {}).get(str(f), 0)
+                                                              for f in folds) for s in splits)
+    spec = model_spec(model)
+    width = spec["num_classes"] or spec["config"]["embed_dim"]
+    ray = ensure_ray()
+    actors, per_actor = pool_size(ray, math.ceil(clips / batch_size))
+    norm = card["normalisation"]
+    decode = dict(mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
+                  num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"],
+                  labels=labels, random_crop=False)
+    ds = _read_rows(shards=shards, splits=splits, folds=folds, tasks=DATA_TASKS_PER_WORKER)
+    # Exactly batch_size consecutive clips per block, whatever blocks the reads made: the batch composition is a
+    # function of the data only, so the outputs do not depend on the cluster.
+    ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
+    ds = ds.map_batches(_ModelActor, batch_size=batch_size, batch_format="numpy",
+                        fn_constructor_args=([ray.put(spec)],),
+                        fn_constructor_kwargs=dict(threads=threads, decode=decode),
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), **per_actor)
+    ds.context.execution_options.preserve_order = True  # outputs in shard order, whichever actor finishes first
+    parts, done, shown = [], 0, progress(clips, "clips encoded")
+    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        parts.append(part)
+        done += len(part["id"])
+        if shown:
+            shown.update(done)
+    if shown:
+        shown.finish()
+    if not parts:
+        empty = {"output": np.zeros((0, width), dtype=np.float32), "id": np.zeros(0, dtype=object),
+                 "split": np.zeros(0, dtype=object), "fold": np.zeros(0, dtype=np.int64)}
+        if labels != "none":
+            empty["label"] = to_model_batch({k: [] for k in ("id", "frames", "fbank", "labels", "event_start",
+                                                             "event_end")}, **decode)["label"]
+        return empty
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}

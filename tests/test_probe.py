@@ -1,0 +1,97 @@
+"""Evaluation outputs on Ray Data: the probe's features and fine-tuning's logits come from an actor pool, bit for bit
+what the same model gives in one process, and this process receives the vectors, never the clips."""
+
+import numpy as np
+import pytest
+import torch
+
+from model import ASDAClassifier, ASDAConfig, ASDAEncoder
+from pipelines import inference
+from pipelines.data.feed import read_clips
+from pipelines.inference import model_outputs
+from pipelines.probe import ProbeSettings, probe, utterance_features
+
+pytestmark = pytest.mark.ray
+
+TINY = ASDAConfig.tiny(embed_dim=64, depth=2, num_heads=4, average_top_k_layers=2, num_students=2,
+                       decoder_layers=1)
+
+
+@pytest.fixture
+def one_thread():
+    """The in-process reference runs with the actors' torch thread count (it orders the float sums)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(inference.INFERENCE_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ray_data_outputs_are_the_in_process_encoding_bit_for_bit_on_two_actors(synthetic_prepared, one_thread,
+                                                                               monkeypatch):
+    """Utterance vectors (an encoder) and logits (a classifier) from a pool of two actors equal, with torch.equal,
+    encoding the same clips in this process in batches of the same size: batches are consecutive clips in shard
+    order, whichever actor runs them. 96 clips in batches of 10: the last batch is short."""
+    spawned = []
+
+    def two_actors(ray, batches):
+        size, per_actor = real_pool_size(ray, batches)
+        spawned.append(size)
+        return 2, per_actor
+
+    real_pool_size = inference.pool_size
+    monkeypatch.setattr(inference, "pool_size", two_actors)
+    torch.manual_seed(3)
+    encoder = ASDAEncoder(TINY).eval()
+    classifier = ASDAClassifier(TINY, 8).eval()
+    splits = ["train", "test"]
+    clips = read_clips(synthetic_prepared, splits, labels="index")
+    for model, reference in ((encoder, utterance_features(encoder, clips["fbank"], 10)),
+                             (classifier, torch.cat([classifier(torch.as_tensor(clips["fbank"][i:i + 10]))
+                                                     for i in range(0, len(clips["fbank"]), 10)]).detach())):
+        out = model_outputs(model, synthetic_prepared, splits, labels="index", batch_size=10)
+        assert set(out) == {"output", "label", "id", "split", "fold"}  # no fbank comes back
+        assert out["output"].shape == tuple(reference.shape) and out["output"].dtype == np.float32
+        assert torch.equal(torch.from_numpy(out["output"]), reference)
+        assert list(out["id"]) == list(clips["id"]) and np.array_equal(out["label"], clips["label"])
+        assert set(out["split"]) == set(splits) and (out["split"] == "test").sum() == 32
+    assert spawned  # the pool was sized through pool_size
+
+
+def test_a_small_job_runs_on_one_actor_and_gpus_get_one_actor_each(monkeypatch):
+    """The pool never outgrows its work (one actor per BATCHES_PER_ACTOR batches) or the cluster."""
+    monkeypatch.setattr(inference.os, "cpu_count", lambda: 2)
+
+    class Cluster:
+        def __init__(self, cpus, gpus=0, nodes=1):
+            self.resources, self.node_count = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}, nodes
+
+        def cluster_resources(self):
+            return self.resources
+
+        def nodes(self):
+            return [{"Alive": True}] * self.node_count + [{"Alive": False}]
+
+    assert inference.pool_size(Cluster(6), 40) == (1, {"num_cpus": inference.DATA_TASK_CPUS})  # 2 cores, 6 logical
+    assert inference.pool_size(Cluster(32, nodes=4), 40)[0] == 4  # four 2-core nodes
+    assert inference.pool_size(Cluster(64, gpus=4), 1000) == (4, {"num_gpus": 1, "num_cpus": inference.DATA_TASK_CPUS})
+    assert inference.pool_size(Cluster(64, gpus=4), 9)[0] == 2
+    assert inference.pool_size(Cluster(64, gpus=4), 1)[0] == 1
+
+
+@pytest.mark.slow  # two probes, ~25 s; the bit-for-bit test above is the fast suite's check of the same path
+def test_the_same_probe_twice_gives_identical_features_and_metrics(synthetic_prepared, tracking_store, monkeypatch):
+    """Two runs of one random-init probe: the features (as Ray Data returned them) and every metric are equal."""
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    real = inference.model_outputs
+    monkeypatch.setattr(inference, "model_outputs", recording)
+    settings = ProbeSettings(data=str(synthetic_prepared), eval_split="test", max_iter=50, batch_size=16)
+    first, second = probe(settings, TINY), probe(settings, TINY)
+    assert np.array_equal(seen[0]["output"], seen[1]["output"])
+    metrics = {k: v for k, v in first.items() if k.startswith(("eval_", "train_")) and k != "eval_split"}
+    assert metrics and metrics == {k: second[k] for k in metrics}
+    assert (first["num_train"], first["num_eval"]) == (64, 32)

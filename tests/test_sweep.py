@@ -129,6 +129,23 @@ def test_a_killed_in_process_trial_is_retried_by_tune_and_resumes_from_its_check
     assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_0000036", "checkpoint_0000040"]
 
 
+def _stopped_by(signum: int, proc: subprocess.Popen, out: str, storage: Path) -> tuple[Path, dict]:
+    """What a one-trial sweep stopped mid-trial by ``signum`` must leave: exit 128 + signum, the printed resume
+    command, no result for the trial, the trial's run and the parent KILLED. Returns its folder and state."""
+    assert proc.returncode == 128 + signum, out[-3000:]
+    name = signal.Signals(signum).name
+    assert f"stopped by {name}: 0 of 1 trials finished" in out and "resume it with: asda sweep --grid" in out
+    folder = next(storage.iterdir())
+    assert json.loads((folder / "trials.json").read_text()) == []  # nothing unfinished passes for a result
+    state = json.loads((folder / "sweep.json").read_text())
+    client = MlflowClient()
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+    children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
+    assert children and {c.info.status for c in children} == {"KILLED"}
+    return folder, state
+
+
 def test_a_stopped_sweep_is_marked_killed_and_the_plain_command_resumes_it(ray_local, tracking_store,
                                                                            synthetic_prepared, tmp_path):
     """SIGTERM to `asda sweep` mid-trial: exit 143, no result for the unfinished trial, its run and the parent
@@ -142,16 +159,8 @@ def test_a_stopped_sweep_is_marked_killed_and_the_plain_command_resumes_it(ray_l
         out, _ = proc.communicate(timeout=300)
     finally:
         stop_group(proc, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert "stopped by SIGTERM: 0 of 1 trials finished" in out and "resume it with: asda sweep --grid" in out
-    folder = next(storage.iterdir())
-    assert json.loads((folder / "trials.json").read_text()) == []  # nothing unfinished passes for a result
-    state = json.loads((folder / "sweep.json").read_text())
+    folder, state = _stopped_by(signal.SIGTERM, proc, out, storage)
     client = MlflowClient()
-    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
-    children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
-    assert children and {c.info.status for c in children} == {"KILLED"}
     again = run_sweep(grid, storage=storage)
     assert again["dir"] == str(folder) and again["parent_run_id"] == state["parent_run_id"]
     assert again["trials"][0]["metric_value"] is not None
@@ -212,16 +221,7 @@ def test_a_sweep_on_its_own_ray_instance_listens_on_loopback_only_and_stops_clea
     loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
     exposed = [(pid, address) for pid, address in sockets if not address.startswith(loopback)]
     assert not exposed, exposed
-    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
-    assert "stopped by SIGINT: 0 of 1 trials finished" in out and "resume it with: asda sweep --grid" in out
-    folder = next(storage.iterdir())
-    assert json.loads((folder / "trials.json").read_text()) == []
-    state = json.loads((folder / "sweep.json").read_text())
-    client = MlflowClient()
-    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
-    children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
-    assert children and {c.info.status for c in children} == {"KILLED"}
+    _stopped_by(signal.SIGINT, proc, out, storage)
 
 
 def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_store, tmp_path):

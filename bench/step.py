@@ -122,15 +122,20 @@ def bench_step(config: ASDAConfig, *, batch_size: int = 8, repeats: int = 10, wa
 
 def bench_trainer(config: ASDAConfig, *, batch_size: int = 8, steps: int = 40, log_every: int = 10,
                   device: str = "cpu", compile: bool = False, precision: str | None = None,
-                  threads: int | None = None, data: str | None = None, in_process: bool = False,
+                  threads: int | None = None, data: str | None = None, in_process: bool | None = None,
                   workdir: str | None = None) -> dict:
     """`asda pretrain` of ``config`` for ``steps`` updates on a synthetic set, into a throw-away folder and
     MLflow store; returns the clips/s the trainer logged (its ``clips_per_s`` metric, one value per ``log_every``
     updates). The first window holds the start (compilation, the feed's first blocks) and is reported apart;
     ``clips_per_s`` is the median of the others.
 
-    ``data``: a prepared folder to train on (default: a small synthetic set prepared here, outside the timing).
-    ``threads``: torch threads of the worker (default: this process's, as ``bench_step`` uses)."""
+    ``data``: a prepared folder to train on (default: a synthetic set prepared here, outside the timing, large
+    enough that the run stays in its first epoch: the feed starts once, as in a run over a real data set, instead
+    of once every few updates). ``threads``: torch threads of the worker (default: this process's, as
+    ``bench_step`` uses). ``in_process``: train in this process (Ray Train's local mode, `asda pretrain
+    --in-process`), as ``bench_step`` does, or in a Ray Train worker; default: in process on CPU, a worker on a
+    GPU. Ray starts its workers at nice 15, so on a CPU machine shared with other work a worker gets a smaller
+    share of the cores than this process and the two rates would not compare."""
     import os
     import tempfile
     from pathlib import Path
@@ -146,6 +151,8 @@ def bench_trainer(config: ASDAConfig, *, batch_size: int = 8, steps: int = 40, l
     if steps < 2 * log_every:
         raise ValueError(f"steps={steps} with log_every={log_every} is not allowed: the trainer's rate needs at "
                          f"least two windows of log_every updates (the first holds the start)")
+    if in_process is None:
+        in_process = device == "cpu"
     ensure_ray()
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -153,7 +160,7 @@ def bench_trainer(config: ASDAConfig, *, batch_size: int = 8, steps: int = 40, l
         if data is None:
             data = folder / "prepared"
             prepare("synthetic", folder / "raw", data,
-                    options={"num_train": max(64, 4 * batch_size), "num_valid": 0, "num_test": 0, "seed": 0})
+                    options={"num_train": batch_size * (steps + 2), "num_valid": 0, "num_test": 0, "seed": 0})
         settings = PretrainSettings(
             data=str(data), steps=steps, batch_size=batch_size, log_every=log_every, checkpoint_every=steps,
             figure_clips=0, use_gpu=device == "cuda", compile=compile, precision=precision, max_failures=0,

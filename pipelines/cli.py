@@ -75,7 +75,8 @@ def _bench_step(args: argparse.Namespace) -> int:
                                 compile=args.compile, precision=args.precision)
         report["trainer"] = trainer
         bench = report["results"][0]["clips_per_s"]
-        print(f"asda pretrain, same update: {trainer['clips_per_s']:7.1f} clips/s (median of "
+        where = "in process" if trainer["in_process"] else "in a Ray Train worker"
+        print(f"asda pretrain ({where}), same update: {trainer['clips_per_s']:7.1f} clips/s (median of "
               f"{len(trainer['windows_clips_per_s']) - 1} windows of {trainer['log_every']} updates after the "
               f"first; first {trainer['first_window_clips_per_s']:.1f}); trainer / benchmark "
               f"{trainer['clips_per_s'] / bench:.2f}")

@@ -29,6 +29,7 @@ import torch
 
 from model import ASDAClassifier, ASDAConfig, ASDAEncoder
 
+from .data import storage
 from .data.card import load_card
 from .data.feed import (
     DATA_TASK_CPUS,
@@ -37,6 +38,7 @@ from .data.feed import (
     _check_labels,
     _read_rows,
     _splits,
+    split_rows,
     to_model_batch,
     verify_shards,
 )
@@ -126,19 +128,17 @@ def model_outputs(
     """
     import ray.data
 
-    from .console import progress
     from .runtime import ensure_ray
 
     if batch_size < 1 or threads < 1:
         raise ValueError(f"batch_size={batch_size!r}, threads={threads!r} are not allowed: expected >= 1 each")
-    prepared = Path(prepared).resolve()
+    prepared = storage.normalise(prepared)
     card = load_card(prepared)
     splits = _splits(card, split)
     _check_labels(card, labels)
     shards = verify_shards(prepared, card)
     folds = None if folds is None else [int(f) for f in folds]
-    clips = sum(card["splits"][s] if folds is None else sum(card.get("folds", {}).get(s, {}).get(str(f), 0)
-                                                              for f in folds) for s in splits)
+    clips = split_rows(card, splits, folds)
     spec = model_spec(model)
     width = spec["num_classes"] or spec["config"]["embed_dim"]
     ray = ensure_ray()
@@ -156,6 +156,13 @@ def model_outputs(
                         fn_constructor_kwargs=dict(threads=threads, decode=decode),
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), **per_actor)
     ds.context.execution_options.preserve_order = True  # outputs in shard order, whichever actor finishes first
+    return _gathered(ds, clips, width, labels, decode)
+
+
+def _gathered(ds, clips: int, width: int, labels: LabelMode, decode: dict) -> dict[str, np.ndarray]:
+    """The dataset's output batches joined in order, with a progress line; the empty arrays when it has none."""
+    from .console import progress
+
     parts, done, shown = [], 0, progress(clips, "clips encoded")
     for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
         parts.append(part)

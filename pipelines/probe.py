@@ -103,17 +103,7 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
     from .inference import model_outputs
 
     card = load_card(settings.data)
-    if settings.cv_folds:
-        from .data.card import cv_folds
-
-        folds = cv_folds(card, settings.train_split, settings.cv_folds, settings.data)
-        eval_split = f"{settings.train_split} folds 1-{settings.cv_folds}"
-    else:
-        folds = None
-        eval_split = settings.eval_split or next((s for s in ("test", "valid") if s in card["splits"]), None)
-        if eval_split is None:
-            raise ValueError(f"{settings.data} has no test or valid split; name one with --eval-split, or "
-                             f"cross-validate over its folds with --cv-folds")
+    folds, eval_split = _evaluation(settings, card)
     if settings.checkpoint:
         encoder = load_encoder(settings.checkpoint, settings.which)
     else:
@@ -158,6 +148,20 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         num_train, num_eval = len(train[0]), len(test[0])
     run_id = _log(settings, metrics, eval_split, encoder.config, length)
     return {**metrics, "run_id": run_id, "eval_split": eval_split, "num_train": num_train, "num_eval": num_eval}
+
+
+def _evaluation(settings: ProbeSettings, card: dict) -> tuple[list[int] | None, str]:
+    """(the folds to cross-validate over or None, the name of what the probe is scored on)."""
+    if settings.cv_folds:
+        from .data.card import cv_folds
+
+        folds = cv_folds(card, settings.train_split, settings.cv_folds, settings.data)
+        return folds, f"{settings.train_split} folds 1-{settings.cv_folds}"
+    eval_split = settings.eval_split or next((s for s in ("test", "valid") if s in card["splits"]), None)
+    if eval_split is None:
+        raise ValueError(f"{settings.data} has no test or valid split; name one with --eval-split, or "
+                         f"cross-validate over its folds with --cv-folds")
+    return None, eval_split
 
 
 def input_length(config: ASDAConfig, card: dict, override: int | None, data: str) -> int:

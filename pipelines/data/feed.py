@@ -249,26 +249,8 @@ def feed_dataset(
     ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
     tasks = DATA_TASKS_PER_WORKER * max(1, workers)
 
-    def read(*passes: int):  # every shard once per pass, each pass in its own order, one pass after the other
-        return _read_rows(shards=[shards[i] for k in passes for i in shard_order(len(shards), seed, k)],
-                          splits=splits, folds=folds, tasks=tasks)
-
-    if balanced is None:
-        rows = sum(card["splits"][s] if folds is None else
-                   sum(card.get("folds", {}).get(s, {}).get(str(f), 0) for f in folds) for s in splits)
-        ds = read(*range(passes_for(clips, rows)))  # one read: passes in sequence (a union would interleave them)
-    else:
-        clip_labels = split_labels(prepared, splits, folds)
-        counts = np.bincount(np.concatenate([np.asarray(ls, dtype=np.int64) for ls in clip_labels]),
-                             minlength=len(card["class_names"]))
-        weights = class_weights(counts)
-        keep = dict(weights=weights, scale=inclusion_scale(clip_weights(clip_labels, weights), balanced.per_pass),
-                    seed=seed)
-        passes = [read(k).map_batches(_keep_balanced, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-                                      fn_kwargs={**keep, "pass_index": k})
-                  for k in range(balanced.passes)]
-        # With order preserved, a union takes a block from each pass in turn: deterministic, the passes interleaved.
-        ds = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
+    read = dict(prepared=prepared, card=card, shards=shards, splits=splits, folds=folds, seed=seed, tasks=tasks)
+    ds = _plain_passes(clips=clips, **read) if balanced is None else _balanced_passes(balanced, **read)
     norm = card["normalisation"]
     ds = ds.map_batches(
         _feed_batch, batch_format="numpy", batch_size=64, num_cpus=DATA_TASK_CPUS,
@@ -291,6 +273,12 @@ def shard_order(count: int, seed: int, pass_index: int) -> list[int]:
     return np.random.default_rng([seed, pass_index, count]).permutation(count).tolist()
 
 
+def split_rows(card: dict, splits: Sequence[str], folds: Iterable[int] | None = None) -> int:
+    """Clips in ``splits`` (and ``folds``), from the card's counts."""
+    return sum(card["splits"][s] if folds is None else
+               sum(card.get("folds", {}).get(s, {}).get(str(f), 0) for f in folds) for s in splits)
+
+
 def passes_for(clips: int | None, rows: int) -> int:
     """Passes over a split of ``rows`` clips that a run drawing ``clips`` needs: one more than they fill, for the
     batches a pass drops at its end and a split that folds make smaller (a run that still runs out reads the
@@ -298,6 +286,35 @@ def passes_for(clips: int | None, rows: int) -> int:
     if clips is None or rows <= 0:
         return 1
     return math.ceil(clips / rows) + 1
+
+
+def _pass_rows(shards: list, seed: int, passes: Iterable[int], **read):
+    """Every shard once per pass, each pass in its own order (``shard_order``), one pass after the other."""
+    return _read_rows(shards=[shards[i] for k in passes for i in shard_order(len(shards), seed, k)], **read)
+
+
+def _plain_passes(*, prepared, card: dict, shards: list, splits: list[str], folds, seed: int, tasks: int,
+                  clips: int | None):
+    """Enough passes for ``clips`` in one read, so they come in sequence (a union would interleave them)."""
+    rows = split_rows(card, splits, folds)
+    return _pass_rows(shards, seed, range(passes_for(clips, rows)), splits=splits, folds=folds, tasks=tasks)
+
+
+def _balanced_passes(balanced: BalancedDraw, *, prepared, card: dict, shards: list, splits: list[str], folds,
+                     seed: int, tasks: int):
+    """``balanced.passes`` class-balanced passes, each drawn with its own pass index."""
+    clip_labels = split_labels(prepared, splits, folds)
+    counts = np.bincount(np.concatenate([np.asarray(ls, dtype=np.int64) for ls in clip_labels]),
+                         minlength=len(card["class_names"]))
+    weights = class_weights(counts)
+    keep = dict(weights=weights, scale=inclusion_scale(clip_weights(clip_labels, weights), balanced.per_pass),
+                seed=seed)
+    passes = [_pass_rows(shards, seed, [k], splits=splits, folds=folds, tasks=tasks)
+              .map_batches(_keep_balanced, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
+                           fn_kwargs={**keep, "pass_index": k})
+              for k in range(balanced.passes)]
+    # With order preserved, a union takes a block from each pass in turn: deterministic, the passes interleaved.
+    return passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
 
 
 def _read_rows(*, shards: list[Path], splits: list[str], folds: Iterable[int] | None, tasks: int):

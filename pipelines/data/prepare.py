@@ -374,30 +374,10 @@ def prepare(
     work = out_path if in_place else f"{parent}/.{name}.staging-{fingerprint[:12]}"
     _start_work(fs, work, fingerprint, len(plan), in_place=in_place, existing=existing is not None, out=out)
 
-    done = {i: r for i in range(len(plan)) if (r := _read_record(fs, work, i)) is not None}
-    todo = [i for i in range(len(plan)) if i not in done]
-    if done:
-        print(f"resuming: {len(done)} of {len(plan)} shards are already written ({work}); making the other "
-              f"{len(todo)}")
     run = uuid.uuid4().hex[:12]
-    try:
-        if todo:
-            done.update(_make_shards(fs, work, plan, todo, atomic=not in_place, run=run))
-    except (Exception, KeyboardInterrupt):
-        print(f"interrupted: the finished shards stay in {work}; run the same command again to continue")
-        raise
-    records = [done[i] for i in range(len(plan))]
+    records = _all_shards(fs, work, plan, in_place=in_place, run=run)
     card = _card(index, dataset, source, records, time.time() - started, run)
-    rejected = card["rejected"]
-    total = card["num_clips"] + len(rejected)
-    share = len(rejected) / total if total else 1.0
-    if card["num_clips"] == 0 or share > max_rejected:
-        _discard(fs, work, in_place)  # the same data would fail the same way: nothing worth resuming
-        reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:5])
-        raise ValueError(
-            f"{len(rejected)} of {total} clips rejected ({share:.0%} > allowed {max_rejected:.0%}); "
-            f"first: {reasons}"
-        )
+    _check_rejected(card, max_rejected, fs, work, in_place)
     if not in_place:
         fs.delete_dir(f"{work}/{TMP_DIR}")
     # The card is the last thing written: its presence marks a finished output.
@@ -407,6 +387,37 @@ def prepare(
     fs.delete_dir(f"{out_path}/{PROGRESS_DIR}")
     _report(card)
     return card
+
+
+def _all_shards(fs, work: str, plan: list[list[dict]], *, in_place: bool, run: str) -> list[dict]:
+    """Every shard's record, in plan order: the ones an interrupted run finished are kept, the rest made now."""
+    done = {i: r for i in range(len(plan)) if (r := _read_record(fs, work, i)) is not None}
+    todo = [i for i in range(len(plan)) if i not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(plan)} shards are already written ({work}); making the other "
+              f"{len(todo)}")
+    try:
+        if todo:
+            done.update(_make_shards(fs, work, plan, todo, atomic=not in_place, run=run))
+    except (Exception, KeyboardInterrupt):
+        print(f"interrupted: the finished shards stay in {work}; run the same command again to continue")
+        raise
+    return [done[i] for i in range(len(plan))]
+
+
+def _check_rejected(card: dict, max_rejected: float, fs, work: str, in_place: bool) -> None:
+    """Too many rejected clips: the work is discarded (the same data would fail the same way) and an error says
+    how many and why."""
+    rejected = card["rejected"]
+    total = card["num_clips"] + len(rejected)
+    share = len(rejected) / total if total else 1.0
+    if card["num_clips"] == 0 or share > max_rejected:
+        _discard(fs, work, in_place)
+        reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:5])
+        raise ValueError(
+            f"{len(rejected)} of {total} clips rejected ({share:.0%} > allowed {max_rejected:.0%}); "
+            f"first: {reasons}"
+        )
 
 
 def _card_or_none(fs, out_path: str) -> dict | None:

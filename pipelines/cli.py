@@ -57,6 +57,10 @@ def _bench_step(args: argparse.Namespace) -> int:
     from model import ASDAConfig
 
     config = ASDAConfig.preset(args.preset).with_overrides(args.overrides)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the benchmark's, the profile's and the --trainer run's
     if args.profile:
         return _bench_profile(args, config)
     report = bench_step(config, batch_size=args.batch, repeats=args.repeats, device=args.device,
@@ -210,6 +214,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--trainer", action="store_true",
                       help="also run asda pretrain at the same settings on a synthetic set and report its clips/s")
     step.add_argument("--trainer-steps", type=int, default=40, help="updates of the --trainer run (default: 40)")
+    step.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     step.add_argument("--profile", action="store_true",
                       help="instead: count the operator calls of each stage of one update (torch.profiler, CPU)")
     step.add_argument("--json", help="also write the results to this JSON file")

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 ## test: the fast suite (everything not marked slow)
 test: setup lint
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" --durations=15
 
 ## test-all: every test, slow ones included
 test-all: setup

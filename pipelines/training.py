@@ -187,6 +187,22 @@ def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, k
     return run_id
 
 
+def _data_config(datasets: dict, workers: int):
+    """How Ray Train hands ``datasets`` to the workers, keeping a run reproducible.
+
+    Ray Train replaces a dataset's execution options with the driver's global ones (where order is not
+    preserved), so each dataset's own options go in explicitly: the feed's rows arrive in its seeded order
+    whatever task finishes first. Locality-aware splitting hands a block to whichever worker shares its node, so
+    which rank trains on which clips would follow where tasks happened to run: it is off. One worker reads the
+    whole dataset: no split, so no SplitCoordinator actor.
+    """
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=[] if workers == 1 else "all",
+                      execution_options={name: ds.context.execution_options for name, ds in datasets.items()},
+                      enable_shard_locality=False)
+
+
 def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, config: ASDAConfig,
         settings: TrainSettings, run_id: str, datasets: dict, report_to_tune: bool = False, **fields: Any):
     """``TorchTrainer(loop_fn).fit()`` with this project's conventions; returns the Ray Train Result.
@@ -197,7 +213,7 @@ def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, conf
     ``report_to_tune``: intermediate results reach the Tune trial this runs in (for ASHA). A worker that stopped
     the run on purpose leaves a note that becomes NonFiniteLossError (non-finite loss) or NoBatchError.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .runtime import ensure_ray
@@ -226,8 +242,7 @@ def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, conf
                              checkpoint_config=CheckpointConfig(num_to_keep=worker.KEEP_CHECKPOINTS),
                              callbacks=callbacks),
         datasets=datasets,
-        # One worker reads the whole dataset: no split, so no SplitCoordinator actor.
-        dataset_config=DataConfig(datasets_to_split=[] if settings.workers == 1 else "all"),
+        dataset_config=_data_config(datasets, settings.workers),
     )
     try:
         with console.run_progress(run_id, settings.steps):

@@ -162,3 +162,37 @@ def test_each_pass_reads_the_shards_in_its_own_seeded_order_over_shuffled_clips(
     stored = [i for shard in verify_shards(synthetic_prepared) for i in pq.read_table(shard, columns=["id"])["id"]
               .to_pylist()]
     assert "shuffled" in card["clip_order"] and sorted(stored) != stored and len(set(stored)) == len(stored)
+
+
+def test_shuffled_batches_do_not_depend_on_the_cluster_size_the_reader_sees(easy_synthetic):
+    """Ray Data sizes a read from the CPUs it expects to have (the cluster's, or its share inside a placement
+    group such as a Train worker's); the block boundaries that follow decide what the seeded local shuffle
+    buffer draws from. A run must get the same batches on a larger machine or with a smaller worker."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    def batch_sums(ds) -> list[torch.Tensor]:
+        """Each shuffled batch's per-clip sums, read where this runs, planned with no floor on the read's task
+        count (Ray Data's floor of 200 would hide the expected CPUs behind this small set's size)."""
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        before = context.read_op_min_num_blocks
+        context.read_op_min_num_blocks = 1
+        try:
+            return [b["fbank"].sum(dim=(1, 2)) for b in iter_torch(ds, batch_size=8, seed=3, shuffle_buffer=32)]
+        finally:
+            context.read_op_min_num_blocks = before
+
+    ds = feed_dataset(easy_synthetic, "train", labels="index", seed=3, clips=400)
+    whole_cluster = batch_sums(ds)
+    one_cpu = placement_group([{"CPU": 1}])
+    try:
+        strategy = PlacementGroupSchedulingStrategy(one_cpu, placement_group_capture_child_tasks=True)
+        in_one_cpu = ray.get(ray.remote(batch_sums).options(num_cpus=1, scheduling_strategy=strategy).remote(ds),
+                             timeout=300)
+    finally:
+        remove_placement_group(one_cpu)
+    assert len(whole_cluster) == len(in_one_cpu) > 8
+    assert all(torch.equal(a, b) for a, b in zip(whole_cluster, in_one_cpu, strict=True))

@@ -322,9 +322,12 @@ def _read_rows(*, shards: list[Path], splits: list[str], folds: Iterable[int] | 
     import ray.data
     from ray.data.expressions import col
 
+    # One read task per shard file, never a count Ray Data derives from the CPUs free at the time: that count
+    # sets where blocks split, and so what the seeded local shuffle buffer draws from.
     with _classic_parquet_path():
         ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
                                    num_cpus=DATA_TASK_CPUS, concurrency=min(tasks, len(shards)),
+                                   override_num_blocks=len(shards),
                                    dataset_kwargs={"page_checksum_verification": True})
     ds = ds.filter(expr=col("split").is_in(splits))
     if folds is not None:

@@ -35,9 +35,9 @@ from .data.feed import (
     DATA_TASK_CPUS,
     DATA_TASKS_PER_WORKER,
     LabelMode,
-    _check_labels,
-    _read_rows,
-    _splits,
+    check_labels,
+    check_splits,
+    read_rows,
     split_rows,
     to_model_batch,
     verify_shards,
@@ -134,8 +134,8 @@ def model_outputs(
         raise ValueError(f"batch_size={batch_size!r}, threads={threads!r} are not allowed: expected >= 1 each")
     prepared = storage.normalise(prepared)
     card = load_card(prepared)
-    splits = _splits(card, split)
-    _check_labels(card, labels)
+    splits = check_splits(card, split)
+    check_labels(card, labels)
     shards = verify_shards(prepared, card)
     folds = None if folds is None else [int(f) for f in folds]
     clips = split_rows(card, splits, folds)
@@ -147,7 +147,7 @@ def model_outputs(
     decode = dict(mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
                   num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"],
                   labels=labels, random_crop=False)
-    ds = _read_rows(shards=shards, splits=splits, folds=folds, tasks=DATA_TASKS_PER_WORKER)
+    ds = read_rows(shards=shards, splits=splits, folds=folds, tasks=DATA_TASKS_PER_WORKER)
     # Exactly batch_size consecutive clips per block, whatever blocks the reads made: the batch composition is a
     # function of the data only, so the outputs do not depend on the cluster.
     ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)

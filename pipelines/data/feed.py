@@ -81,7 +81,8 @@ def _content_hash(fs, path: str, info) -> str:
     return _hashed[key]
 
 
-def _splits(card: dict, split: str | Sequence[str]) -> list[str]:
+def check_splits(card: dict, split: str | Sequence[str]) -> list[str]:
+    """``split`` (one name or several) as a list, every name one the card has; else an error naming those it has."""
     splits = [split] if isinstance(split, str) else list(split)
     unknown = [s for s in splits if s not in card["splits"]]
     if unknown:
@@ -89,7 +90,8 @@ def _splits(card: dict, split: str | Sequence[str]) -> list[str]:
     return splits
 
 
-def _check_labels(card: dict, labels: str) -> None:
+def check_labels(card: dict, labels: str) -> None:
+    """``labels`` is a mode this data set can give (``index`` only for single-label sets)."""
     if labels not in ("index", "multihot", "none"):
         raise ValueError(f"labels={labels!r} is not allowed: expected 'index', 'multihot' or 'none'")
     if labels == "index" and card["multilabel"]:
@@ -154,7 +156,7 @@ def split_labels(prepared: str | Path, split: str | Sequence[str], folds: Iterab
 
     prepared = storage.normalise(prepared)
     card = load_card(prepared)
-    splits = _splits(card, split)
+    splits = check_splits(card, split)
     labels = []
     for shard in verify_shards(prepared, card):
         table = pq.read_table(shard, columns=["split", "fold", "labels"], page_checksum_verification=True)
@@ -243,8 +245,8 @@ def feed_dataset(
 
     prepared = storage.normalise(prepared)
     card = load_card(prepared)
-    splits = _splits(card, split)
-    _check_labels(card, labels)
+    splits = check_splits(card, split)
+    check_labels(card, labels)
     shards = verify_shards(prepared, card)
     ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
     tasks = DATA_TASKS_PER_WORKER * max(1, workers)
@@ -290,7 +292,7 @@ def passes_for(clips: int | None, rows: int) -> int:
 
 def _pass_rows(shards: list, seed: int, passes: Iterable[int], **read):
     """Every shard once per pass, each pass in its own order (``shard_order``), one pass after the other."""
-    return _read_rows(shards=[shards[i] for k in passes for i in shard_order(len(shards), seed, k)], **read)
+    return read_rows(shards=[shards[i] for k in passes for i in shard_order(len(shards), seed, k)], **read)
 
 
 def _plain_passes(*, prepared, card: dict, shards: list, splits: list[str], folds, seed: int, tasks: int,
@@ -317,8 +319,8 @@ def _balanced_passes(balanced: BalancedDraw, *, prepared, card: dict, shards: li
     return passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
 
 
-def _read_rows(*, shards: list[Path], splits: list[str], folds: Iterable[int] | None, tasks: int):
-    """The raw rows of ``splits`` (and ``folds``), read from the shards."""
+def read_rows(*, shards: list[Path], splits: list[str], folds: Iterable[int] | None, tasks: int):
+    """The raw rows of ``splits`` (and ``folds``), read from the shards in the order given, one read task each."""
     import ray.data
     from ray.data.expressions import col
 
@@ -386,8 +388,8 @@ def read_clips(
 
     prepared = storage.normalise(prepared)
     card = load_card(prepared)
-    splits = _splits(card, split)
-    _check_labels(card, labels)
+    splits = check_splits(card, split)
+    check_labels(card, labels)
     batches = []
     remaining = limit
     for shard in verify_shards(prepared, card):

@@ -126,13 +126,17 @@ def run_baseline(grid: Grid, sweep: SweepParams, folder: Path) -> list[dict[str,
     import torch
 
     config = _centre_as_pretrained(grid, sweep)
+    threads = torch.get_num_threads()
     torch.set_num_threads(sweep.pretrain.threads_per_worker or SWEEP_THREADS)  # the trials' float sums
-    for seed in grid.seeds:
-        cached = seed in done and not done[seed].get("error")
-        if not cached:
-            done[seed] = _baseline_seed(sweep, config, seed)
-            path.write_text(json.dumps(list(done.values()), indent=2, default=str))
-        print(baseline_line(done[seed], cached), flush=True)
+    try:
+        for seed in grid.seeds:
+            cached = seed in done and not done[seed].get("error")
+            if not cached:
+                done[seed] = _baseline_seed(sweep, config, seed)
+                path.write_text(json.dumps(list(done.values()), indent=2, default=str))
+            print(baseline_line(done[seed], cached), flush=True)
+    finally:
+        torch.set_num_threads(threads)  # the driver's own work after the baseline keeps its threads
     return [done[seed] for seed in grid.seeds]
 
 

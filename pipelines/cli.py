@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Spelled out here rather than imported, because importing their homes imports torch; tests/test_cli.py checks they
-# equal model.config.PRESETS, pipelines.data.adapters.ADAPTERS and pipelines.update.PRECISIONS.
+# equal model.config.PRESETS, pipelines.data.adapters.ADAPTERS, pipelines.update.PRECISIONS and
+# pipelines.inference.ENCODER_FEATURES.
 PRESETS = ("base", "tiny")
 DATASETS = ("audioset", "esc50", "folder", "manifest", "speechcommands", "synthetic")
 PRECISIONS = ("bf16", "fp32")  # pipelines.update.PRECISIONS
+ENCODER_FEATURES = ("utterance", "utterance+mean")  # pipelines.inference.ENCODER_FEATURES
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -535,7 +537,8 @@ def _probe(args: argparse.Namespace) -> int:
     if checkpoint is None and not args.random_init:
         raise ValueError("give --checkpoint (a pretraining run folder or .pt file) or --random-init for the baseline")
     settings = ProbeSettings(data=str(data), checkpoint=checkpoint, which=args.which, eval_split=args.eval_split,
-                             cv_folds=args.cv_folds, l2=args.l2, seed=args.seed, experiment=args.experiment,
+                             cv_folds=args.cv_folds, features=args.features, l2=args.l2, seed=args.seed,
+                             experiment=args.experiment,
                              name=args.name, target_length=args.target_length)
     _ensure_default_data(data)
     result = probe(settings, _model_config(args) if checkpoint is None else None)
@@ -556,6 +559,9 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", help="split to evaluate on (default: test, else valid)")
     p.add_argument("--cv-folds", type=int, default=0,
                    help="k-fold cross-validation over the train split's folds 1..k (ESC-50: 5); reports the mean")
+    p.add_argument("--features", choices=ENCODER_FEATURES, default="utterance",
+                   help="what the classifier sees per clip: the utterance vector (default), or it beside the mean "
+                        "patch token (utterance+mean)")
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the classifier (default: 1e-3)")
     _add_length_arg(p)
     p.add_argument("--seed", type=int, default=0)

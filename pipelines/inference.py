@@ -43,12 +43,23 @@ from .data.feed import (
     verify_shards,
 )
 
+# What an encoder gives per clip: its utterance vector, or that vector beside the mean of its patch tokens (the
+# linear evaluation of DINO and its successors, which probes both what the utterance objective shaped and what
+# the frame objective did).
+ENCODER_FEATURES = ("utterance", "utterance+mean")
 INFERENCE_THREADS = 1  # torch threads per actor: the thread count orders float sums, so it is fixed, not the machine's
 BATCHES_PER_ACTOR = 8  # a pool grows only while each actor has at least this many batches: starting one costs ~3 s
 
 
-def model_spec(model: ASDAEncoder | ASDAClassifier) -> dict[str, Any]:
-    """What an actor needs to rebuild ``model``: its kind, config, head size and weights (CPU tensors)."""
+def check_features(features: str) -> None:
+    if features not in ENCODER_FEATURES:
+        raise ValueError(f"features={features!r} is not allowed: expected one of {list(ENCODER_FEATURES)}")
+
+
+def model_spec(model: ASDAEncoder | ASDAClassifier, features: str = "utterance") -> dict[str, Any]:
+    """What an actor needs to rebuild ``model``: its kind, config, head size and weights (CPU tensors), and which
+    ``features`` an encoder gives (see ENCODER_FEATURES)."""
+    check_features(features)
     if isinstance(model, ASDAClassifier):
         kind, num_classes, config = "classifier", model.head.linear.out_features, model.encoder.config
     elif isinstance(model, ASDAEncoder):
@@ -56,7 +67,8 @@ def model_spec(model: ASDAEncoder | ASDAClassifier) -> dict[str, Any]:
     else:
         raise TypeError(f"model_outputs takes an ASDAEncoder or an ASDAClassifier, not {type(model).__name__}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"kind": kind, "config": config.to_dict(), "num_classes": num_classes, "state": state}
+    return {"kind": kind, "config": config.to_dict(), "num_classes": num_classes, "state": state,
+            "features": features}
 
 
 def build_model(spec: dict[str, Any]) -> ASDAEncoder | ASDAClassifier:
@@ -67,9 +79,13 @@ def build_model(spec: dict[str, Any]) -> ASDAEncoder | ASDAClassifier:
 
 
 @torch.no_grad()
-def forward(model: ASDAEncoder | ASDAClassifier, fbank: torch.Tensor) -> torch.Tensor:
-    """(B, T, 128) normalised log-mel -> (B, D) utterance vectors (encoder) or (B, C) logits (classifier)."""
-    out = model(fbank) if isinstance(model, ASDAClassifier) else model.extract_features(fbank)[0]
+def forward(model: ASDAEncoder | ASDAClassifier, fbank: torch.Tensor, features: str = "utterance") -> torch.Tensor:
+    """(B, T, 128) normalised log-mel -> (B, C) logits (classifier), or (encoder) (B, D) utterance vectors, or
+    with ``features="utterance+mean"`` (B, 2D): the utterance vector, then the mean of the patch tokens."""
+    if isinstance(model, ASDAClassifier):
+        return model(fbank).float()
+    utterance, patches = model.extract_features(fbank)
+    out = utterance if features == "utterance" else torch.cat([utterance, patches.mean(1)], dim=-1)
     return out.float()
 
 
@@ -81,12 +97,13 @@ class _ModelActor:
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.model = build_model(ray.get(spec_ref[0])).to(self.device)
+        spec = ray.get(spec_ref[0])
+        self.model, self.features = build_model(spec).to(self.device), spec["features"]
         self.decode = decode
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = to_model_batch(rows, **self.decode)
-        out = forward(self.model, torch.from_numpy(clips["fbank"]).to(self.device)).cpu().numpy()
+        out = forward(self.model, torch.from_numpy(clips["fbank"]).to(self.device), self.features).cpu().numpy()
         result = {"output": out, "id": clips["id"], "split": np.asarray(rows["split"], dtype=object),
                   "fold": np.asarray(rows["fold"])}
         if "label" in clips:
@@ -120,10 +137,11 @@ def model_outputs(
     folds: Iterable[int] | None = None,
     batch_size: int = 64,
     threads: int = INFERENCE_THREADS,
+    features: str = "utterance",
 ) -> dict[str, np.ndarray]:
     """``model``'s outputs on every clip of ``split`` (and ``folds``), computed on Ray Data (see the module).
 
-    Returns "output" (N, D or C) float32, "id", "split", "fold" and, unless labels="none", "label" as the feed
+    ``features``: what an encoder gives per clip (ENCODER_FEATURES). Returns "output" (N, D, 2D or C) float32, "id", "split", "fold" and, unless labels="none", "label" as the feed
     gives it; N may be 0. target_length defaults to the card's.
     """
     import ray.data
@@ -139,8 +157,8 @@ def model_outputs(
     shards = verify_shards(prepared, card)
     folds = None if folds is None else [int(f) for f in folds]
     clips = split_rows(card, splits, folds)
-    spec = model_spec(model)
-    width = spec["num_classes"] or spec["config"]["embed_dim"]
+    spec = model_spec(model, features)
+    width = spec["num_classes"] or spec["config"]["embed_dim"] * (2 if features == "utterance+mean" else 1)
     ray = ensure_ray()
     actors, per_actor = pool_size(ray, math.ceil(clips / batch_size))
     norm = card["normalisation"]

@@ -19,6 +19,7 @@ import torch
 from model import ASDAConfig, ASDAEncoder, load_encoder
 
 from . import tracking
+from .inference import check_features, forward
 from .metrics import evaluate, fold_summary
 
 
@@ -30,6 +31,7 @@ class ProbeSettings:
     train_split: str = "train"
     eval_split: str | None = None  # default: test, else valid
     cv_folds: int = 0  # > 0: k-fold cross-validation over the train split's folds 1..k (ESC-50: 5)
+    features: str = "utterance"  # or "utterance+mean": the utterance vector beside the mean patch token
     l2: float = 1e-3  # weight of the L2 penalty on the classifier weights
     max_iter: int = 300
     batch_size: int = 64  # clips per feature-extraction batch
@@ -45,24 +47,27 @@ class ProbeSettings:
             raise ValueError(f"which={self.which!r} is not allowed: expected 'student' or 'teacher'")
         if self.l2 < 0 or self.max_iter < 1 or self.batch_size < 1 or self.cv_folds < 0:
             raise ValueError("l2 and cv_folds must be >= 0, max_iter and batch_size >= 1")
+        check_features(self.features)
 
 
 @torch.no_grad()
-def utterance_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Utterance vectors of clips already in this process, in batches of ``batch_size`` (the probe's features
-    without Ray: ``model_outputs`` gives the same bits at the same batch size and torch thread count)."""
+def utterance_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 64,
+                       features: str = "utterance") -> torch.Tensor:
+    """The probe's ``features`` of clips already in this process, in batches of ``batch_size`` (without Ray:
+    ``model_outputs`` gives the same bits at the same batch size and torch thread count)."""
     from .console import progress
 
     encoder.eval()
     shown = progress(len(fbank), "clips encoded")
     parts = []
     for i in range(0, len(fbank), batch_size):
-        parts.append(encoder.extract_features(torch.as_tensor(fbank[i:i + batch_size]))[0])
+        parts.append(forward(encoder, torch.as_tensor(fbank[i:i + batch_size]), features))
         if shown:
             shown.update(min(i + batch_size, len(fbank)))
     if shown:
         shown.finish()
-    return torch.cat(parts).float() if parts else torch.empty(0, encoder.config.embed_dim)
+    width = encoder.config.embed_dim * (2 if features == "utterance+mean" else 1)
+    return torch.cat(parts) if parts else torch.empty(0, width)
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, multilabel: bool, l2: float,
@@ -115,7 +120,7 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
     splits = list(dict.fromkeys([settings.train_split] if folds else [settings.train_split, eval_split]))
     encoded = model_outputs(encoder, settings.data, splits, target_length=length,
                             labels="multihot" if multilabel else "index", folds=folds,
-                            batch_size=settings.batch_size)
+                            batch_size=settings.batch_size, features=settings.features)
 
     def features(keep: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         return torch.from_numpy(encoded["output"][keep]), encoded["label"][keep]

@@ -42,14 +42,17 @@ def test_building_the_parser_and_every_help_imports_nothing_heavy():
 def test_parser_choices_match_the_presets_and_adapters_they_name():
     from model.config import PRESETS
     from pipelines.cli import DATASETS
+    from pipelines.cli import ENCODER_FEATURES as CLI_FEATURES
     from pipelines.cli import PRECISIONS as CLI_PRECISIONS
     from pipelines.cli import PRESETS as CLI_PRESETS
     from pipelines.data.adapters import ADAPTERS
+    from pipelines.inference import ENCODER_FEATURES
     from pipelines.update import PRECISIONS
 
     assert CLI_PRESETS == PRESETS
     assert DATASETS == tuple(sorted(ADAPTERS))
     assert CLI_PRECISIONS == PRECISIONS
+    assert CLI_FEATURES == ENCODER_FEATURES
 
 
 def test_pretrain_takes_compile_and_precision_and_refuses_an_unknown_precision(capsys):

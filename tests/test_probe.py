@@ -28,9 +28,10 @@ def one_thread():
 
 def test_ray_data_outputs_are_the_in_process_encoding_bit_for_bit_on_two_actors(synthetic_prepared, one_thread,
                                                                                monkeypatch):
-    """Utterance vectors (an encoder) and logits (a classifier) from a pool of two actors equal, with torch.equal,
-    encoding the same clips in this process in batches of the same size: batches are consecutive clips in shard
-    order, whichever actor runs them. 96 clips in batches of 10: the last batch is short."""
+    """Utterance vectors, alone or beside the mean patch token (an encoder), and logits (a classifier) from a pool
+    of two actors equal, with torch.equal, encoding the same clips in this process in batches of the same size:
+    batches are consecutive clips in shard order, whichever actor runs them. 96 clips in batches of 10: the last
+    batch is short."""
     spawned = []
 
     def two_actors(ray, batches):
@@ -45,16 +46,28 @@ def test_ray_data_outputs_are_the_in_process_encoding_bit_for_bit_on_two_actors(
     classifier = ASDAClassifier(TINY, 8).eval()
     splits = ["train", "test"]
     clips = read_clips(synthetic_prepared, splits, labels="index")
-    for model, reference in ((encoder, utterance_features(encoder, clips["fbank"], 10)),
-                             (classifier, torch.cat([classifier(torch.as_tensor(clips["fbank"][i:i + 10]))
-                                                     for i in range(0, len(clips["fbank"]), 10)]).detach())):
-        out = model_outputs(model, synthetic_prepared, splits, labels="index", batch_size=10)
+    batches = [torch.as_tensor(clips["fbank"][i:i + 10]) for i in range(0, len(clips["fbank"]), 10)]
+    with torch.no_grad():
+        both = [encoder.extract_features(batch) for batch in batches]
+    beside_mean = torch.cat([torch.cat([utterance, patches.mean(1)], dim=-1) for utterance, patches in both])
+    assert torch.equal(utterance_features(encoder, clips["fbank"], 10, "utterance+mean"), beside_mean)
+    for model, features, reference in (
+            (encoder, "utterance", utterance_features(encoder, clips["fbank"], 10)),
+            (encoder, "utterance+mean", beside_mean),  # (N, 2D): the utterance vector, then the mean patch
+            (classifier, "utterance", torch.cat([classifier(batch) for batch in batches]).detach())):
+        out = model_outputs(model, synthetic_prepared, splits, labels="index", batch_size=10, features=features)
         assert set(out) == {"output", "label", "id", "split", "fold"}  # no fbank comes back
         assert out["output"].shape == tuple(reference.shape) and out["output"].dtype == np.float32
         assert torch.equal(torch.from_numpy(out["output"]), reference)
         assert list(out["id"]) == list(clips["id"]) and np.array_equal(out["label"], clips["label"])
         assert set(out["split"]) == set(splits) and (out["split"] == "test").sum() == 32
     assert spawned  # the pool was sized through pool_size
+
+
+def test_probe_features_other_than_the_two_named_are_refused_before_any_work():
+    with pytest.raises(ValueError, match=r"features='patches' is not allowed: expected one of \['utterance', "
+                                         r"'utterance\+mean'\]"):
+        ProbeSettings(data="-", features="patches")
 
 
 def test_a_small_job_runs_on_one_actor_and_gpus_get_one_actor_each(monkeypatch):

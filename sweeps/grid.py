@@ -201,6 +201,7 @@ def _check_distinct_cells(grid: Grid, configs: dict[str, ASDAConfig], where: str
 def _check_train_keys(grid: Grid, where: str) -> None:
     from pipelines.finetune import FinetuneSettings
     from pipelines.pretrain import PretrainSettings
+    from pipelines.probe import ProbeSettings
 
     allowed = {f.name for f in dataclasses.fields(PretrainSettings)} - {"data", "name", "storage", "experiment",
                                                                          "parent_run_id", "seed"}
@@ -212,9 +213,13 @@ def _check_train_keys(grid: Grid, where: str) -> None:
     except ValueError as exc:
         raise ValueError(f"{where}: train.{exc}") from None
     tuned = grid.evaluation.get("settings") or {}
-    if grid.evaluation["kind"] == "finetune":
-        allowed_ft = {f.name for f in dataclasses.fields(FinetuneSettings)} - {"data", "checkpoint", "name"}
-        unknown = sorted(set(tuned) - allowed_ft)
-        if unknown:
-            raise ValueError(f"{where}: unknown evaluation setting(s) {unknown}; allowed: {sorted(allowed_ft)}")
-        FinetuneSettings(data="-", **tuned)
+    settings = FinetuneSettings if grid.evaluation["kind"] == "finetune" else ProbeSettings
+    set_by_the_sweep = {"data", "checkpoint", "name", "storage", "experiment", "run_id", "parent_run_id", "seed"}
+    allowed = {f.name for f in dataclasses.fields(settings)} - set_by_the_sweep
+    unknown = sorted(set(tuned) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown evaluation setting(s) {unknown}; allowed: {sorted(allowed)}")
+    try:
+        settings(data="-", **tuned)
+    except ValueError as exc:
+        raise ValueError(f"{where}: evaluation.settings: {exc}") from None

@@ -81,6 +81,11 @@ def _write(tmp_path, **changes):
         ({"train": {"lr": float("nan")}}, r"lr=nan is not allowed: expected a finite number"),
         ({"train": {"steps": 4, "compile": "yes"}}, r"train.compile='yes' is not allowed: expected true or false"),
         ({"train": {"steps": 4, "precision": "fp16"}}, r"train.precision='fp16' is not allowed"),
+        ({"evaluation": {"kind": "probe", "settings": {"featurez": "utterance"}}},
+         r"unknown evaluation setting\(s\) \['featurez'\]; allowed: \[.*'features'"),
+        ({"evaluation": {"kind": "probe", "settings": {"features": "patches"}}},
+         r"evaluation.settings: features='patches' is not allowed: expected one of \['utterance', 'utterance\+mean'\]"),
+        ({"evaluation": {"kind": "probe", "settings": {"seed": 3}}}, r"unknown evaluation setting\(s\) \['seed'\]"),
     ],
 )
 def test_bad_grids_fail_with_the_reason_before_anything_runs(tmp_path, changes, message):

@@ -320,16 +320,18 @@ def _balanced_passes(balanced: BalancedDraw, *, prepared, card: dict, shards: li
 
 
 def read_rows(*, shards: list[Path], splits: list[str], folds: Iterable[int] | None, tasks: int):
-    """The raw rows of ``splits`` (and ``folds``), read from the shards in the order given, one read task each."""
+    """The raw rows of ``splits`` (and ``folds``), read from the shards in the order given by ``tasks`` tasks."""
     import ray.data
     from ray.data.expressions import col
 
-    # One read task per shard file, never a count Ray Data derives from the CPUs free at the time: that count
-    # sets where blocks split, and so what the seeded local shuffle buffer draws from.
+    # ``tasks`` read tasks, each reading its run of the shards in order: a count the run's settings fix, never one
+    # Ray Data derives from the CPUs it expects (that count sets where blocks split, and so what the seeded local
+    # shuffle buffer draws from, and would differ between machines). Fewer, longer tasks also feed faster than
+    # one per shard: 300 batches of 8 in 2.0 s, against 7.4 s one task per shard and 4.3 s as Ray Data sizes it.
+    count = min(tasks, len(shards))
     with _classic_parquet_path():
         ds = ray.data.read_parquet([str(s) for s in shards], columns=_READ_COLUMNS, include_paths=True,
-                                   num_cpus=DATA_TASK_CPUS, concurrency=min(tasks, len(shards)),
-                                   override_num_blocks=len(shards),
+                                   num_cpus=DATA_TASK_CPUS, concurrency=count, override_num_blocks=count,
                                    dataset_kwargs={"page_checksum_verification": True})
     ds = ds.filter(expr=col("split").is_in(splits))
     if folds is not None:

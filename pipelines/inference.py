@@ -52,8 +52,14 @@ BATCHES_PER_ACTOR = 8  # a pool grows only while each actor has at least this ma
 
 
 def check_features(features: str) -> None:
+    """``features`` is one of ENCODER_FEATURES; else an error naming them."""
     if features not in ENCODER_FEATURES:
         raise ValueError(f"features={features!r} is not allowed: expected one of {list(ENCODER_FEATURES)}")
+
+
+def feature_width(config: ASDAConfig, features: str) -> int:
+    """Floats per clip an encoder with ``config`` gives as ``features``."""
+    return config.embed_dim * (2 if features == "utterance+mean" else 1)
 
 
 def model_spec(model: ASDAEncoder | ASDAClassifier, features: str = "utterance") -> dict[str, Any]:
@@ -141,8 +147,9 @@ def model_outputs(
 ) -> dict[str, np.ndarray]:
     """``model``'s outputs on every clip of ``split`` (and ``folds``), computed on Ray Data (see the module).
 
-    ``features``: what an encoder gives per clip (ENCODER_FEATURES). Returns "output" (N, D, 2D or C) float32, "id", "split", "fold" and, unless labels="none", "label" as the feed
-    gives it; N may be 0. target_length defaults to the card's.
+    ``features``: what an encoder gives per clip (ENCODER_FEATURES). Returns "output" (N, D, 2D or C) float32,
+    "id", "split", "fold" and, unless labels="none", "label" as the feed gives it; N may be 0. target_length
+    defaults to the card's.
     """
     import ray.data
 
@@ -158,7 +165,7 @@ def model_outputs(
     folds = None if folds is None else [int(f) for f in folds]
     clips = split_rows(card, splits, folds)
     spec = model_spec(model, features)
-    width = spec["num_classes"] or spec["config"]["embed_dim"] * (2 if features == "utterance+mean" else 1)
+    width = spec["num_classes"] or feature_width(model.config, features)
     ray = ensure_ray()
     actors, per_actor = pool_size(ray, math.ceil(clips / batch_size))
     norm = card["normalisation"]

@@ -19,7 +19,7 @@ import torch
 from model import ASDAConfig, ASDAEncoder, load_encoder
 
 from . import tracking
-from .inference import check_features, forward
+from .inference import check_features, feature_width, forward
 from .metrics import evaluate, fold_summary
 
 
@@ -66,8 +66,7 @@ def utterance_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int 
             shown.update(min(i + batch_size, len(fbank)))
     if shown:
         shown.finish()
-    width = encoder.config.embed_dim * (2 if features == "utterance+mean" else 1)
-    return torch.cat(parts) if parts else torch.empty(0, width)
+    return torch.cat(parts) if parts else torch.empty(0, feature_width(encoder.config, features))
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, multilabel: bool, l2: float,

@@ -136,13 +136,12 @@ def bench_trainer(config: ASDAConfig, *, batch_size: int = 8, steps: int = 40, l
     --in-process`), as ``bench_step`` does, or in a Ray Train worker; default: in process on CPU, a worker on a
     GPU. Ray starts its workers at nice 15, so on a CPU machine shared with other work a worker gets a smaller
     share of the cores than this process and the two rates would not compare."""
-    import os
     import tempfile
     from pathlib import Path
 
     from mlflow import MlflowClient
 
-    from pipelines import tracking
+    from bench.sweep import throwaway_tracking
     from pipelines.data.prepare import prepare
     from pipelines.pretrain import PretrainSettings, pretrain
     from pipelines.runtime import ensure_ray
@@ -154,7 +153,6 @@ def bench_trainer(config: ASDAConfig, *, batch_size: int = 8, steps: int = 40, l
     if in_process is None:
         in_process = device == "cpu"
     ensure_ray()
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         folder = Path(tmp)
         if data is None:
@@ -166,19 +164,10 @@ def bench_trainer(config: ASDAConfig, *, batch_size: int = 8, steps: int = 40, l
             figure_clips=0, use_gpu=device == "cuda", compile=compile, precision=precision, max_failures=0,
             threads_per_worker=threads or torch.get_num_threads(), target_length=config.target_length,
             in_process=in_process, name="bench-trainer", storage=str(folder / "results"))
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-        try:
+        with throwaway_tracking(folder):
             result = pretrain(config, settings)
             history = MlflowClient().get_metric_history(result["run_id"], "clips_per_s")
             loop_s = result["metrics"].get("train_loop_s")
-        finally:
-            if previous is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = previous
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking.tracking_uri())
     windows = [m.value for m in sorted(history, key=lambda m: m.step)]
     return {"steps": steps, "log_every": log_every, "batch": batch_size, "compiled": compile,
             "precision": settings.precision or default_precision(torch.device(device).type),

@@ -3,6 +3,7 @@ and the rest (Ray's processes, MLflow, imports); for the whole sweep, wall time 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -19,6 +20,26 @@ def machine_cpu_seconds() -> float:
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def throwaway_tracking(folder: Path):
+    """MLflow runs go to a sqlite store in ``folder`` (a benchmark's own), and the process's client is pointed
+    back at the configured store afterwards."""
+    import mlflow
+
+    from pipelines.tracking import tracking_uri
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+        mlflow.set_tracking_uri(tracking_uri())  # the run pointed this process's client at the throw-away store
 
 
 def _grid_file(grid: str, path: str, folder: Path, overrides: dict) -> Path:
@@ -42,26 +63,14 @@ def bench_sweep(grid: str = "smoke", *, path: str = "auto", max_concurrent: int 
 
     if path not in PATHS:
         raise ValueError(f"path={path!r} is not allowed: expected one of {PATHS}")
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         folder = Path(tmp)
         grid_file = _grid_file(grid, path, folder, train_overrides)
         prepared_data(load_grid(grid_file))  # data preparation is not what this measures
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-        try:
+        with throwaway_tracking(folder):
             cpu, start = machine_cpu_seconds(), time.perf_counter()
             result = run_sweep(grid_file, storage=folder / "sweeps", fresh=True, max_concurrent=max_concurrent)
             wall, cpu = time.perf_counter() - start, machine_cpu_seconds() - cpu
-        finally:
-            if previous is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = previous
-            import mlflow
-
-            from pipelines.tracking import tracking_uri
-
-            mlflow.set_tracking_uri(tracking_uri())  # the sweep pointed this process's client at the throw-away store
         state = json.loads((Path(result["dir"]) / "sweep.json").read_text())
     return _summary(grid, path, result["trials"], wall, cpu, state)
 

@@ -16,11 +16,18 @@ def load_card(prepared: str | Path) -> dict:
     is written last, so an output whose preparation has not finished has none and is refused here."""
     from . import storage
 
-    fs, path = storage.filesystem(prepared)
-    text = storage.read_text(fs, f"{path}/{CARD_NAME}")
-    if text is None:
+    card = read_card(*storage.filesystem(prepared))
+    if card is None:
         raise ValueError(f"{prepared} is not a prepared data set (no {CARD_NAME}); run `asda prepare` first")
-    return json.loads(text)
+    return card
+
+
+def read_card(fs, path: str) -> dict | None:
+    """The card in folder ``path`` of pyarrow filesystem ``fs``, or None where there is none (yet)."""
+    from . import storage
+
+    text = storage.read_text(fs, f"{path}/{CARD_NAME}")
+    return json.loads(text) if text is not None else None
 
 
 def cv_folds(card: dict, split: str, k: int, data: str | Path) -> list[int]:

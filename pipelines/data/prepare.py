@@ -348,14 +348,14 @@ def prepare(
     ``in_place``: write the shards straight into ``out`` and the card last, instead of staging and renaming;
     default: only where the filesystem cannot rename atomically (object stores).
     """
-    from .card import load_card
+    from .card import read_card
 
     out = storage.normalise(out)
     fs, out_path = storage.filesystem(out)
-    existing = _card_or_none(fs, out_path)
+    existing = read_card(fs, out_path)
     if existing is not None and not force:
         print(f"{out} is already prepared (use --force to redo it)")
-        return load_card(out)
+        return existing
     if not 0.0 <= max_rejected <= 1.0:
         raise ValueError(f"max_rejected={max_rejected!r} is not allowed: expected a share in [0, 1]")
     if shard_mb <= 0:
@@ -418,11 +418,6 @@ def _check_rejected(card: dict, max_rejected: float, fs, work: str, in_place: bo
             f"{len(rejected)} of {total} clips rejected ({share:.0%} > allowed {max_rejected:.0%}); "
             f"first: {reasons}"
         )
-
-
-def _card_or_none(fs, out_path: str) -> dict | None:
-    text = storage.read_text(fs, f"{out_path}/{CARD_NAME}")
-    return json.loads(text) if text is not None else None
 
 
 def _start_work(fs, work: str, fingerprint: str, shards: int, *, in_place: bool, existing: bool, out) -> None:

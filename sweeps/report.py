@@ -6,6 +6,7 @@ CSV, markdown and summary.json, with one plot per factor and the attention of λ
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -15,6 +16,7 @@ from typing import Any
 from .grid import Grid
 
 Z = 2.0  # a difference "stands clear" when |Δ| > Z · its standard error
+HOMOGENEITY_LEVEL = 0.05  # Cochran's test: a cell whose seed spread stands out at this level is "unstable"
 BASELINE = "baseline"  # cell and factor of the random-init rows
 BASELINE_VALUE = "random-init"
 BASELINE_FILE = "baseline.json"  # in the sweep's folder: the random-init rows, one per seed
@@ -57,7 +59,7 @@ def paired_delta(cell: dict[int, float], centre: dict[int, float]) -> tuple[floa
 
 def judge(delta: float, pairs: int, sigma_diff: float, sigma: float) -> tuple[bool | None, float]:
     """(|Δ| > Z·SE, the SE used). SE = σ_diff / √pairs, with σ_diff the spread of a paired difference pooled over
-    every cell (``difference_noise``): two pairs alone give a spread of one degree of freedom, which can be tiny
+    every stable cell (``difference_noise``): two pairs alone give a spread of one degree of freedom, which can be tiny
     by chance and would call noise "clear". Without a pooled σ_diff (no cell with two pairs), a difference of two
     runs is judged against √2·σ_seed (a shared seed can only bring two runs closer, so this errs towards "no").
     None when there is nothing to judge against."""
@@ -73,43 +75,95 @@ def judge(delta: float, pairs: int, sigma_diff: float, sigma: float) -> tuple[bo
 def difference_noise(cells: list[dict[int, float]], centre: dict[int, float]) -> float:
     """σ_diff: the standard deviation of (cell − centre) at one seed, pooled over the cells with two pairs or more
     (NaN if none has)."""
-    num, den = 0.0, 0
-    for cell in cells:
-        diffs = [cell[s] - centre[s] for s in cell.keys() & centre.keys()]
-        if len(diffs) > 1:
-            num += statistics.variance(diffs) * (len(diffs) - 1)
-            den += len(diffs) - 1
-    return math.sqrt(num / den) if den else math.nan
+    return _pooled([[cell[s] - centre[s] for s in cell.keys() & centre.keys()] for cell in cells])
 
 
-def seed_noise(rows: list[dict[str, Any]]) -> float:
-    """σ_seed: the pretrained trials' seed-to-seed standard deviation, pooled over every cell that ran more than one
-    seed (NaN if none did). The random-init baseline is no pretrained cell and stays out."""
-    cells: dict[str, list[float]] = {}
-    for r in rows:
-        if r["cell"] != BASELINE and math.isfinite(_finite(r.get("metric_value"))):
-            cells.setdefault(r["cell"], []).append(float(r["metric_value"]))
+def _pooled(groups: list[list[float]]) -> float:
+    """The standard deviation pooled over the groups of two values or more (NaN if none has)."""
     num, den = 0.0, 0
-    for values in cells.values():
+    for values in groups:
         if len(values) > 1:
             num += statistics.variance(values) * (len(values) - 1)
             den += len(values) - 1
     return math.sqrt(num / den) if den else math.nan
 
 
+def _seed_values(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """cell -> the finite metrics of its pretrained trials (the random-init baseline left out)."""
+    cells: dict[str, list[float]] = {}
+    for r in rows:
+        if r["cell"] != BASELINE and math.isfinite(_finite(r.get("metric_value"))):
+            cells.setdefault(r["cell"], []).append(float(r["metric_value"]))
+    return cells
+
+
+def cochran_limit(cells: int, runs: int, level: float = HOMOGENEITY_LEVEL) -> float:
+    """The upper critical value of Cochran's C (largest variance / sum of variances) for ``cells`` variances of
+    ``runs`` runs each, at ``level``: 1 / (1 + (k − 1) / F), F the 1 − level/k quantile of F(n − 1, (k − 1)(n − 1))."""
+    from scipy.stats import f
+
+    quantile = f.ppf(1 - level / cells, runs - 1, (cells - 1) * (runs - 1))
+    return 1.0 / (1.0 + (cells - 1) / quantile)
+
+
+def unstable_cells(rows: list[dict[str, Any]], level: float = HOMOGENEITY_LEVEL) -> list[str]:
+    """The cells whose seeds disagree far beyond every other cell's: Cochran's test for one outlying variance, as
+    ISO 5725-2 applies it before pooling a repeatability spread, repeated on the remaining cells until none stands
+    out (three cells or more, each with the same number of seeds, two or more; otherwise none is tested).
+
+    A cell that collapses on one seed and not the other measures its own instability, not the instrument's noise:
+    pooled in, it would inflate σ_seed and σ_diff for every other cell."""
+    cells = {c: v for c, v in _seed_values(rows).items() if len(v) > 1}
+    if len({len(v) for v in cells.values()}) != 1:
+        return []
+    runs = len(next(iter(cells.values()))) if cells else 0
+    flagged: list[str] = []
+    while len(cells) >= 3:
+        variances = {c: statistics.variance(v) for c, v in cells.items()}
+        total = sum(variances.values())
+        worst = max(variances, key=variances.get)
+        if total <= 0 or variances[worst] / total <= cochran_limit(len(cells), runs, level):
+            break
+        flagged.append(worst)
+        del cells[worst]
+    return sorted(flagged)
+
+
+def seed_noise(rows: list[dict[str, Any]], exclude: set[str] | list[str] = ()) -> float:
+    """σ_seed: the pretrained trials' seed-to-seed standard deviation, pooled over every cell that ran more than one
+    seed (NaN if none did), less the cells in ``exclude`` (``unstable_cells``). The random-init baseline is no
+    pretrained cell and stays out."""
+    return _pooled([v for c, v in _seed_values(rows).items() if c not in exclude])
+
+
+@dataclasses.dataclass(frozen=True)
+class Noise:
+    """What a Δ is judged against: σ_diff and σ_seed pooled over the stable cells, the cells left out as unstable
+    (``unstable_cells``) and σ_seed with them pooled in."""
+    sigma_diff: float
+    sigma_seed: float
+    unstable: tuple[str, ...] = ()
+    sigma_seed_all: float = math.nan
+
+
 def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]], centre: dict[int, float],
-              noise: tuple[float, float], metric: str) -> dict[str, Any]:
-    """``noise``: (σ_diff, σ_seed), what a Δ is judged against (``judge``)."""
-    """One line of the table: the cell's runs (``members``) against the centre's metric per seed."""
+              noise: Noise, metric: str) -> dict[str, Any]:
+    """One line of the table: the cell's runs (``members``) against the centre's metric per seed. A Δ is judged
+    against the pooled noise (``judge``); an unstable cell's against its own paired spread, which is what its
+    seeds showed (two pairs that disagree make it wide, and the verdict errs towards "no")."""
     mean, std, n = _stats([r.get("metric_value") for r in members])
     is_centre = cell == "centre"
+    unstable = cell in noise.unstable
     if is_centre:
         delta, pairs, clear, se = 0.0, n, None, math.nan
+    elif unstable:
+        delta, se, pairs = paired_delta(_by_seed(members), centre)
+        clear = bool(abs(delta) > Z * se) if math.isfinite(se) and math.isfinite(delta) else None
     else:
         delta, _, pairs = paired_delta(_by_seed(members), centre)
-        clear, se = judge(delta, pairs, *noise)
+        clear, se = judge(delta, pairs, noise.sigma_diff, noise.sigma_seed)
     return {"factor": factor, "value": value, "cell": cell, "metric": metric, "mean": mean, "std": std, "n": n,
-            "delta": delta, "se_delta": se, "pairs": pairs, "clear": clear,
+            "delta": delta, "se_delta": se, "pairs": pairs, "clear": clear, "unstable": unstable,
             "attn_event_share": _stats([r.get("attn_event_share") for r in members])[0], "centre": is_centre,
             "errors": sum(1 for r in members if r.get("error"))}
 
@@ -149,11 +203,13 @@ def _cells(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return by_cell
 
 
-def noises(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(σ_diff, σ_seed) of the pretrained trials."""
+def noises(rows: list[dict[str, Any]]) -> Noise:
+    """σ_diff and σ_seed of the pretrained trials, both pooled over the cells that are not unstable."""
+    unstable = unstable_cells(rows)
     by_cell = _cells(rows)
     centre = _by_seed(by_cell.pop("centre", []))
-    return difference_noise([_by_seed(m) for m in by_cell.values()], centre), seed_noise(rows)
+    stable = [_by_seed(m) for cell, m in by_cell.items() if cell not in unstable]
+    return Noise(difference_noise(stable, centre), seed_noise(rows, unstable), tuple(unstable), seed_noise(rows))
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -172,24 +228,31 @@ def _line(row: dict[str, Any]) -> str:
         if row["pairs"] >= 2 and math.isfinite(row["se_delta"]):
             delta += f" ± {row['se_delta']:.3f}"
         clear = {True: "yes", False: "no", None: "—"}[row["clear"]]
+        if row.get("unstable"):
+            clear += " (unstable: seeds disagree)"
     errors = f" ({row['errors']} failed)" if row["errors"] else ""
     return (f"| {row['factor']} | {row['value']} | {_fmt(row['mean'])}{spread} | {row['n']}{errors} | {delta} | "
             f"{clear} | {_fmt(row['attn_event_share'], 2)} |")
 
 
-def markdown(table: list[dict[str, Any]], grid: Grid, noise: float, baseline: dict[str, Any] | None = None,
+def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dict[str, Any] | None = None,
              uniform_share: float = math.nan) -> str:
-    how = (f"σ_seed = {_fmt(noise)}, pooled over the cells that ran several seeds" if math.isfinite(noise) else
+    sigma = noise.sigma_seed
+    how = (f"σ_seed = {_fmt(sigma)}, pooled over the cells that ran several seeds" if math.isfinite(sigma) else
            "σ_seed unknown (no cell ran two seeds), so a one-seed Δ cannot be judged: give the grid two seeds or more")
+    if noise.unstable:
+        how += (f", less the cells whose seeds disagree far beyond the others' ({', '.join(noise.unstable)}: "
+                f"Cochran's test at {HOMOGENEITY_LEVEL:g}); each of those is judged against its own paired spread, "
+                f"and σ_seed with them is {_fmt(noise.sigma_seed_all)}")
     chance = f" (a uniform map gives {_fmt(uniform_share, 2)})" if math.isfinite(_finite(uniform_share)) else ""
     lines = [f"# Ablation report: {grid.name}", "",
              f"Metric: `{grid.metric}` ({grid.evaluation['kind']}); mean ± standard deviation over seeds (n; no ± "
              f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
-             f"error σ_diff/√pairs, with σ_diff the spread of one paired difference pooled over every cell (or, "
+             f"error σ_diff/√pairs, with σ_diff the spread of one paired difference pooled over every stable cell (or, "
              f"where no cell has two seeds, √2·σ_seed). *clear* when |Δ| > {Z:g} standard errors. {how}.", "",
              f"Attention on event: the share of the last layer's utterance-query attention |A1 − λ·A2| on the "
              f"labelled event's patches, mean over the cell's runs{chance}; — where the data has no events.", "",
-             f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(noise)}.**", "",
+             f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(sigma)}.**", "",
              f"| factor | value | {grid.metric} | n | Δ vs centre | clear of noise | attention on event |",
              "|---|---|---|---|---|---|---|"]
     lines += [_line(row) for row in ([baseline] if baseline else []) + table]
@@ -318,14 +381,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def summary(table: list[dict[str, Any]], grid: Grid, noise: float, baseline: dict[str, Any] | None) -> dict:
+def summary(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dict[str, Any] | None) -> dict:
     """summary.json: the metric, the centre, σ_seed, the random-init baseline and one entry per (factor, value)."""
     centre = next((r for r in table if r["centre"]), None)
-    keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "clear", "attn_event_share", "centre")
+    keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "clear", "unstable",
+            "attn_event_share", "centre")
     return _json_safe({
         "metric": grid.metric, "grid": grid.name, "z": Z,
         "centre_mean": centre["mean"] if centre else math.nan, "centre_std": centre["std"] if centre else math.nan,
-        "centre_n": centre["n"] if centre else 0, "sigma_seed": noise,
+        "centre_n": centre["n"] if centre else 0, "sigma_seed": noise.sigma_seed,
+        "sigma_seed_all_cells": noise.sigma_seed_all, "sigma_diff": noise.sigma_diff,
+        "unstable_cells": list(noise.unstable), "homogeneity_level": HOMOGENEITY_LEVEL,
         "baseline_random_init": None if baseline is None else {k: baseline[k] for k in
                                                               ("mean", "std", "n", "delta", "se_delta", "clear")},
         "cells": [{k: row[k] for k in keys} for row in table]})
@@ -346,7 +412,7 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     table = ablation_table(rows, grid)
-    noise = seed_noise(rows)
+    noise = noises(rows)
     base = baseline_row(_baseline_rows(folder, baseline), rows, grid.metric)
     with open(folder / "report.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
@@ -363,7 +429,7 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
         figures.append(attention)
     if parent_run_id:
         _log_report(parent_run_id, folder, figures, result)
-    return {"table": table, "baseline": base, "markdown": text, "noise": noise, "summary": result,
+    return {"table": table, "baseline": base, "markdown": text, "noise": noise.sigma_seed, "summary": result,
             "folder": str(folder), "figures": [str(p) for p in figures]}
 
 

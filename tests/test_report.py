@@ -67,6 +67,66 @@ def test_a_cell_is_judged_against_the_paired_noise_of_every_cell_not_its_own_two
     assert zero["se_delta"] > 0.03 and zero["clear"] is False
 
 
+# The default grid's trials as a from-scratch `make sweep` measured them: alpha = 2 collapsed on seed 0 only.
+DEFAULT_SWEEP = [
+    ("centre", "centre", None, {0: 0.4328125, 1: 0.4265625}),
+    ("alpha=1.0", "alpha", 1.0, {0: 0.4140625, 1: 0.45}),
+    ("alpha=2.0", "alpha", 2.0, {0: 0.3109375, 1: 0.4203125}),
+    ("cls_position=mean", "cls_position", "mean", {0: 0.3828125, 1: 0.365625}),
+    ("cls_position=middle", "cls_position", "middle", {0: 0.4296875, 1: 0.43359375}),
+    ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.4265625, 1: 0.434375}),
+    ("diff_lambda=0.5", "diff_lambda", 0.5, {0: 0.415625, 1: 0.44609375}),
+    ("num_students=1", "num_students", 1, {0: 0.43828125, 1: 0.48125}),
+    ("num_students=8", "num_students", 8, {0: 0.42265625, 1: 0.440625}),
+]
+
+
+def test_cochran_limits_are_the_published_table():
+    """Cochran's C at 5 %, from its table: k variances of 2 runs, then of 3."""
+    two = {4: 0.9065, 5: 0.8412, 9: 0.6385, 10: 0.6020}
+    three = {2: 0.9750, 5: 0.6838, 10: 0.4450}
+    assert all(rp.cochran_limit(k, 2) == pytest.approx(c, abs=2e-4) for k, c in two.items())
+    assert all(rp.cochran_limit(k, 3) == pytest.approx(c, abs=2e-4) for k, c in three.items())
+
+
+def test_a_cell_whose_seeds_disagree_far_beyond_the_others_is_unstable_and_kept_out_of_the_noise(tmp_path):
+    """alpha = 2's two seeds are 0.11 apart where the other cells' are at most 0.04: pooled in, it alone would
+    make sigma_seed 0.031 for every cell; it is flagged, left out of sigma_seed and sigma_diff, and its own delta
+    is judged against its own paired spread."""
+    rows = _rows(DEFAULT_SWEEP)
+    assert rp.unstable_cells(rows) == ["alpha=2.0"]
+    others = [list(v.values()) for cell, _, _, v in DEFAULT_SWEEP if cell != "alpha=2.0"]
+    by_hand = math.sqrt(np.mean([np.var(v, ddof=1) for v in others]))
+    assert seed_noise(rows, {"alpha=2.0"}) == pytest.approx(by_hand) and by_hand < 0.02 < seed_noise(rows)
+
+    table = ablation_table(rows, load_grid("ablation"))
+    alpha2 = next(r for r in table if r["cell"] == "alpha=2.0")
+    own = paired_delta({0: 0.3109375, 1: 0.4203125}, {0: 0.4328125, 1: 0.4265625})
+    assert alpha2["unstable"] and alpha2["se_delta"] == pytest.approx(own[1]) and alpha2["clear"] is False
+    centre = {0: 0.4328125, 1: 0.4265625}
+    diffs = [[v[s] - centre[s] for s in (0, 1)] for cell, _, _, v in DEFAULT_SWEEP if cell not in ("centre", "alpha=2.0")]
+    sigma_diff = math.sqrt(np.mean([np.var(d, ddof=1) for d in diffs]))
+    mean_cls = next(r for r in table if r["cell"] == "cls_position=mean")
+    assert not mean_cls["unstable"] and mean_cls["se_delta"] == pytest.approx(sigma_diff / math.sqrt(2))
+    assert mean_cls["clear"] is True
+
+    report = build_report(rows, load_grid("ablation"), tmp_path, baseline=[])
+    assert "no (unstable: seeds disagree)" in report["markdown"] and "alpha=2.0" in report["markdown"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["unstable_cells"] == ["alpha=2.0"] and saved["sigma_seed"] == pytest.approx(by_hand)
+    assert saved["sigma_seed_all_cells"] == pytest.approx(seed_noise(rows))
+
+
+def test_one_cell_spreading_more_than_the_rest_by_chance_is_not_called_unstable():
+    """Two seeds give one degree of freedom per cell, so spreads vary a lot by chance: a cell three times wider
+    than eight others (C = 0.53 against a limit of 0.64) is noise, not instability."""
+    cells = [("centre", "centre", None, {0: 0.40, 1: 0.42})]
+    cells += [(f"diff_lambda={i}", "diff_lambda", i, {0: 0.40, 1: 0.42}) for i in range(7)]
+    cells += [("alpha=2.0", "alpha", 2.0, {0: 0.40, 1: 0.46})]
+    rows = _rows(cells)
+    assert rp.unstable_cells(rows) == [] and seed_noise(rows, rp.unstable_cells(rows)) == pytest.approx(seed_noise(rows))
+
+
 def test_a_one_seed_cell_has_no_error_bar_and_is_judged_against_root_two_sigma_seed(tmp_path):
     grid = load_grid("smoke")
     rows = _rows([("centre", "centre", None, {0: 0.50, 1: 0.52, 2: 0.48}),

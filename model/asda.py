@@ -17,7 +17,7 @@ from torch import nn
 from .config import ASDAConfig
 from .decoder import CNNDecoder
 from .encoder import ASDAEncoder
-from .masking import inverse_block_mask, split_indices
+from .masking import inverse_block_mask, keep_count, split_indices
 
 
 def ema_decay(step: int, start: float, end: float, anneal_steps: int) -> float:
@@ -127,7 +127,7 @@ class ASDA(nn.Module):
         P = grid[0] * grid[1]
         mask = inverse_block_mask(B * S, grid, mask_ratio=c.mask_ratio, block_size=c.mask_block_size,
                                   adjust=c.mask_adjust, device=fbank.device)  # (B·S, P), True = masked
-        visible, masked = split_indices(mask, int(P * (1 - c.mask_ratio)))
+        visible, masked = split_indices(mask, keep_count(P, c.mask_ratio))
         noise = torch.randn(B * S, P, D, device=fbank.device, dtype=self.decoder.proj.weight.dtype)
         return StudentViews(visible, masked, noise)
 

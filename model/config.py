@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .masking import keep_count
+
 ATTENTION_KINDS = ("differential", "standard")
 DIFF_NORMS = ("layernorm", "headwise_rms")
 POS_EMBEDS = ("sincos2d", "learned1d")
@@ -109,7 +111,7 @@ class ASDAConfig:
             _fail("drop_path", self.drop_path, "a number in [0, 1)")
         if not 0.0 < self.mask_ratio < 1.0:
             _fail("mask_ratio", self.mask_ratio, "a number in (0, 1)")
-        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+        if keep_count(self.num_patches, self.mask_ratio) < 1:
             _fail("mask_ratio", self.mask_ratio, f"a ratio that keeps at least one of {self.num_patches} patches")
         if not 0.0 <= self.mask_adjust < 1.0:
             _fail("mask_adjust", self.mask_adjust, "a number in [0, 1)")

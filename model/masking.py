@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def keep_count(num_patches: int, mask_ratio: float) -> int:
+    """How many of ``num_patches`` patches a student sees at ``mask_ratio``: the rest are masked."""
+    return int(num_patches * (1 - mask_ratio))
+
+
 def inverse_block_mask(
     batch_size: int,
     grid: tuple[int, int],
@@ -17,7 +22,7 @@ def inverse_block_mask(
 ) -> torch.Tensor:
     """(batch_size, T * F) bool on a time-major (T, F) grid; True = masked, False = kept (visible).
 
-    Exactly ``P - int(P * (1 - mask_ratio))`` cells per row are masked. Kept cells are grown as
+    Exactly ``P - keep_count(P, mask_ratio)`` cells per row are masked. Kept cells are grown as
     ``block_size`` x ``block_size`` blocks (clamped at the grid edges) around random centres, then random cells
     are added or removed until the kept count is exact.
     """
@@ -25,8 +30,8 @@ def inverse_block_mask(
     P = T * F
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio={mask_ratio!r} is not allowed: expected a number in (0, 1)")
-    keep_count = int(P * (1 - mask_ratio))
-    if keep_count < 1:
+    kept = keep_count(P, mask_ratio)
+    if kept < 1:
         raise ValueError(f"mask_ratio={mask_ratio} keeps no patch of a {T}x{F} grid")
     device = torch.device("cpu") if device is None else torch.device(device)
     gen_device = generator.device if generator is not None else device
@@ -43,9 +48,9 @@ def inverse_block_mask(
     blocks.scatter_(1, cells, True)
 
     # Exact count: rank block cells above all others (score >= 1 vs < 1), random order within each group,
-    # keep the top ``keep_count``. Too many block cells -> a random subset; too few -> random extra cells.
+    # keep the top ``kept``. Too many block cells -> a random subset; too few -> random extra cells.
     scores = torch.rand(batch_size, P, generator=generator, device=gen_device) + blocks.float()
-    keep_idx = scores.topk(keep_count, dim=1).indices
+    keep_idx = scores.topk(kept, dim=1).indices
     keep = torch.zeros_like(blocks).scatter_(1, keep_idx, True)
     return (~keep).to(device)
 
@@ -56,12 +61,12 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     return (~mask).nonzero(as_tuple=False)[:, 1].view(B, -1)
 
 
-def split_indices(mask: torch.Tensor, keep_count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) mask with ``keep_count`` kept cells per row -> (visible (B, k), masked (B, P - k)), each ascending.
+def split_indices(mask: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) mask with ``kept`` kept cells per row -> (visible (B, k), masked (B, P - k)), each ascending.
 
     The same indices as ``visible_indices`` and ``mask.nonzero``, but of shapes known before the mask is drawn:
     no device-to-host sync, and a compiled graph needs no dynamic shape. A stable sort puts the kept cells (0)
     before the masked ones (1), each group in index order.
     """
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices  # (B, P)
-    return order[:, :keep_count], order[:, keep_count:]
+    return order[:, :kept], order[:, kept:]

@@ -251,8 +251,9 @@ def feed_dataset(
     ensure_ray()  # before Ray Data starts a default instance whose CPU count would starve the reads
     tasks = DATA_TASKS_PER_WORKER * max(1, workers)
 
-    read = dict(prepared=prepared, card=card, shards=shards, splits=splits, folds=folds, seed=seed, tasks=tasks)
-    ds = _plain_passes(clips=clips, **read) if balanced is None else _balanced_passes(balanced, **read)
+    read = dict(card=card, shards=shards, splits=splits, folds=folds, seed=seed, tasks=tasks)
+    ds = (_plain_passes(clips=clips, **read) if balanced is None else
+          _balanced_passes(balanced, prepared=prepared, **read))
     norm = card["normalisation"]
     ds = ds.map_batches(
         _feed_batch, batch_format="numpy", batch_size=64, num_cpus=DATA_TASK_CPUS,
@@ -295,7 +296,7 @@ def _pass_rows(shards: list, seed: int, passes: Iterable[int], **read):
     return read_rows(shards=[shards[i] for k in passes for i in shard_order(len(shards), seed, k)], **read)
 
 
-def _plain_passes(*, prepared, card: dict, shards: list, splits: list[str], folds, seed: int, tasks: int,
+def _plain_passes(*, card: dict, shards: list, splits: list[str], folds, seed: int, tasks: int,
                   clips: int | None):
     """Enough passes for ``clips`` in one read, so they come in sequence (a union would interleave them)."""
     rows = split_rows(card, splits, folds)

@@ -184,6 +184,33 @@ def test_a_killed_prepare_resumes_at_shard_granularity_and_ends_with_the_same_ca
     assert main(["verify", str(out)]) == 0
 
 
+def test_a_uri_is_resolved_to_its_filesystem_once_per_process(tmp_path, monkeypatch):
+    """A feed resolves its location for the card, the shards and each read; an object store may answer each
+    resolution with a request, so the same URI is built once."""
+    import pyarrow.fs as pafs
+
+    from pipelines.data import storage
+
+    calls = []
+
+    class Counting:
+        @staticmethod
+        def from_uri(uri):
+            calls.append(uri)
+            return pafs.LocalFileSystem(), uri.removeprefix("file://")
+
+    storage._from_uri.cache_clear()
+    monkeypatch.setattr(pafs, "FileSystem", Counting)
+    uri = (tmp_path / "out").as_uri()
+    try:
+        for _ in range(3):
+            assert storage.normalise(uri) == tmp_path / "out"
+            assert storage.filesystem(uri)[1] == str(tmp_path / "out")
+    finally:
+        storage._from_uri.cache_clear()
+    assert calls == [uri]
+
+
 def test_a_file_uri_is_prepared_in_place_of_a_path_and_probed_end_to_end(ray_local, tracking_store, tmp_path,
                                                                           capsys):
     """`--out file:///...` writes real files where the path would; verify, the readers and `asda probe` take the

@@ -8,6 +8,7 @@ tasks and the card import it.
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from pathlib import Path
@@ -31,7 +32,10 @@ def normalise(where: str | Path) -> Path | str:
     return where.rstrip("/")
 
 
+@functools.lru_cache(maxsize=32)
 def _from_uri(uri: str):
+    """(filesystem, path) of a URI, built once per process: a feed resolves its location several times (card,
+    shards, each read), and for an object store each build may ask the service where the bucket is."""
     import pyarrow.fs as pafs
 
     try:

@@ -6,7 +6,7 @@ import soundfile as sf
 
 from pipelines.data import synthetic
 from pipelines.data.adapters import build_index
-from pipelines.data.synthetic import CLASS_NAMES, ensure_dataset, generate_clip
+from pipelines.data.synthetic import CLASS_NAMES, SEQUENCE_ORDERS, class_names, ensure_dataset, generate_clip
 
 SMALL = dict(num_train=8, num_valid=4, num_test=4)
 SR = 16_000
@@ -121,6 +121,8 @@ def test_options_arrive_as_strings_from_the_command_line(tmp_path):
     (dict(sample_rate=8000), "sample_rate=8000"),
     (dict(clip_seconds=0.4), "clip_seconds=0.4"),
     (dict(num_train="many"), "num_train='many'"),
+    (dict(classes="words"), "classes='words' is not allowed: expected one of \\['events', 'sequences'\\]"),
+    (dict(classes="sequences", clip_seconds=0.8), "clip_seconds=0.8 is not allowed: must hold a 0.9 s event"),
     (dict(colour="red"), "colour"),
 ])
 def test_bad_params_raise_value_errors_naming_them(tmp_path, bad, message):
@@ -184,3 +186,68 @@ def test_the_default_set_generates_in_seconds(tmp_path):
 def test_the_cards_length_is_the_clips_own_in_whole_patches(tmp_path, seconds, frames):
     index = build_index("synthetic", tmp_path, num_train=2, num_valid=0, num_test=0, clip_seconds=seconds)
     assert index.target_length == frames  # a 1 s clip is not padded to 2.56 s
+
+
+# --- the "sequences" class set ------------------------------------------------------------------------------------
+
+def _sequence_clips(c, n=24):
+    return [generate_clip(c, np.random.default_rng([7, c, i]), clip_seconds=1.0, snr_db=(6.0, 15.0),
+                          classes="sequences") for i in range(n)]
+
+
+def _sorted_log_spectrum(wav, start, end):
+    """The event's log power spectrum (25 ms frames, 10 ms hop, 125 Hz - 6 kHz) averaged over [start, end) seconds
+    and sorted: how power spreads over the bands, wherever in frequency the sound was drawn."""
+    x = wav[int(start * SR):int(end * SR)].astype(np.float64)
+    frames = np.lib.stride_tricks.sliding_window_view(x, 400)[::160] * np.hanning(400)
+    return np.sort(np.log(np.abs(np.fft.rfft(frames, 512, axis=1))[:, 4:196] ** 2 + 1e-10).mean(0))
+
+
+def _nearest_mean_accuracy(a, b):
+    """Fit class means on the first half of each class's features, classify the other half."""
+    ma, mb = a[: len(a) // 2].mean(0), b[: len(b) // 2].mean(0)
+    hits = [np.linalg.norm(x - ma) < np.linalg.norm(x - mb) for x in a[len(a) // 2:]]
+    hits += [np.linalg.norm(x - mb) < np.linalg.norm(x - ma) for x in b[len(b) // 2:]]
+    return float(np.mean(hits))
+
+
+def test_sequence_classes_are_every_pair_of_sounds_in_both_orders():
+    names = class_names("sequences")
+    assert len(names) == 8 and names == tuple(f"{a}_then_{b}" for a, b in SEQUENCE_ORDERS)
+    assert {(b, a) for a, b in SEQUENCE_ORDERS} == set(SEQUENCE_ORDERS)  # each call's reverse is a class too
+    assert class_names() == CLASS_NAMES  # "events" stays the generator's default
+
+
+def test_a_sequence_pair_differs_in_order_and_not_in_what_it_holds():
+    """Within each pair (harmonic then noise / noise then harmonic, ...) the call's spectrum averaged over its whole
+    span tells the two classes apart no better than chance, while first half against second half always does:
+    the classes are defined by order alone, which a bag-of-frames feature cannot see."""
+    for first in range(0, 8, 2):
+        blind, aware = [], []
+        for c in (first, first + 1):
+            clips = _sequence_clips(c)
+            blind.append(np.array([_sorted_log_spectrum(w, s, e) for w, (s, e) in clips]))
+            aware.append(np.array([_sorted_log_spectrum(w, s, (s + e) / 2) - _sorted_log_spectrum(w, (s + e) / 2, e)
+                                   for w, (s, e) in clips]))
+        name = class_names("sequences")[first]
+        assert _nearest_mean_accuracy(*blind) < 0.75, name
+        assert _nearest_mean_accuracy(*aware) > 0.9, name
+
+
+def test_sequence_calls_lie_inside_the_clip_last_0_6_to_0_9_s_and_give_no_loudness_cue():
+    clips = {c: _sequence_clips(c, 12) for c in range(8)}
+    for c, members in clips.items():
+        for wav, (start, end) in members:
+            assert wav.shape == (16_000,) and np.abs(wav).max() <= 0.95 + 1e-6, c
+            assert 0.0 <= start and end <= 1.0 and 0.6 - 1e-3 <= end - start <= 0.9
+    log_rms = np.array([[np.log(np.sqrt(np.mean(w.astype(np.float64) ** 2))) for w, _ in members]
+                        for members in clips.values()])
+    assert log_rms.mean(axis=1).std() < 0.5 * log_rms.std(axis=1).mean()
+
+
+def test_a_sequences_set_is_indexed_with_its_own_class_names(tmp_path):
+    index = build_index("synthetic", tmp_path, num_train=8, num_valid=0, num_test=0, clip_seconds=1.0,
+                        classes="sequences")
+    assert index.class_names == list(class_names("sequences")) and index.target_length == 112
+    assert sorted(c.labels[0] for c in index.clips) == list(range(8))
+    assert all(0.6 - 1e-3 <= c.event[1] - c.event[0] <= 0.9 for c in index.clips)

@@ -574,6 +574,7 @@ def synthetic(
     sample_rate: int = synthetic_set.DEFAULT_PARAMS["sample_rate"],
     snr_min_db: float = synthetic_set.DEFAULT_PARAMS["snr_min_db"],
     snr_max_db: float = synthetic_set.DEFAULT_PARAMS["snr_max_db"],
+    classes: str = synthetic_set.DEFAULT_PARAMS["classes"],
 ) -> DatasetIndex:
     """The embedded procedural set (``pipelines.data.synthetic``): generated into ``source`` unless a set with the same
     parameters is already there, then indexed. Each clip knows where its class event is (``ClipRef.event``).
@@ -581,7 +582,8 @@ def synthetic(
     source = _absolute(source)
     generated = synthetic_set.ensure_dataset(
         source, num_train=num_train, num_valid=num_valid, num_test=num_test, seed=seed,
-        clip_seconds=clip_seconds, sample_rate=sample_rate, snr_min_db=snr_min_db, snr_max_db=snr_max_db)
+        clip_seconds=clip_seconds, sample_rate=sample_rate, snr_min_db=snr_min_db, snr_max_db=snr_max_db,
+        classes=classes)
     clips = [ClipRef(id=c["id"], path=str(source / c["file"]), split=c["split"], labels=(c["label"],),
                      event=(float(c["event"][0]), float(c["event"][1]))) for c in generated["clips"]]
     # The clip's own length: 100 frames a second, rounded up to whole patches (2.56 s -> 256 frames).

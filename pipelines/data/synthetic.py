@@ -1,8 +1,15 @@
 """The embedded default data set: procedural clips whose classes differ in time-frequency structure.
 
-Nothing is downloaded. Each clip is a short class event (0.3-0.6 s) hidden at a random time inside a pink or brown
-noise bed and 1-3 background events from a separate distractor family, at a variable SNR and a random overall gain,
-so an encoder has to find a small structured part of the clip: loudness, duration and position carry no label.
+Nothing is downloaded. Each clip is a class event hidden at a random time inside a pink or brown noise bed and 1-3
+background events from a separate distractor family, at a variable SNR and a random overall gain, so an encoder has
+to find a structured part of the clip: loudness, duration and position carry no label. Two class sets:
+
+- ``events``: eight kinds of sound (chirps, harmonic stacks, click trains, ...), one 0.3-0.6 s event per clip.
+- ``sequences``: eight two-part calls (0.6-0.9 s) made of four sounds, in four pairs that share their sounds and
+  differ only in order ("harmonic then noise" and "noise then harmonic"), as spoken words share phonemes. What a
+  clip holds, averaged over time, tells at most the pair: a bag-of-frames classifier stays near one half, and only
+  an encoder that relates one part of the clip to the next can name the class.
+
 Every clip is drawn from its own generator, seeded by (seed, split, clip number), so the set is reproducible
 byte for byte and a clip does not change when the size of another split changes.
 """
@@ -27,8 +34,11 @@ SPLITS = ("train", "valid", "test")
 DEFAULT_PARAMS: dict[str, Any] = dict(
     num_train=640, num_valid=160, num_test=160, seed=0, clip_seconds=2.56, sample_rate=16_000,
     snr_min_db=-3.0, snr_max_db=9.0,  # the event's level over the background: the task's difficulty
+    classes="events",  # the class set: "events" or "sequences" (the module's docstring)
 )
-EVENT_SECONDS = (0.3, 0.6)
+EVENT_SECONDS = (0.3, 0.6)  # an "events" clip's class event
+SEQUENCE_SECONDS = (0.6, 0.9)  # a "sequences" clip's call, both parts
+FIRST_PART = (0.4, 0.6)  # the share of a call its first part takes
 # Random overall gain, set on the clip's RMS, not its peak: peak normalisation would make peaky classes (clicks)
 # quieter on average, a loudness cue. The peak is then capped below full scale (PCM-16 never clips), which only
 # ever touches the loudest few click trains.
@@ -147,6 +157,44 @@ EVENTS: dict[str, Callable[[int, int, np.random.Generator], np.ndarray]] = {
 CLASS_NAMES: tuple[str, ...] = tuple(EVENTS)
 
 
+# --- sequences: two sounds in a fixed order ---------------------------------------------------------------------
+
+PARTS: dict[str, Callable[[int, int, np.random.Generator], np.ndarray]] = {
+    "harmonic": _harmonic_stack, "noise": _noise_band, "clicks": _click_train, "tremolo": _tremolo_tone,
+}
+# Four pairs of sounds, each in both orders: every sound opens two calls and closes two.
+SEQUENCE_ORDERS = (("harmonic", "noise"), ("noise", "harmonic"), ("clicks", "tremolo"), ("tremolo", "clicks"),
+                   ("harmonic", "clicks"), ("clicks", "harmonic"), ("noise", "tremolo"), ("tremolo", "noise"))
+
+
+def _sequence(first: str, second: str) -> Callable[[int, int, np.random.Generator], np.ndarray]:
+    """A call of n samples: ``first`` for 40-60 % of it, then ``second``; each part faded and at unit RMS, so the
+    two halves are equally loud and only their order tells the pair's classes apart."""
+    def call(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
+        k = int(n * rng.uniform(*FIRST_PART))
+        parts = [PARTS[name](m, sr, rng) * _ramp(m, sr) for name, m in ((first, k), (second, n - k))]
+        return np.concatenate([part / _rms(part) for part in parts])
+    return call
+
+
+SEQUENCES: dict[str, Callable[[int, int, np.random.Generator], np.ndarray]] = {
+    f"{a}_then_{b}": _sequence(a, b) for a, b in SEQUENCE_ORDERS}
+# name -> (class events, the event's duration range in seconds)
+CLASS_SETS: dict[str, tuple[dict[str, Callable], tuple[float, float]]] = {
+    "events": (EVENTS, EVENT_SECONDS), "sequences": (SEQUENCES, SEQUENCE_SECONDS)}
+
+
+def class_names(classes: str = "events") -> tuple[str, ...]:
+    """The class names of a class set, in label order."""
+    return tuple(_class_set(classes)[0])
+
+
+def _class_set(classes: str) -> tuple[dict[str, Callable], tuple[float, float]]:
+    if classes not in CLASS_SETS:
+        raise ValueError(f"classes={classes!r} is not allowed: expected one of {sorted(CLASS_SETS)}")
+    return CLASS_SETS[classes]
+
+
 # --- distractors: a separate family (short steady tones, noise bursts outside the class bands) --------------------
 
 def _distractor(n_clip: int, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -173,18 +221,22 @@ def _background(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
 def generate_clip(
     class_index: int, rng: np.random.Generator, clip_seconds: float = 2.56, sample_rate: int = 16_000,
     snr_db: tuple[float, float] = (DEFAULT_PARAMS["snr_min_db"], DEFAULT_PARAMS["snr_max_db"]),
+    classes: str = "events",
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """One clip of class ``class_index``: (waveform float32 (samples,), (event_start_s, event_end_s)).
+    """One clip of class ``class_index`` of the class set ``classes``: (waveform float32 (samples,),
+    (event_start_s, event_end_s)).
 
     The event's RMS over its own span is ``snr_db`` (default -3..+9 dB) relative to the background's RMS over the whole clip; the
     mixture is then scaled to a random RMS between -36 and -20 dBFS, its peak capped at 0.95.
     """
-    if not 0 <= class_index < len(CLASS_NAMES):
-        raise ValueError(f"class_index={class_index} is not allowed: expected 0..{len(CLASS_NAMES) - 1}")
-    _check_geometry(clip_seconds, sample_rate)
+    events, seconds = _class_set(classes)
+    names = tuple(events)
+    if not 0 <= class_index < len(names):
+        raise ValueError(f"class_index={class_index} is not allowed: expected 0..{len(names) - 1}")
+    _check_geometry(clip_seconds, sample_rate, classes)
     n_clip = int(round(clip_seconds * sample_rate))
-    n_event = int(rng.uniform(*EVENT_SECONDS) * sample_rate)
-    event = EVENTS[CLASS_NAMES[class_index]](n_event, sample_rate, rng) * _ramp(n_event, sample_rate)
+    n_event = int(rng.uniform(*seconds) * sample_rate)
+    event = events[names[class_index]](n_event, sample_rate, rng) * _ramp(n_event, sample_rate)
     start = int(rng.integers(0, n_clip - n_event + 1))
 
     mix = _background(n_clip, sample_rate, rng)
@@ -195,11 +247,12 @@ def generate_clip(
     return mix.astype(np.float32), (start / sample_rate, (start + n_event) / sample_rate)
 
 
-def _check_geometry(clip_seconds: float, sample_rate: int) -> None:
+def _check_geometry(clip_seconds: float, sample_rate: int, classes: str = "events") -> None:
+    longest = _class_set(classes)[1][1]
     if sample_rate < 16_000:
         raise ValueError(f"sample_rate={sample_rate} is not allowed: the events need at least 16000 Hz")
-    if clip_seconds < EVENT_SECONDS[1]:
-        raise ValueError(f"clip_seconds={clip_seconds} is not allowed: must hold a {EVENT_SECONDS[1]} s event")
+    if clip_seconds < longest:
+        raise ValueError(f"clip_seconds={clip_seconds} is not allowed: must hold a {longest} s event")
 
 
 # --- the data set on disk ------------------------------------------------------------------------------------
@@ -221,7 +274,7 @@ def resolve_params(**options: Any) -> dict[str, Any]:
             raise ValueError(f"{key}={params[key]} is not allowed: expected a count >= 0")
     if params["num_train"] + params["num_valid"] + params["num_test"] == 0:
         raise ValueError("synthetic data set with no clips: set num_train, num_valid or num_test above 0")
-    _check_geometry(params["clip_seconds"], params["sample_rate"])
+    _check_geometry(params["clip_seconds"], params["sample_rate"], params["classes"])
     if params["snr_min_db"] > params["snr_max_db"]:
         raise ValueError(f"snr_min_db={params['snr_min_db']} is not allowed: expected <= snr_max_db "
                          f"({params['snr_max_db']})")
@@ -231,10 +284,11 @@ def resolve_params(**options: Any) -> dict[str, Any]:
 def _clip_plan(params: dict[str, Any]) -> list[dict[str, Any]]:
     """Every clip's id, split, file and label; labels cycle through the classes so each split is balanced."""
     plan = []
+    count = len(class_names(params["classes"]))
     for split_number, split in enumerate(SPLITS):
         for i in range(params[f"num_{split}"]):
             plan.append(dict(id=f"{split}/{i:05d}", split=split, file=f"{split}/{i:05d}.wav",
-                             label=i % len(CLASS_NAMES), rng_key=[params["seed"], split_number, i]))
+                             label=i % count, rng_key=[params["seed"], split_number, i]))
     return plan
 
 
@@ -291,13 +345,14 @@ def ensure_dataset(root: str | Path, **options: Any) -> dict[str, Any]:
     for entry in _clip_plan(params):
         rng = np.random.default_rng(entry.pop("rng_key"))
         wav, event = generate_clip(entry["label"], rng, params["clip_seconds"], params["sample_rate"],
-                                   (params["snr_min_db"], params["snr_max_db"]))
+                                   (params["snr_min_db"], params["snr_max_db"]), params["classes"])
         path = root / entry["file"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(_wav_bytes(wav, params["sample_rate"]))
         clips.append({**entry, "event": list(event)})
 
-    manifest = dict(generator_version=GENERATOR_VERSION, params=params, class_names=list(CLASS_NAMES), clips=clips)
+    manifest = dict(generator_version=GENERATOR_VERSION, params=params, class_names=list(class_names(params["classes"])),
+                    clips=clips)
     tmp = root / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, root / MANIFEST_NAME)

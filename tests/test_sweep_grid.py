@@ -163,3 +163,10 @@ def test_a_plain_run_resumes_the_newest_unfinished_sweep_of_the_grid_and_sweep_i
     assert _open_sweep(grid, tmp_path, fresh=False, sweep_id="first")[0] == first
     with pytest.raises(ValueError, match="--sweep-id nope: no sweep of grid smoke has that id"):
         _open_sweep(grid, tmp_path, fresh=False, sweep_id="nope")
+
+
+def test_the_factorial_grid_runs_its_cells_as_the_ablation_grid_runs_them():
+    """A cell of the factorial grid is the same run as the ablation grid's cell of the same factor values."""
+    ablation, factorial = load_grid("ablation"), load_grid("factorial")
+    assert (factorial.data, factorial.model, factorial.train) == (ablation.data, ablation.model, ablation.train)
+    assert factorial.evaluation == ablation.evaluation and factorial.centre == ablation.centre

@@ -113,7 +113,12 @@ def unstable_cells(rows: list[dict[str, Any]], level: float = HOMOGENEITY_LEVEL)
 
     A cell that collapses on one seed and not the other measures its own instability, not the instrument's noise:
     pooled in, it would inflate σ_seed and σ_diff for every other cell."""
-    cells = {c: v for c, v in _seed_values(rows).items() if len(v) > 1}
+    return _outlying_cells(_seed_values(rows), level)
+
+
+def _outlying_cells(values: dict[str, list[float]], level: float = HOMOGENEITY_LEVEL) -> list[str]:
+    """``unstable_cells`` of cell -> metrics."""
+    cells = {c: v for c, v in values.items() if len(v) > 1}
     if len({len(v) for v in cells.values()}) != 1:
         return []
     runs = len(next(iter(cells.values()))) if cells else 0
@@ -168,11 +173,12 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
             "errors": sum(1 for r in members if r.get("error"))}
 
 
-def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
-    """One row per (factor, value), the centre value included in every factor's block."""
+def ablation_table(rows: list[dict[str, Any]], grid: Grid, noise: Noise | None = None) -> list[dict[str, Any]]:
+    """One row per (factor, value), the centre value included in every factor's block. ``noise``: the rows'
+    ``noises``, when the caller has them."""
     by_cell = _cells(rows)
     centre = _by_seed(by_cell.get("centre", []))
-    noise = noises(rows)
+    noise = noise or noises(rows)
     table = []
     factors = list(grid.factors) if grid.design == "one_at_a_time" else ["factorial"]
     for factor in factors:
@@ -186,12 +192,13 @@ def ablation_table(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any
     return table
 
 
-def baseline_row(baseline: list[dict[str, Any]], rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+def baseline_row(baseline: list[dict[str, Any]], rows: list[dict[str, Any]], metric: str,
+                 noise: Noise | None = None) -> dict[str, Any] | None:
     """The random-init encoder's line, its Δ paired by seed with the centre's (None when no baseline ran)."""
     if not baseline:
         return None
     centre = _by_seed([r for r in rows if r["cell"] == "centre"])
-    return table_row(BASELINE, BASELINE_VALUE, BASELINE, baseline, centre, noises(rows), metric)
+    return table_row(BASELINE, BASELINE_VALUE, BASELINE, baseline, centre, noise or noises(rows), metric)
 
 
 def _cells(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -205,11 +212,13 @@ def _cells(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def noises(rows: list[dict[str, Any]]) -> Noise:
     """σ_diff and σ_seed of the pretrained trials, both pooled over the cells that are not unstable."""
-    unstable = unstable_cells(rows)
+    values = _seed_values(rows)
+    unstable = _outlying_cells(values)
     by_cell = _cells(rows)
     centre = _by_seed(by_cell.pop("centre", []))
     stable = [_by_seed(m) for cell, m in by_cell.items() if cell not in unstable]
-    return Noise(difference_noise(stable, centre), seed_noise(rows, unstable), tuple(unstable), seed_noise(rows))
+    return Noise(difference_noise(stable, centre), _pooled([v for c, v in values.items() if c not in unstable]),
+                 tuple(unstable), _pooled(list(values.values())))
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -411,9 +420,9 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
     parent run. ``baseline``: the random-init rows (default: the sweep folder's baseline.json)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    table = ablation_table(rows, grid)
     noise = noises(rows)
-    base = baseline_row(_baseline_rows(folder, baseline), rows, grid.metric)
+    table = ablation_table(rows, grid, noise)
+    base = baseline_row(_baseline_rows(folder, baseline), rows, grid.metric, noise)
     with open(folder / "report.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
         writer.writeheader()

@@ -36,9 +36,9 @@ def _probe(encoder, train: dict, test: dict, num_classes: int) -> float:
     import torch
 
     from pipelines.metrics import evaluate
-    from pipelines.probe import fit_linear, utterance_features
+    from pipelines.probe import encoder_features, fit_linear
 
-    x_train, x_test = utterance_features(encoder, train["fbank"]), utterance_features(encoder, test["fbank"])
+    x_train, x_test = encoder_features(encoder, train["fbank"]), encoder_features(encoder, test["fbank"])
     classifier = fit_linear(x_train, torch.as_tensor(train["label"]), num_classes, multilabel=False, l2=1e-3,
                             max_iter=300)
     with torch.no_grad():

@@ -9,7 +9,7 @@ The feed's reader gives the raw rows; they are cut into blocks of exactly ``batc
 one shorter) and an actor pool decodes each block (the feed's ``to_model_batch``) and runs the model on it as one
 batch. Which clips share a batch therefore depends on the data alone, never on how Parquet reads were split or which
 actor got a block. With order preserved, a fixed thread count and eval mode, CPU actors give the same bits as
-encoding the same clips in one process in batches of ``batch_size`` (``probe.utterance_features``), and GPU
+encoding the same clips in one process in batches of ``batch_size`` (``probe.encoder_features``), and GPU
 actors the same bits run after run on one kind of GPU.
 
 The weights reach the actors through the object store (the config and state dict, put once); an actor takes a

@@ -51,7 +51,7 @@ class ProbeSettings:
 
 
 @torch.no_grad()
-def utterance_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 64,
+def encoder_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 64,
                        features: str = "utterance") -> torch.Tensor:
     """The probe's ``features`` of clips already in this process, in batches of ``batch_size`` (without Ray:
     ``model_outputs`` gives the same bits at the same batch size and torch thread count)."""

@@ -9,7 +9,7 @@ from model import ASDAClassifier, ASDAConfig, ASDAEncoder
 from pipelines import inference
 from pipelines.data.feed import read_clips
 from pipelines.inference import model_outputs
-from pipelines.probe import ProbeSettings, probe, utterance_features
+from pipelines.probe import ProbeSettings, encoder_features, probe
 
 pytestmark = pytest.mark.ray
 
@@ -50,9 +50,9 @@ def test_ray_data_outputs_are_the_in_process_encoding_bit_for_bit_on_two_actors(
     with torch.no_grad():
         both = [encoder.extract_features(batch) for batch in batches]
     beside_mean = torch.cat([torch.cat([utterance, patches.mean(1)], dim=-1) for utterance, patches in both])
-    assert torch.equal(utterance_features(encoder, clips["fbank"], 10, "utterance+mean"), beside_mean)
+    assert torch.equal(encoder_features(encoder, clips["fbank"], 10, "utterance+mean"), beside_mean)
     for model, features, reference in (
-            (encoder, "utterance", utterance_features(encoder, clips["fbank"], 10)),
+            (encoder, "utterance", encoder_features(encoder, clips["fbank"], 10)),
             (encoder, "utterance+mean", beside_mean),  # (N, 2D): the utterance vector, then the mean patch
             (classifier, "utterance", torch.cat([classifier(batch) for batch in batches]).detach())):
         out = model_outputs(model, synthetic_prepared, splits, labels="index", batch_size=10, features=features)

@@ -36,6 +36,25 @@ def test_cls_head_and_middle_are_different_functions_with_shared_weights(pos_emb
     assert (u_head - u_middle).abs().max() > 1e-2 * u_head.abs().max()
 
 
+def test_cls_mean_drops_the_cls_token_and_pools_the_patches_with_the_same_weights():
+    """cls_position: mean takes the CLS token out of the sequence (the only weight it lacks) and makes the
+    utterance vector the mean of the patch outputs; every other weight computes as it does with a CLS at the head."""
+    torch.manual_seed(0)
+    head = ASDAEncoder(dataclasses.replace(SMALL, cls_position="head")).eval()
+    mean = ASDAEncoder(dataclasses.replace(SMALL, cls_position="mean")).eval()
+    missing, unexpected = mean.load_state_dict(head.state_dict(), strict=False)
+    assert (missing, unexpected) == ([], ["cls_token"])
+    x = _fbank()
+    with torch.no_grad():
+        utterance, patches = mean.extract_features(x)
+        tokens = head.norm_input(head.embed(x))  # the head encoder's blocks over the patches alone
+        for block in head.blocks:
+            tokens, _ = block(tokens)
+        u_head = head.extract_features(x)[0]
+    assert torch.equal(patches, tokens) and torch.allclose(utterance, patches.mean(1))
+    assert (u_head - utterance).abs().max() > 1e-2 * u_head.abs().max()
+
+
 def test_cls_position_moves_only_the_cls_code_with_the_fixed_table():
     torch.manual_seed(0)
     head = ASDAEncoder(dataclasses.replace(SMALL, cls_position="head"))

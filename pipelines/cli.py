@@ -293,7 +293,8 @@ def _prepare(args: argparse.Namespace) -> int:
     source = args.source or DATA_ROOT / "raw" / args.dataset
     out = args.out or DATA_ROOT / "prepared" / args.dataset
     card = prepare(args.dataset, source, out, force=args.force, shard_mb=args.shard_mb,
-                   max_rejected=args.max_rejected, options=_parse_options(args.option))
+                   max_rejected=args.max_rejected, options=_parse_options(args.option),
+                   target_length=args.target_length)
     print(f"{out}: {card['num_clips']} clips {card['splits']}, {len(card['class_names'])} classes, "
           f"{len(card['shards'])} shard(s), {len(card['rejected'])} rejected")
     for r in card["rejected"][:20]:
@@ -318,6 +319,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="fail when more than this share of clips is rejected (default: 0.5)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option, repeatable (e.g. name_pattern={ytid}.flac, num_train=2000)")
+    p.add_argument("--target-length", type=int, metavar="FRAMES",
+                   help="frames per clip the card says to feed the encoder, a multiple of 16 (100 frames = 1 s; "
+                   "default: the data set's own, or for folder and manifest fitted to the clips' lengths)")
     _add_verbose(p)
     p.set_defaults(func=_prepare)
 

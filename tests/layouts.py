@@ -182,6 +182,20 @@ def write_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "rain"), 
     return root
 
 
+def write_lengths(root: Path, seconds: list[float], classes: tuple[str, ...] = ("hit", "roll")) -> Path:
+    """A ``folder`` layout of clips with the given lengths, 16 kHz mono PCM-16 (no resampling): clip ``i`` is
+    ``<classes[i % len(classes)]>/clip_<i>.wav``, ``seconds[i]`` long, so it has ``clip_frames(seconds[i])``
+    fbank frames."""
+    for i, length in enumerate(seconds):
+        write_clip(root / classes[i % len(classes)] / f"clip_{i:03d}.wav", i, seconds=length, fmt=FORMATS[0])
+    return root
+
+
+def clip_frames(seconds: float, rate: int = 16_000) -> int:
+    """Fbank frames of a clip ``seconds`` long as ``write_clip`` writes it: 25 ms windows every 10 ms."""
+    return 1 + (int(seconds * rate) - 400) // 160
+
+
 def write_manifest(root: Path, multilabel: bool = False) -> Path:
     """``manifest.csv`` next to ``clips/`` with 9 good rows (classes bird, car, speech; splits 4 train, 3 valid,
     2 test; one row with an absolute path), plus one row whose file is missing (split train) and one with

@@ -233,7 +233,7 @@ def test_folder_classes_are_the_sorted_subfolders_holding_audio(layouts):
     assert {Path(c.path).suffix for c in index.clips} == {".wav", ".flac", ".ogg"}
     assert all(c.id == f"{index.class_names[c.labels[0]]}/{Path(c.path).name}" for c in index.clips)
     assert all(c.split == hash_split(c.id) for c in index.clips)
-    assert (index.multilabel, index.target_length, index.stats) == (False, 1024, None)
+    assert (index.multilabel, index.target_length, index.stats) == (False, None, None)  # None: fitted at prepare
 
 
 def test_folder_fractions_zero_keep_everything_in_train_and_extensions_filter(layouts):

@@ -6,17 +6,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from layouts import (
+    clip_frames,
     write_audioset,
     write_broken_tree,
     write_esc50,
     write_folder,
+    write_lengths,
     write_manifest,
     write_speechcommands,
 )
 
 from model.features import log_mel
 from pipelines.cli import main
-from pipelines.data.card import CARD_NAME, load_card
+from pipelines.data.card import CARD_NAME, feed_length, fitted_length, load_card, padding_share
 from pipelines.data.prepare import prepare
 
 pytestmark = pytest.mark.ray
@@ -37,6 +39,12 @@ def test_every_layout_prepares_into_shards_and_a_card(ray_local, tmp_path, datas
     if expected:
         assert card["splits"] == expected
     assert card["num_clips"] == sum(card["splits"].values()) > 0
+    assert {k: sum(v.values()) for k, v in card["frame_counts"].items()} == card["splits"]
+    own = {"esc50": 512, "speechcommands": 128, "audioset": 1024}
+    if dataset in own:
+        assert (card["target_length"], card["target_length_from"]) == (own[dataset], "dataset")
+    else:  # 0.3 s clips: the shortest length allowed
+        assert (card["target_length"], card["target_length_from"]) == (128, "fitted")
     assert sum(s["rows"] for s in card["shards"]) == card["num_clips"]
     assert card["code_version"] and card["features"]["num_mel_bins"] == 128
     assert np.isfinite(card["stats"]["mean"]) and card["stats"]["std"] > 0
@@ -117,6 +125,98 @@ def test_bad_layout_fails_before_ray_starts(tmp_path):
         prepare("esc50", tmp_path, tmp_path / "out")
     assert ray.is_initialized() == was_running
     assert main(["prepare", "--dataset", "esc50", "--source", str(tmp_path / "nope")]) == 2
+
+
+# --- the length clips are fed at -------------------------------------------------------------------------------
+
+def _prepare_lengths(tmp_path, seconds: list[float], **kwargs) -> dict:
+    """Prepare a folder of clips ``seconds`` long, every one in train; returns the card."""
+    source = write_lengths(tmp_path / "src", seconds)
+    return prepare("folder", source, tmp_path / "out", options={"valid_fraction": 0, "test_fraction": 0}, **kwargs)
+
+
+def test_short_clips_are_fed_at_the_shortest_length_and_the_summary_shows_their_lengths(ray_local, tmp_path,
+                                                                                        capsys):
+    seconds = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    card = _prepare_lengths(tmp_path, seconds)
+    assert card["frame_counts"] == {"train": {str(clip_frames(s)): 1 for s in seconds}}  # 8, 18, ..., 58 frames
+    # The 90th percentile, 58 frames, rounds up to 64: below the shortest allowed, 128.
+    assert (card["target_length"], card["target_length_from"]) == (128, "fitted")
+    printed = capsys.readouterr().out
+    assert "clip length (train, frames): min 8, 25 % 18, median 28, 75 % 48, 90 % 58, max 58" in printed
+    assert ("fed at 128 frames (derived: the shortest allowed, 8 patch columns; the 90th percentile, 58, is "
+            "shorter; 74 % of fed frames are padding, 0 % of clips cropped)") in printed  # 1 - 33 / 128
+
+
+def test_long_clips_are_fed_at_their_90th_percentile_rounded_up_to_whole_patches(ray_local, tmp_path):
+    seconds = [3.0 + 0.5 * i for i in range(10)]  # 3 to 7.5 s: 298, 348, ..., 748 frames
+    card = _prepare_lengths(tmp_path, seconds)
+    assert card["frame_counts"]["train"] == {str(f): 1 for f in range(298, 749, 50)}
+    # cut: the 9th of 10 clips, 698 frames, rounded up to 704. pad: at 1024 frames the padding is
+    # 1 - mean(298..748) / 1024 = 1 - 523 / 1024 = 49 %, within half, so pad = 1024. min(704, 1024) = 704.
+    assert card["target_length"] == 704
+    assert padding_share(card, "train", 704) == pytest.approx(1 - (sum(range(298, 699, 50)) + 704) / 7040)
+
+
+def test_the_padding_limit_binds_where_most_clips_are_short_and_a_few_long(ray_local, tmp_path, capsys):
+    card = _prepare_lengths(tmp_path, [2.2] * 8 + [8.0] * 2)  # 8 clips of 218 frames, 2 of 798
+    # cut: the 9th of 10 clips, 798, rounds up to 800, where 1 - (8 * 218 + 2 * 800) / 8000 = 58 % is padding.
+    # pad: 1 - (8 * 218 + 2 L) / (10 L) <= 1/2 holds up to L = 581, so 576 (36 patches): 49.7 %; 592 gives 50.5 %.
+    assert card["target_length"] == 576
+    assert padding_share(card, "train", 576) == pytest.approx(1 - (8 * 218 + 2 * 576) / 5760)
+    assert padding_share(card, "train", 592) > 0.5
+    assert ("fed at 576 frames (derived: the longest that pads at most 50 % of fed frames; the 90th percentile, "
+            "798, pads more; 50 % of fed frames are padding, 20 % of clips cropped)") in capsys.readouterr().out
+
+
+def test_target_length_option_overrides_the_fitted_length(ray_local, tmp_path, capsys):
+    source = write_lengths(tmp_path / "src", [0.3, 0.5, 0.7])
+    out = tmp_path / "out"
+    assert main(["prepare", "--dataset", "folder", "--source", str(source), "--out", str(out),
+                 "--target-length", "64"]) == 0
+    card = load_card(out)
+    assert (card["target_length"], card["target_length_from"]) == (64, "given")
+    assert feed_length(card, None, out) == 64  # what pretrain, probe and finetune feed
+    assert "fed at 64 frames (--target-length; " in capsys.readouterr().out
+
+
+def test_a_target_length_not_in_whole_patches_is_refused_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    was_running = ray.is_initialized()
+    source = write_lengths(tmp_path / "src", [0.3, 0.5])
+    with pytest.raises(ValueError, match=r"target_length=100 is not allowed: expected a positive multiple of 16"):
+        prepare("folder", source, tmp_path / "out", target_length=100)
+    assert main(["prepare", "--dataset", "folder", "--source", str(source), "--out", str(tmp_path / "out"),
+                 "--target-length", "0"]) == 2
+    assert "target_length=0 is not allowed" in capsys.readouterr().err
+    assert ray.is_initialized() == was_running and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("counts, expected", [
+    ({}, 1024),  # no clips: AudioSet's 10 s
+    ({2000: 10}, 1024),  # 20 s clips: the longest allowed
+    ({58: 9, 2000: 1}, 128),  # cut 64 is below the shortest allowed
+    ({"200": 9, "2000": 1}, 208),  # cut: 200 rounded up (keys as the card writes them); pad would be 448
+    ({100: 6, 1000: 4}, 592),  # pad: 1 - (600 + 4 L) / (10 L) <= 1/2 up to L = 600; cut would be 1008
+])
+def test_fitted_length_is_the_shorter_of_cut_and_pad_within_128_and_1024(counts, expected):
+    assert fitted_length(counts) == expected
+
+
+def test_padding_share_is_the_share_of_fed_frames_that_are_zeros():
+    card = {"frame_counts": {"train": {"50": 2, "300": 1}, "test": {"100": 1}}}
+    # at 128 frames: two clips of 50 real frames, one cropped to 128 real frames, of 3 * 128 fed
+    assert padding_share(card, "train", 128) == pytest.approx(1 - (50 + 50 + 128) / (3 * 128))
+    assert padding_share(card, "test", 96) == 0.0 and padding_share(card, "test", 200) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="'valid' is not in the card: it has \\['test', 'train'\\]"):
+        padding_share(card, "valid", 128)
+
+
+def test_a_card_from_before_frame_counts_loads_and_has_no_padding_share(tmp_path):
+    (tmp_path / CARD_NAME).write_text(json.dumps({"schema_version": 3, "target_length": 1024, "splits": {"train": 4}}))
+    card = load_card(tmp_path)
+    assert padding_share(card, "train", 1024) is None and feed_length(card, None, tmp_path) == 1024
 
 
 # --- shared storage, resume, throughput, hashes -----------------------------------------------------------------

@@ -26,7 +26,7 @@ from model.features import DATASET_STATS
 from . import synthetic as synthetic_set
 
 SPLITS = ("train", "valid", "test", "unbalanced")  # also the order of clips in an index
-GENERIC_TARGET_LENGTH = 1024
+GENERIC_TARGET_LENGTH = 1024  # AudioSet's 10 s: how much of a clip of unknown length a shard is sized for
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class DatasetIndex:
     clips: list[ClipRef]
     rejected: list[dict]  # [{"path": absolute path, "reason": str}]
     multilabel: bool
-    target_length: int  # default fbank frames for this data set
+    target_length: int | None  # default fbank frames for this data set; None: fitted to its clips at prepare
     stats: tuple[float, float] | None  # published (mean, std) of the log-mel fbank, or None: compute at prepare
 
 
@@ -104,7 +104,7 @@ def _storable(clip: ClipRef) -> bool:
 
 
 def _finish(name: str, class_names: list[str], clips: list[ClipRef], rejected: list[dict], *, multilabel: bool,
-            target_length: int, stats: tuple[float, float] | None) -> DatasetIndex:
+            target_length: int | None, stats: tuple[float, float] | None) -> DatasetIndex:
     """Sort clips (by split, then id) and rejections (by path, then reason): the index is the same every run."""
     rank = {split: i for i, split in enumerate(SPLITS)}
     rejected = rejected + [_reject(c.path, "file name is not valid UTF-8 (shown with its bytes escaped); rename it")
@@ -442,7 +442,8 @@ def folder(
     """One sub-folder per class (sorted names; nested folders inside a class belong to it). Clips are split by a
     hash of their relative path (``hash_split``); set both fractions to 0 to keep everything in train.
 
-    A sub-folder with no audio file is not a class; audio files directly in ``source`` are rejected.
+    A sub-folder with no audio file is not a class; audio files directly in ``source`` are rejected. The layout
+    says nothing about the clips' length: the card's is fitted to them at prepare (``card.fitted_length``).
     """
     source = _absolute(source)
     _require_dir(source, "folder")
@@ -463,7 +464,7 @@ def folder(
             clips.append(ClipRef(id=rel, path=str(path), split=hash_split(rel, valid_fraction, test_fraction),
                                  labels=(label,)))
     return _finish("folder", class_names, clips, rejected, multilabel=False,
-                   target_length=GENERIC_TARGET_LENGTH, stats=None)
+                   target_length=None, stats=None)
 
 
 # --- generic: a CSV manifest ---------------------------------------------------------------------------------
@@ -534,6 +535,7 @@ def manifest(
     to it. Without a split column, clips are split as in ``folder``.
 
     Class names (sorted) come from every row with a readable label, so a missing file does not renumber classes.
+    The card's length is fitted to the clips at prepare, as for ``folder``.
     """
     source = _absolute(source)
     if source.is_dir():
@@ -558,7 +560,7 @@ def manifest(
         else:
             rejected.append(_reject(path, f"line {first_line[path]}: missing audio file"))
     return _finish("manifest", class_names, clips, rejected, multilabel=multilabel,
-                   target_length=GENERIC_TARGET_LENGTH, stats=None)
+                   target_length=None, stats=None)
 
 
 # --- synthetic -----------------------------------------------------------------------------------------------

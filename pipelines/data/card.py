@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 CARD_NAME = "dataset.json"
@@ -58,3 +59,89 @@ def file_hash(path: str | Path, chunk: int = 1 << 22, fs=None) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- the length clips are fed at ------------------------------------------------------------------------------
+
+CROP_QUANTILE = 0.9  # a fitted length crops at most ~10 % of the clips
+MAX_PADDING = 0.5  # ... and keeps padding at most half of the frames the encoder is fed
+SHORTEST, LONGEST = 128, 1024  # the bounds of a fitted length: 8 patch columns, AudioSet's 10 s
+
+
+def split_frames(card: dict, split: str | None) -> dict[int, int]:
+    """{unpadded frames: clips} of ``split`` in the card's ``frame_counts``, or of every split where ``split`` is
+    None; {} where the card has none (cards written before frame counts were recorded)."""
+    counts: dict[int, int] = {}
+    for name, per_split in card.get("frame_counts", {}).items():
+        if split is None or name == split:
+            for frames, n in per_split.items():
+                counts[int(frames)] = counts.get(int(frames), 0) + n
+    return dict(sorted(counts.items()))
+
+
+def frames_quantile(counts: dict[int, int], q: float) -> int:
+    """The smallest frame count at or below which at least ``q`` of the clips lie (the nearest-rank quantile: a
+    real clip's length, and at most 1 - q of the clips are longer)."""
+    assert counts, "no clips to take a quantile of"
+    rank, seen = math.ceil(q * sum(counts.values())), 0
+    for frames, n in sorted(counts.items()):
+        seen += n
+        if seen >= rank:
+            return frames
+    return max(counts)
+
+
+def padded_share(counts: dict[int, int], length: int) -> float:
+    """The share of fed frames that are padding when clips with these frame counts are fed at ``length`` frames
+    (cropped or zero-padded): 1 - E[min(frames, length)] / length."""
+    clips = sum(counts.values())
+    return 1.0 - sum(min(f, length) * n for f, n in counts.items()) / (length * clips)
+
+
+def cropped_share(counts: dict[int, int], length: int) -> float:
+    """The share of clips longer than ``length`` frames: the ones the feed crops."""
+    return sum(n for f, n in counts.items() if f > length) / sum(counts.values())
+
+
+def length_limits(counts: dict, patch_size: int = 16, low: int = SHORTEST, high: int = LONGEST) -> tuple[int, int]:
+    """(cut, pad) of ``fitted_length``, for clips with the lengths ``counts`` ({frames: clips}, not empty)."""
+    counts = {int(f): n for f, n in counts.items()}
+    cut = -(-frames_quantile(counts, CROP_QUANTILE) // patch_size) * patch_size
+    fits = [length for length in range(low, high + 1, patch_size) if padded_share(counts, length) <= MAX_PADDING]
+    return cut, fits[-1] if fits else low
+
+
+def fitted_length(counts: dict, patch_size: int = 16, low: int = SHORTEST, high: int = LONGEST) -> int:
+    """Frames per clip for a data set whose clips have the lengths ``counts`` ({frames: clips}, frames as ints or
+    as the card's strings), where the layout says nothing (a folder, a manifest): min(cut, pad), kept in
+    [low, high], where
+
+    - cut: the 90th percentile of the frame counts (``frames_quantile``), rounded up to whole patches, so that
+      at most ~10 % of the clips are cropped;
+    - pad: the longest length, in whole patches within [low, high], at which padding is at most half of the
+      frames fed (``padded_share``; it only grows with the length); ``low`` where even that pads more.
+
+    Cropping loses a clip's tail and padding spends the encoder's work on zeros: the cut caps the first, the pad
+    keeps the second a minority. ``low`` (128 = 8 patch columns) keeps a clip several patches long for the
+    masking and the 2-D positions; ``high`` (1024) is AudioSet's 10 s, what the checkpoints are made for. No clips
+    at all: ``high``.
+    """
+    if not counts:
+        return high
+    cut, pad = length_limits(counts, patch_size, low, high)
+    return min(max(min(cut, pad), low), high)
+
+
+def fit_split(card: dict) -> str | None:
+    """The split a length is fitted to: train, or every split (None) where there is no train."""
+    return "train" if "train" in card.get("frame_counts", {}) else None
+
+
+def padding_share(card: dict, split: str, length: int) -> float | None:
+    """The share of fed frames that are padding when ``split``'s clips are fed at ``length`` frames, from the
+    card's frame counts; None where the card has none (written before they were recorded)."""
+    if "frame_counts" not in card:
+        return None
+    if split not in card["frame_counts"]:
+        raise ValueError(f"split {split!r} is not in the card: it has {sorted(card['frame_counts'])}")
+    return padded_share(split_frames(card, split), length)

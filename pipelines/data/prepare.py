@@ -38,10 +38,25 @@ from model.features import FEATURE_SETTINGS, NUM_MEL_BINS, SAMPLE_RATE
 
 from ..runtime import code_version, ensure_ray
 from . import storage
-from .adapters import DatasetIndex, build_index
-from .card import CARD_NAME, HASH
+from .adapters import GENERIC_TARGET_LENGTH, DatasetIndex, build_index
+from .card import (
+    CARD_NAME,
+    CROP_QUANTILE,
+    HASH,
+    LONGEST,
+    MAX_PADDING,
+    cropped_share,
+    fit_split,
+    fitted_length,
+    frames_quantile,
+    length_limits,
+    padded_share,
+    split_frames,
+)
 
-SCHEMA_VERSION = 3  # 3: shards cut from the index (resumable), the card's throughput per node
+# 3: shards cut from the index (resumable), the card's throughput per node; 4: the clips' frame counts per split
+# (a shard record of 3 lacks them, so a run of 4 does not resume from it). Cards of 3 still load.
+SCHEMA_VERSION = 4
 PROGRESS_DIR = "_progress"  # one record per finished shard, and the plan they belong to
 TMP_DIR = "_tmp"  # shards being written, where the filesystem renames atomically
 PLAN_NAME = "plan.json"
@@ -246,7 +261,8 @@ def make_shard(spec: dict[str, Any], *, fs, work: str, atomic: bool, run: str) -
 
 
 class _Summary:
-    """What the card counts, per shard: clips per split, fold and class, and the float16 sums of each split."""
+    """What the card counts, per shard: clips per split, fold and class, clips per split and frame count, and the
+    float16 sums of each split."""
 
     def __init__(self, data: dict | None = None) -> None:
         data = data or {}
@@ -254,6 +270,7 @@ class _Summary:
         self.folds: dict[str, dict[str, int]] = data.get("folds", {})
         self.classes: dict[str, dict[str, int]] = data.get("classes", {})
         self.sums: dict[str, list[float]] = data.get("sums", {})  # split -> [values, sum, sum of squares]
+        self.frames: dict[str, dict[str, int]] = data.get("frame_counts", {})  # split -> {str(frames): clips}
 
     def add(self, split: str, fold: int, labels: list[int], frames: int, total: float, total_sq: float) -> None:
         self.splits[split] = self.splits.get(split, 0) + 1
@@ -263,13 +280,16 @@ class _Summary:
         counts = self.classes.setdefault(split, {})
         for label in labels:
             counts[str(label)] = counts.get(str(label), 0) + 1
+        lengths = self.frames.setdefault(split, {})
+        lengths[str(frames)] = lengths.get(str(frames), 0) + 1
         sums = self.sums.setdefault(split, [0.0, 0.0, 0.0])
         sums[0] += frames * NUM_MEL_BINS
         sums[1] += total
         sums[2] += total_sq
 
     def to_json(self) -> dict:
-        return {"splits": self.splits, "folds": self.folds, "classes": self.classes, "sums": self.sums}
+        return {"splits": self.splits, "folds": self.folds, "classes": self.classes, "sums": self.sums,
+                "frame_counts": self.frames}
 
 
 # --- the plan: shards cut from the index ---------------------------------------------------------------------
@@ -342,19 +362,30 @@ def prepare(
     max_rejected: float = 0.5,
     options: dict[str, Any] | None = None,
     in_place: bool | None = None,
+    target_length: int | None = None,
 ) -> dict:
     """Prepare ``source`` (a ``dataset`` layout) into ``out`` (a folder or a URI); returns the dataset card.
 
     ``in_place``: write the shards straight into ``out`` and the card last, instead of staging and renaming;
     default: only where the filesystem cannot rename atomically (object stores).
+    ``target_length``: the frames per clip the card tells readers to feed (a positive multiple of 16); default:
+    the data set's own, or, for a layout that cannot know it (folder, manifest), fitted to the clips' lengths
+    (``card.fitted_length``). It changes the card only, never the shards, so it is not part of the run's
+    fingerprint: a resumed run keeps its shards whatever length it is given.
     """
     from .card import read_card
 
+    if target_length is not None and (isinstance(target_length, bool) or not isinstance(target_length, int)
+                                      or target_length < 16 or target_length % 16):
+        raise ValueError(f"target_length={target_length!r} is not allowed: expected a positive multiple of 16 "
+                         "frames (whole patches; 100 frames = 1 s)")
     out = storage.normalise(out)
     fs, out_path = storage.filesystem(out)
     existing = read_card(fs, out_path)
     if existing is not None and not force:
-        print(f"{out} is already prepared (use --force to redo it)")
+        kept = (f"; it is fed at {existing['target_length']} frames"
+                if target_length not in (None, existing["target_length"]) else "")
+        print(f"{out} is already prepared{kept} (use --force to redo it)")
         return existing
     if not 0.0 <= max_rejected <= 1.0:
         raise ValueError(f"max_rejected={max_rejected!r} is not allowed: expected a share in [0, 1]")
@@ -366,7 +397,8 @@ def prepare(
         raise ValueError(f"{dataset} source {source} has no usable clips ({len(index.rejected)} rejected)")
 
     rows = clip_order(_clip_rows(index))
-    per_shard = shard_rows(len(rows), index.target_length, shard_mb)
+    # A length fitted later, or given, never changes the shards: they are sized for the layout's own length.
+    per_shard = shard_rows(len(rows), index.target_length or GENERIC_TARGET_LENGTH, shard_mb)
     plan = [rows[i:i + per_shard] for i in range(0, len(rows), per_shard)]
     fingerprint = _fingerprint(dataset, str(Path(source).resolve()), options or {}, rows, per_shard)
     in_place = not storage.renames_atomically(fs) if in_place is None else in_place
@@ -376,7 +408,7 @@ def prepare(
 
     run = uuid.uuid4().hex[:12]
     records = _all_shards(fs, work, plan, in_place=in_place, run=run)
-    card = _card(index, dataset, source, records, time.time() - started, run)
+    card = _card(index, dataset, source, records, time.time() - started, run, target_length)
     _check_rejected(card, max_rejected, fs, work, in_place)
     if not in_place:
         fs.delete_dir(f"{work}/{TMP_DIR}")
@@ -526,9 +558,12 @@ def throughput(records: list[dict], run: str) -> dict:
             "stage_seconds": {k: round(v, 3) for k, v in stages.items()}}
 
 
-def _card(index: DatasetIndex, dataset: str, source, records: list[dict], seconds: float, run: str) -> dict:
-    """The dataset card, from the shards' records alone (no shard is read again)."""
+def _card(index: DatasetIndex, dataset: str, source, records: list[dict], seconds: float, run: str,
+          target_length: int | None = None) -> dict:
+    """The dataset card, from the shards' records alone (no shard is read again). ``target_length``: the one
+    given to prepare; None: the data set's, or fitted to the frame counts."""
     splits: dict[str, int] = {}
+    frame_counts: dict[str, dict[str, int]] = {}
     class_counts: dict[str, list[int]] = {}
     folds: dict[str, dict[str, int]] = {}
     sums: dict[str, list[float]] = {}
@@ -547,6 +582,20 @@ def _card(index: DatasetIndex, dataset: str, source, records: list[dict], second
             acc = sums.setdefault(split, [0.0, 0.0, 0.0])
             for k in range(3):
                 acc[k] += values[k]
+        for split, per_length in summary.frames.items():
+            counts = frame_counts.setdefault(split, {})
+            for frames, n in per_length.items():
+                counts[frames] = counts.get(frames, 0) + n
+    frame_counts = {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in sorted(frame_counts.items())}
+    # Where the length comes from: "given" (prepare's target_length), "dataset" (the layout's own), or "fitted"
+    # (card.fitted_length over the train split's frame counts, every split's where there is no train).
+    if target_length is not None:
+        length, length_from = target_length, "given"
+    elif index.target_length is not None:
+        length, length_from = index.target_length, "dataset"
+    else:
+        lengths = {"frame_counts": frame_counts}  # as the card will hold them
+        length, length_from = fitted_length(split_frames(lengths, fit_split(lengths))), "fitted"
     stats_split = "train" if any(c.split == "train" for c in index.clips) else None
     chosen = [sums[stats_split]] if stats_split in sums else ([] if stats_split else list(sums.values()))
     n, total, total_sq = (sum(v[k] for v in chosen) for k in range(3))
@@ -569,7 +618,9 @@ def _card(index: DatasetIndex, dataset: str, source, records: list[dict], second
         "class_counts": dict(sorted(class_counts.items())),
         "folds": {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in sorted(folds.items())},
         "multilabel": index.multilabel,
-        "target_length": index.target_length,
+        "target_length": length,
+        "target_length_from": length_from,
+        "frame_counts": frame_counts,
         "stats": {"mean": mean, "std": std, "computed_from": f"{stats_split or 'all'} split, unpadded frames"},
         "normalisation": {"mean": norm_mean, "std": norm_std, "source": norm_source},
         "features": {**FEATURE_SETTINGS, "resample_to": SAMPLE_RATE, "dc_removal": True, "mono": "mean of channels",
@@ -583,7 +634,8 @@ def _card(index: DatasetIndex, dataset: str, source, records: list[dict], second
 
 
 def _report(card: dict) -> None:
-    """Per node: clips/s and audio-seconds/s of the shards it made."""
+    """Per node: clips/s and audio-seconds/s of the shards it made; the clips' lengths and the one they are fed
+    at."""
     t = card["throughput"]
     resumed = f", {t['shards_resumed']} kept from an interrupted run" if t["shards_resumed"] else ""
     print(f"prepared {card['num_clips']} clips in {len(card['shards'])} shard(s) in {card['prepare_seconds']:.1f} s"
@@ -592,3 +644,33 @@ def _report(card: dict) -> None:
         print(f"  node {node['node_ip']} ({node['node_id'][:8]}): {node['shards']} shards, {node['clips']} clips "
               f"in {node['seconds']:.1f} s = {node['clips_per_s']:.1f} clips/s, "
               f"{node['audio_seconds_per_s']:.1f} audio-s/s")
+    split = fit_split(card)
+    counts = split_frames(card, split)
+    if not counts:
+        return
+    length = card["target_length"]
+    q = {p: frames_quantile(counts, p) for p in (0.25, 0.5, 0.75, CROP_QUANTILE)}
+    print(f"clip length ({split or 'all splits'}, frames): min {min(counts)}, 25 % {q[0.25]}, median {q[0.5]}, "
+          f"75 % {q[0.75]}, 90 % {q[CROP_QUANTILE]}, max {max(counts)}")
+    why = {"given": "--target-length", "dataset": "the data set's"}.get(card.get("target_length_from"))
+    print(f"fed at {length} frames ({why or _why_fitted(counts, length)}; {_percent(padded_share(counts, length))} "
+          f"of fed frames are padding, {_percent(cropped_share(counts, length))} of clips cropped)")
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.0f} %"
+
+
+def _why_fitted(counts: dict[int, int], length: int) -> str:
+    """Which limit of ``card.fitted_length`` chose ``length``, in words."""
+    cut, pad = length_limits(counts)
+    p90 = f"the 90th percentile, {frames_quantile(counts, CROP_QUANTILE)}"
+    if length == cut:
+        return f"derived: {p90}, rounded up to whole patches"
+    if length == LONGEST:
+        return f"derived: the longest allowed, AudioSet's 10 s; {p90}, is longer"
+    if length == pad and padded_share(counts, pad) <= MAX_PADDING:
+        return f"derived: the longest that pads at most {_percent(MAX_PADDING)} of fed frames; {p90}, pads more"
+    if cut < length:
+        return f"derived: the shortest allowed, 8 patch columns; {p90}, is shorter"
+    return f"derived: the shortest allowed, 8 patch columns, though it pads more than {_percent(MAX_PADDING)}"

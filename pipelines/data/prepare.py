@@ -375,10 +375,7 @@ def prepare(
     """
     from .card import read_card
 
-    if target_length is not None and (isinstance(target_length, bool) or not isinstance(target_length, int)
-                                      or target_length < 16 or target_length % 16):
-        raise ValueError(f"target_length={target_length!r} is not allowed: expected a positive multiple of 16 "
-                         "frames (whole patches; 100 frames = 1 s)")
+    _check_arguments(target_length, max_rejected, shard_mb)
     out = storage.normalise(out)
     fs, out_path = storage.filesystem(out)
     existing = read_card(fs, out_path)
@@ -387,10 +384,6 @@ def prepare(
                 if target_length not in (None, existing["target_length"]) else "")
         print(f"{out} is already prepared{kept} (use --force to redo it)")
         return existing
-    if not 0.0 <= max_rejected <= 1.0:
-        raise ValueError(f"max_rejected={max_rejected!r} is not allowed: expected a share in [0, 1]")
-    if shard_mb <= 0:
-        raise ValueError(f"shard_mb={shard_mb!r} is not allowed: expected a positive size in MB")
     started = time.time()
     index = build_index(dataset, source, **(options or {}))  # bad layouts fail here, before Ray starts
     if not index.clips:
@@ -419,6 +412,18 @@ def prepare(
     fs.delete_dir(f"{out_path}/{PROGRESS_DIR}")
     _report(card)
     return card
+
+
+def _check_arguments(target_length: int | None, max_rejected: float, shard_mb: float) -> None:
+    """prepare's settings, checked before anything is read or started."""
+    if target_length is not None and (isinstance(target_length, bool) or not isinstance(target_length, int)
+                                      or target_length < 16 or target_length % 16):
+        raise ValueError(f"target_length={target_length!r} is not allowed: expected a positive multiple of 16 "
+                         "frames (whole patches; 100 frames = 1 s)")
+    if not 0.0 <= max_rejected <= 1.0:
+        raise ValueError(f"max_rejected={max_rejected!r} is not allowed: expected a share in [0, 1]")
+    if shard_mb <= 0:
+        raise ValueError(f"shard_mb={shard_mb!r} is not allowed: expected a positive size in MB")
 
 
 def _all_shards(fs, work: str, plan: list[list[dict]], *, in_place: bool, run: str) -> list[dict]:
@@ -558,10 +563,9 @@ def throughput(records: list[dict], run: str) -> dict:
             "stage_seconds": {k: round(v, 3) for k, v in stages.items()}}
 
 
-def _card(index: DatasetIndex, dataset: str, source, records: list[dict], seconds: float, run: str,
-          target_length: int | None = None) -> dict:
-    """The dataset card, from the shards' records alone (no shard is read again). ``target_length``: the one
-    given to prepare; None: the data set's, or fitted to the frame counts."""
+def _merged_summaries(records: list[dict], num_classes: int) -> tuple[dict, dict, dict, dict, dict]:
+    """The shards' summaries added up: (clips per split, frame counts per split, clips per split and class, clips
+    per split and fold, the float16 sums per split)."""
     splits: dict[str, int] = {}
     frame_counts: dict[str, dict[str, int]] = {}
     class_counts: dict[str, list[int]] = {}
@@ -575,7 +579,7 @@ def _card(index: DatasetIndex, dataset: str, source, records: list[dict], second
             for fold, n in per_fold.items():
                 folds.setdefault(split, {})[fold] = folds.setdefault(split, {}).get(fold, 0) + n
         for split, per_class in summary.classes.items():
-            counts = class_counts.setdefault(split, [0] * len(index.class_names))
+            counts = class_counts.setdefault(split, [0] * num_classes)
             for label, n in per_class.items():
                 counts[int(label)] += n
         for split, values in summary.sums.items():
@@ -586,16 +590,16 @@ def _card(index: DatasetIndex, dataset: str, source, records: list[dict], second
             counts = frame_counts.setdefault(split, {})
             for frames, n in per_length.items():
                 counts[frames] = counts.get(frames, 0) + n
+    return splits, frame_counts, class_counts, folds, sums
+
+
+def _card(index: DatasetIndex, dataset: str, source, records: list[dict], seconds: float, run: str,
+          target_length: int | None = None) -> dict:
+    """The dataset card, from the shards' records alone (no shard is read again). ``target_length``: the one
+    given to prepare; None: the data set's, or fitted to the frame counts."""
+    splits, frame_counts, class_counts, folds, sums = _merged_summaries(records, len(index.class_names))
     frame_counts = {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in sorted(frame_counts.items())}
-    # Where the length comes from: "given" (prepare's target_length), "dataset" (the layout's own), or "fitted"
-    # (card.fitted_length over the train split's frame counts, every split's where there is no train).
-    if target_length is not None:
-        length, length_from = target_length, "given"
-    elif index.target_length is not None:
-        length, length_from = index.target_length, "dataset"
-    else:
-        lengths = {"frame_counts": frame_counts}  # as the card will hold them
-        length, length_from = fitted_length(split_frames(lengths, fit_split(lengths))), "fitted"
+    length, length_from = _fed_length(target_length, index.target_length, frame_counts)
     stats_split = "train" if any(c.split == "train" for c in index.clips) else None
     chosen = [sums[stats_split]] if stats_split in sums else ([] if stats_split else list(sums.values()))
     n, total, total_sq = (sum(v[k] for v in chosen) for k in range(3))
@@ -631,6 +635,18 @@ def _card(index: DatasetIndex, dataset: str, source, records: list[dict], second
         "throughput": throughput(records, run),
         "rejected": rejected,
     }
+
+
+def _fed_length(given: int | None, own: int | None, frame_counts: dict) -> tuple[int, str]:
+    """(the card's target_length, where it comes from): "given" (prepare's target_length), "dataset" (the
+    layout's own), or "fitted" (card.fitted_length over the train split's frame counts, every split's where
+    there is no train)."""
+    if given is not None:
+        return given, "given"
+    if own is not None:
+        return own, "dataset"
+    lengths = {"frame_counts": frame_counts}  # as the card will hold them
+    return fitted_length(split_frames(lengths, fit_split(lengths))), "fitted"
 
 
 def _report(card: dict) -> None:

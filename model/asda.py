@@ -168,13 +168,15 @@ class ASDA(nn.Module):
         }
 
     def forward(self, fbank: torch.Tensor, views: StudentViews | None = None) -> dict[str, torch.Tensor]:
-        """fbank (B, T, F) -> {"loss", "loss_frame", "loss_utterance"}. ``views``: the students' masks and noise
-        (``draw_views``), drawn here when not given."""
+        """fbank (B, T, F) -> {"loss", "loss_frame", "loss_utterance"}, and what the update computed on the way
+        for a run to watch its health (``model.health``): "utterance" (B·S, D), every clone's student utterance
+        vector, and "targets" (B, P, D), the teacher's, both without gradient. ``views``: the students' masks and
+        noise (``draw_views``), drawn here when not given."""
         y = self.teacher_targets(fbank)  # (B, P, D), float32
         if views is None:
             views = self.draw_views(fbank)
         utterance, pred = self.forward_students(fbank, views)
-        return self.losses(pred, utterance, y, views)
+        return {**self.losses(pred, utterance, y, views), "utterance": utterance.detach(), "targets": y}
 
     def lambdas(self) -> list[float]:
         """λ of each student layer (differential attention), for logging."""

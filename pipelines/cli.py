@@ -436,23 +436,33 @@ def _pretrain(args: argparse.Namespace) -> int:
     config = _model_config(args)
     data = _location(args.data or _default_data())
     settings = PretrainSettings(**_train_settings(args, data), resume=str(args.resume) if args.resume else None,
-                                compile=args.compile, precision=args.precision)
+                                compile=args.compile, precision=args.precision,
+                                stop_on_collapse=args.stop_on_collapse)
     settings = settings.resolved("pretrain")  # its name now: the command that resumes it names it
     _ensure_default_data(data)
     from .runtime import ensure_ray, stop_signals
-    from .training import check_data
+    from .training import CollapseError, check_data
 
     check_data(settings)  # bad data fails here, before Ray starts
+    from model.health import collapse_risk
+
+    risk = collapse_risk(config, settings.batch_size)
+    if risk:
+        print(f"warning: {risk}", file=sys.stderr, flush=True)
     ensure_ray()  # connecting installs Ray's own SIGTERM handler: ours goes on top of it
     with stop_signals() as received:
         try:
             result = pretrain(config, settings)
         except KeyboardInterrupt:
             return _stopped(settings, received.get("signum", signal.SIGINT))
+        except CollapseError as exc:
+            print(f"asda pretrain: error: run {settings.name} stopped at its {exc}", file=sys.stderr)
+            return 1
     from .tracking import run_url
 
+    collapsed = f"; COLLAPSED at {result['collapse']}" if result["collapse"] else ""
     print(f"finished {result['name']}: step {result['metrics'].get('step')}, "
-          f"loss {result['metrics'].get('loss', float('nan')):.4f}")
+          f"loss {result['metrics'].get('loss', float('nan')):.4f}{collapsed}")
     print(f"checkpoint: {result['checkpoint']}")
     print(f"MLflow: {run_url(result['run_id'])}")
     return 0
@@ -482,6 +492,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the model (a C++ compiler on CPU; the first updates take longer)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="bf16 autocast or float32 (default: bf16 with --use-gpu, else fp32)")
+    p.add_argument("--stop-on-collapse", action="store_true",
+                   help="end the run when its collapse guard trips (default: say so, tag the run, train on)")
     p.set_defaults(func=_pretrain)
 
 

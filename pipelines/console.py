@@ -60,6 +60,17 @@ def run_progress(run_id: str, steps: int):
     return RunProgress(run_id, steps) if _state["progress"] else contextlib.nullcontext()
 
 
+def collapse_line(where: str, name: str | None = None) -> str:
+    """The one line that says a pretraining run collapsed; ``where``: its update and measure."""
+    return (f"collapse: {name + ' ' if name else ''}at {where}: the encoder gives nearly one output for every "
+            f"clip (MLflow tag asda.collapsed = true)")
+
+
+def shows_progress() -> bool:
+    """Whether runs started from this process show a progress bar (which also prints a collapse as it happens)."""
+    return _state["progress"]
+
+
 def progress(total: float, what: str) -> Progress | None:
     """A progress line, if progress bars are on."""
     return Progress(total, what) if _state["progress"] else None
@@ -128,6 +139,7 @@ class RunProgress:
     def __init__(self, run_id: str, steps: int, every_s: float = 2.0):
         self.run_id, self.progress = run_id, Progress(steps, "updates")
         self.every_s, self._stop = every_s, threading.Event()
+        self._collapse_shown = False
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> RunProgress:
@@ -148,10 +160,14 @@ class RunProgress:
         from mlflow import MlflowClient
 
         try:
-            metrics = MlflowClient().get_run(self.run_id).data.metrics
+            run = MlflowClient().get_run(self.run_id)
             history = MlflowClient().get_metric_history(self.run_id, "loss")
         except Exception:  # the store is busy or briefly unreachable: try again at the next tick
             return
+        metrics, collapse = run.data.metrics, run.data.tags.get("asda.collapse")
+        if collapse and not self._collapse_shown:  # the run's collapse guard tripped (pipelines.pretrain)
+            self._collapse_shown = True
+            print(("\n" if self.progress.tty else "") + collapse_line(collapse), flush=True)
         if history:
             step = max(m.step for m in history)
             self.progress.update(step, f"loss {metrics.get('loss', float('nan')):.4f}  "

@@ -249,6 +249,9 @@ class FinetuneJob:
         return (f"split {s.split!r} of {s.data} gives no batch of {s.batch_size} clips per worker; "
                 f"lower --batch-size or --workers")
 
+    def stop_reason(self) -> str | None:
+        return None
+
 
 def evaluate_classifier(checkpoint: str | Path, data: str, split: str, *, target_length: int, multilabel: bool,
                         folds: list[int] | None = None, batch_size: int = 64) -> dict[str, float]:
@@ -298,10 +301,9 @@ def _one(config: ASDAConfig, settings: FinetuneSettings, card: dict, task: dict[
 
     from .data.feed import feed_dataset
 
-    run_id = start_tracking(config, settings, card, kind=tracking.KIND_FINETUNE,
+    run_id = start_tracking(config, settings, card, kind=tracking.KIND_FINETUNE, length=task["target_length"],
                             extra_params={tracking.PARAM_FINETUNE_LOSS: task["loss"],
-                                          tracking.PARAM_FINETUNE_EVAL_SPLIT: eval_split,
-                                          tracking.PARAM_DATA_TARGET_LENGTH: str(task["target_length"])})
+                                          tracking.PARAM_FINETUNE_EVAL_SPLIT: eval_split})
     dataset = feed_dataset(settings.data, settings.split, target_length=task["target_length"],
                            labels="multihot" if task["multilabel"] else "index", random_crop=True,
                            seed=settings.seed, folds=train_folds, workers=settings.workers,

@@ -15,7 +15,7 @@ import torch
 
 from model import ASDA, ASDAConfig, read_state, save_checkpoint
 
-from . import tracking, worker
+from . import console, tracking, worker
 from .training import TrainSettings, WorkerConfig, check_data, fit, start_tracking
 from .update import PretrainUpdate, build_update, check_precision, default_precision
 
@@ -29,13 +29,15 @@ class PretrainSettings(TrainSettings):
     figure_clips: int = 4
     compile: bool = False  # torch.compile the model's forward (and so its backward)
     precision: str | None = None  # "bf16" (autocast) or "fp32"; None: bf16 with use_gpu, else fp32
+    stop_on_collapse: bool = False  # end the run (an error naming the update) when the collapse guard trips
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.figure_clips < 0:
             raise ValueError(f"figure_clips={self.figure_clips!r} is not allowed: expected an integer >= 0")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile={self.compile!r} is not allowed: expected true or false")
+        for name in ("compile", "stop_on_collapse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected true or false")
         check_precision(self.precision)
 
 
@@ -70,19 +72,31 @@ def pretrain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     logger = worker.RankZeroLogger(w.tracking_uri, w.run_id, enabled=rank == 0)
     logger.log({"resumed_from_step": step}, step=step)
     update.forward = worker.wrap_ddp(model, device, world)  # DDP wraps the compiled module, as torch advises
-    job = PretrainJob(update, s, world)
+    job = PretrainJob(update, s, world, logger)
     return worker.run_steps(job, checkpointer, logger, steps=s.steps, log_every=s.log_every, start=(step, epoch))
 
 
 class PretrainJob:
-    """One rank's pretraining: shuffled crops in, one ``PretrainUpdate`` per batch."""
+    """One rank's pretraining: shuffled crops in, one ``PretrainUpdate`` per batch, and the collapse guard: at
+    each log step the representation's health (``model.health``) over the utterance vectors of the last
+    ``HEALTH_CLIPS`` clips is logged, and the first log step whose health says collapse tags the MLflow run
+    (``asda.collapsed``, ``asda.collapse``; the driver prints the line) and with ``stop_on_collapse`` ends the
+    run."""
 
-    def __init__(self, update: PretrainUpdate, settings: PretrainSettings, world: int):
+    HEALTH_CLIPS = 80  # the utterance vectors an effective rank is taken over (a batch alone holds too few)
+
+    def __init__(self, update: PretrainUpdate, settings: PretrainSettings, world: int,
+                 logger: worker.RankZeroLogger | None = None):
+        import collections
+
         import ray.train
 
         self.update, self.model, self.optimiser = update, update.model, update.optimiser
         self.settings, self.device, self.world = settings, update.device, world
         self.shard = ray.train.get_dataset_shard("train")
+        self.logger = logger
+        self.window = collections.deque(maxlen=-(-self.HEALTH_CLIPS // settings.batch_size))
+        self.collapse: str | None = None  # what the guard found, at its first trip
 
     def batches(self, epoch: int):
         from .data.feed import iter_torch
@@ -92,7 +106,9 @@ class PretrainJob:
     def step(self, batch: dict[str, torch.Tensor]) -> worker.StepOutput:
         fbank = batch["fbank"].to(self.device, non_blocking=True)
         out, grad_norm = self.update(fbank)
-        return worker.StepOutput(out["loss"], grad_norm, fbank.shape[0] * self.world, out)
+        clips = fbank.shape[0]
+        self.window.append(out["utterance"].reshape(clips, -1, out["utterance"].shape[-1]).mean(1).float().cpu())
+        return worker.StepOutput(out["loss"], grad_norm, clips * self.world, out)
 
     def metrics(self, out: worker.StepOutput) -> dict[str, float]:
         metrics = {k: out.values[k].item() for k in ("loss", "loss_frame", "loss_utterance")}
@@ -100,7 +116,48 @@ class PretrainJob:
                        grad_norm=float(out.grad_norm))
         if self.model.config.attention == "differential" and self.model.config.learnable_lambda:
             metrics.update({f"lambda_layer{i}": lam for i, lam in enumerate(self.model.lambdas())})
+        health = self.health(out)
+        metrics.update({f"health.{k}": v for k, v in health.items()})
+        self.guard(health, int(self.model.num_updates))
         return metrics
+
+    def health(self, out: worker.StepOutput) -> dict[str, float]:
+        """``model.health`` over this rank's window of clips (the standard deviations as a batch sees them, the
+        rank over the whole window). With several ranks each judges its own clips; ``guard`` agrees them."""
+        from model.health import effective_rank, representation_health
+
+        health = representation_health(out.values["utterance"], out.values["targets"])
+        window = torch.cat(list(self.window))
+        health["utterance_rank"] = effective_rank(window)
+        health["utterance_std"] = float(window.std(0).mean()) if len(window) > 1 else 0.0
+        return health
+
+    def guard(self, health: dict[str, float], step: int) -> None:
+        """At the first collapse: the MLflow tags, one console line. Every rank reaches the same verdict (a
+        collapse seen by any rank counts for all), so that a stop ends every rank at the same update."""
+        from model.health import collapsed
+
+        if self.collapse is not None:
+            return
+        found = collapsed(health)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(found is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and found is None:
+                found = "another rank's clips"
+        if found is None:
+            return
+        self.collapse = f"update {step}: {found}"
+        if self.logger is not None:
+            self.logger.tags({tracking.TAG_COLLAPSED: "true", tracking.TAG_COLLAPSE: self.collapse})
+
+    def stop_reason(self) -> str | None:
+        """Why the run should end now (``run_steps`` asks after each log step), or None."""
+        if self.collapse is not None and self.settings.stop_on_collapse:
+            return f"collapse at {self.collapse} (stop_on_collapse)"
+        return None
 
     def finish(self) -> dict[str, float]:
         return {}  # the driver draws the figures and event shares from the final weights
@@ -138,7 +195,8 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
                                                                    config.patch_size)).for_run(settings.steps)
     resume_file = worker.resolve_checkpoint(settings.resume)
     run_id = start_tracking(config, settings, card, kind=tracking.KIND_PRETRAIN, tags=tags,
-                            extra_params={tracking.PARAM_DATA_TARGET_LENGTH: str(config.target_length)})
+                            length=config.target_length, extra_params={
+                                tracking.PARAM_ALPHA_EFFECTIVE: f"{config.alpha_effective(settings.batch_size):g}"})
     dataset = feed_dataset(settings.data, settings.split, target_length=config.target_length, labels="none",
                            random_crop=True, seed=settings.seed, workers=settings.workers,
                            clips=settings.steps * settings.batch_size * settings.workers)
@@ -151,6 +209,10 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     model.load_state_dict(state["model"])
     final = save_checkpoint(run_dir / worker.FINAL_FILE, model, config, step=state["step"])
     log_pretraining_artifacts(run_id, config, settings, final)
+    collapse = tracking.mark_collapse(run_id)
+    if collapse and not console.shows_progress():  # a progress bar has printed it as it happened
+        print(console.collapse_line(collapse, settings.name), flush=True)
     tracking.end_run(run_id, "FINISHED")
     return {"run_id": run_id, "checkpoint": str(final), "ray_checkpoint": result.checkpoint.path,
-            "metrics": dict(result.metrics or {}), "run_dir": str(run_dir), "name": settings.name}
+            "metrics": dict(result.metrics or {}), "run_dir": str(run_dir), "name": settings.name,
+            "collapse": collapse}

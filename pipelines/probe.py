@@ -10,6 +10,7 @@ standardised features, fitted full-batch with L-BFGS. Reports ``eval_accuracy`` 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +104,7 @@ class _Standardise(torch.nn.Module):
 def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str, Any]:
     """Fit and evaluate the probe; metrics go to MLflow. ``config`` builds the random encoder when there is
     no checkpoint (default: the tiny preset)."""
-    from .data.card import load_card
+    from .data.card import load_card, padding_note
     from .inference import model_outputs
 
     card = load_card(settings.data)
@@ -115,6 +116,9 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         encoder = ASDAEncoder(config or ASDAConfig.tiny())
     multilabel, num_classes = card["multilabel"], len(card["class_names"])
     length = input_length(encoder.config, card, settings.target_length, settings.data)
+    padding, warning = padding_note(card, settings.train_split, length)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     # One pass over every clip the probe needs (the encoder runs once per clip, one actor pool is started).
     splits = list(dict.fromkeys([settings.train_split] if folds else [settings.train_split, eval_split]))
     encoded = model_outputs(encoder, settings.data, splits, target_length=length,
@@ -150,8 +154,31 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
         train, test = features(encoded["split"] == settings.train_split), features(encoded["split"] == eval_split)
         metrics = fit_and_score(train, test)
         num_train, num_eval = len(train[0]), len(test[0])
-    run_id = _log(settings, metrics, eval_split, encoder.config, length)
+    warning = near_chance(metrics, card)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    run_id = _log(settings, metrics, eval_split, encoder.config, length, padding)
     return {**metrics, "run_id": run_id, "eval_split": eval_split, "num_train": num_train, "num_eval": num_eval}
+
+
+NEAR_CHANCE = 2.0  # a train accuracy under this multiple of chance is "near chance"
+
+
+def near_chance(metrics: dict[str, float], card: dict) -> str | None:
+    """A warning where the classifier does not separate even the clips it was fitted on (train accuracy under
+    NEAR_CHANCE x chance, single-label only): the features carry little of the classes, the mark of a collapsed
+    encoder (measured: a collapsed tiny run's probe fits its train split at 0.18 with 8 classes, chance 0.125; a
+    random-init encoder's at 0.42, a healthy pretrained one's at 0.32-0.9). None otherwise."""
+    train = metrics.get("train_accuracy")
+    if card["multilabel"] or train is None:
+        return None
+    counts = card.get("class_counts", {}).get("train") or []
+    chance = max(counts) / sum(counts) if counts and sum(counts) else 1 / len(card["class_names"])
+    if train >= NEAR_CHANCE * chance:
+        return None
+    return (f"warning: the probe fits its own training clips at {train:.3f}, near chance ({chance:.3f}, the "
+            f"largest class's share): the encoder's features hardly tell the classes apart; if it was pretrained, "
+            f"check its run for a collapse (MLflow tag asda.collapsed)")
 
 
 def _evaluation(settings: ProbeSettings, card: dict) -> tuple[list[int] | None, str]:
@@ -181,7 +208,7 @@ def input_length(config: ASDAConfig, card: dict, override: int | None, data: str
 
 
 def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, config: ASDAConfig,
-         length: int) -> str:
+         length: int, padding: dict[str, str]) -> str:
     from mlflow import MlflowClient
 
     experiment_id = tracking.setup(settings.experiment)
@@ -191,6 +218,7 @@ def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, co
               if k not in ("run_id", "parent_run_id", "name")}
     params[tracking.PARAM_PROBE_EVAL_SPLIT] = eval_split
     params[tracking.PARAM_PROBE + tracking.PARAM_DATA_TARGET_LENGTH] = str(length)
+    params.update({tracking.PARAM_PROBE + k: v for k, v in padding.items()})
     if run_id is None:
         tags = {tracking.TAG_KIND: tracking.KIND_PROBE,
                 tracking.TAG_CHECKPOINT: str(settings.checkpoint or "random-init")}
@@ -200,6 +228,7 @@ def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, co
         run_id = run.info.run_id
         params.update(tracking.flatten(config.to_dict(), tracking.PARAM_MODEL))
         params[tracking.PARAM_DATA_TARGET_LENGTH] = str(length)  # a run of its own: the frames it fed
+        params.update(padding)
     tracking.log_params(client, run_id, params)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)

@@ -40,6 +40,8 @@ TAG_CELL = "asda.cell"  # e.g. "centre", "diff_lambda=0.5"
 TAG_FACTOR = "asda.factor"  # the factor a trial varies ("centre", "factorial")
 TAG_FACTOR_VALUE = "asda.factor_value"
 TAG_SEED = "asda.seed"
+TAG_COLLAPSED = "asda.collapsed"  # a pretraining run: "true" once its collapse guard tripped, "false" if it never did
+TAG_COLLAPSE = "asda.collapse"  # where and why it tripped: "update 120: utterance_rank 1.4 < 3"
 TAG_FACTOR_PREFIX = "factor."  # factor.<ASDAConfig field>: that factor's value in the trial
 
 KIND_PRETRAIN, KIND_FINETUNE, KIND_PROBE = "pretrain", "finetune", "probe"
@@ -51,6 +53,7 @@ PARAM_PROBE = "probe."  # + a ProbeSettings field
 PARAM_GRID = "grid."  # + name, file, fingerprint, design, metric, trials, factors
 PARAM_DATA_CLIPS = "data.clips"
 PARAM_DATA_CLASSES = "data.classes"
+PARAM_ALPHA_EFFECTIVE = "loss.alpha_effective"  # the utterance term's weight per element (ASDAConfig.alpha_effective)
 PARAM_DATA_TARGET_LENGTH = "data.target_length"  # frames per clip the encoder was fed (SPEC §9)
 PARAM_PROBE_EVAL_SPLIT = "probe.eval_split_resolved"
 PARAM_FINETUNE_LOSS = "finetune.loss"
@@ -148,6 +151,19 @@ def find_run(experiment: str, name: str) -> str | None:
     runs = MlflowClient().search_runs([found.experiment_id], filter_string=f"tags.`{TAG_RUN_NAME}` = '{name}'",
                                       max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def mark_collapse(run_id: str) -> str | None:
+    """A finished pretraining run's verdict: where its collapse guard tripped (TAG_COLLAPSE), or None, in which
+    case the run is tagged ``asda.collapsed = false`` (the guard watched it and it never tripped)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if tags.get(TAG_COLLAPSED) == "true":
+        return tags.get(TAG_COLLAPSE, "collapsed")
+    client.set_tag(run_id, TAG_COLLAPSED, "false")
+    return None
 
 
 def end_run(run_id: str, status: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +122,11 @@ class NoBatchError(ValueError):
     """A worker's shard gave no full batch in an epoch: the run stopped instead of spinning."""
 
 
+class CollapseError(RuntimeError):
+    """A pretraining run with ``stop_on_collapse`` stopped at its collapse guard; the message names the update,
+    the measure and the last good checkpoint."""
+
+
 def check_data(settings: TrainSettings, folds: list[int] | None = None) -> dict:
     """The prepared data exists, is intact and can fill one update; returns its card. No Ray needed.
     ``folds``: only these folds of the split are used (cross-validation)."""
@@ -157,13 +163,20 @@ def resources(settings: TrainSettings) -> tuple[float, int]:
     return cpus, threads
 
 
-def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, kind: str,
+def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, kind: str, length: int,
                    extra_params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> str:
-    """Create the MLflow run of a training, or find the one of the same name to continue it."""
+    """Create the MLflow run of a training, or find the one of the same name to continue it. ``length``: the
+    frames per clip the run feeds its encoder, logged (SPEC §9) with the share of them that is padding, which
+    is also printed as a warning where it is more than half."""
     import yaml
     from mlflow import MlflowClient
 
+    from .data.card import padding_note
     from .runtime import code_version
+
+    padding, warning = padding_note(card, settings.split, length)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     experiment_id = tracking.setup(settings.experiment)
     client = MlflowClient()
@@ -180,7 +193,7 @@ def start_tracking(config: ASDAConfig, settings: TrainSettings, card: dict, *, k
               **tracking.flatten(dataclasses.asdict(settings), tracking.PARAM_TRAIN),
               tracking.PARAM_DATA_CLIPS: str(card["num_clips"]),
               tracking.PARAM_DATA_CLASSES: str(len(card["class_names"])),
-              **(extra_params or {})}
+              tracking.PARAM_DATA_TARGET_LENGTH: str(length), **padding, **(extra_params or {})}
     tracking.log_params(client, run_id, params)
     client.log_text(run_id, config.to_yaml(), "config/model.yaml")
     client.log_text(run_id, yaml.safe_dump(dataclasses.asdict(settings), sort_keys=False), "config/train.yaml")
@@ -211,7 +224,8 @@ def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, conf
     ``settings.in_process`` the one worker runs in this process (Ray Train's local mode: no controller, no worker
     group, no dataset split); otherwise a worker group runs DDP with Ray Train's checkpointing and recovery.
     ``report_to_tune``: intermediate results reach the Tune trial this runs in (for ASHA). A worker that stopped
-    the run on purpose leaves a note that becomes NonFiniteLossError (non-finite loss) or NoBatchError.
+    the run on purpose leaves a note that becomes NonFiniteLossError (non-finite loss), NoBatchError or
+    CollapseError.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -253,6 +267,7 @@ def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, conf
     stopped = worker.read_stop(run_dir)
     if stopped:
         tracking.end_run(run_id, "FAILED")
-        error = NoBatchError if stopped.get("kind") == worker.STOP_NO_BATCH else NonFiniteLossError
+        error = {worker.STOP_NO_BATCH: NoBatchError, worker.STOP_COLLAPSE: CollapseError}.get(
+            stopped.get("kind"), NonFiniteLossError)
         raise error(stopped["reason"])
     return result

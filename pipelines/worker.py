@@ -39,6 +39,7 @@ SYSTEM_METRICS_EVERY_S = 5
 # Why a worker ended its run on purpose (the driver turns each into its own error).
 STOP_NON_FINITE = "non_finite"
 STOP_NO_BATCH = "no_batch"
+STOP_COLLAPSE = "collapse"
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
@@ -120,6 +121,10 @@ class RankZeroLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.mlflow is not None:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.mlflow is not None:
+            self.mlflow.set_tags(tags)
 
     def close(self) -> None:
         if self.mlflow is not None:
@@ -323,6 +328,8 @@ class TrainingJob(Protocol):
 
     def no_batch_reason(self) -> str: ...
 
+    def stop_reason(self) -> str | None: ...  # asked after each log step: why the run should end now, or None
+
 
 class ClipRate:
     """Clips per second since the last time it was read."""
@@ -371,6 +378,9 @@ def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogg
                         metrics.update(train_loop_s=time.perf_counter() - started,
                                        train_loop_cpu_s=time.process_time() - started_cpu)
                     logger.log(metrics, step=step)
+                    reason = job.stop_reason()
+                    if reason is not None:  # every rank reaches the same verdict at the same update
+                        return checkpointer.stop(step, STOP_COLLAPSE, reason)
                 checkpointer.save(step, epoch, metrics)
                 if step >= steps:
                     break

@@ -108,4 +108,4 @@ def test_ema_anneal_fraction_sizes_the_teacher_schedule_to_the_run():
     tiny = ASDAConfig.tiny()
     assert tiny.for_run(200).ema_anneal_steps == 200 and tiny.for_run(60).ema_anneal_steps == 60
     assert ASDAConfig().for_run(200).ema_anneal_steps == 100_000  # the release's fixed anneal
-    assert ema_decay(200, tiny.ema_decay_start, tiny.ema_decay_end, tiny.for_run(200).ema_anneal_steps) == 0.99
+    assert ema_decay(200, tiny.ema_decay_start, tiny.ema_decay_end, tiny.for_run(200).ema_anneal_steps) == tiny.ema_decay_end == 0.999

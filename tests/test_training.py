@@ -136,6 +136,52 @@ def test_non_finite_loss_stops_fine_tuning_too_naming_the_update_and_checkpoint(
         finetune(TINY, settings)
 
 
+# Tiny runs whose collapse guard must trip and must not: the release's sums at a large alpha (the utterance term
+# 160x the frame term per element) drive every clip to nearly one utterance vector within 40 updates; the tiny
+# preset's recipe keeps them apart (measured in process on the synthetic set: window rank 2.9 and 5.6-8.9).
+COLLAPSING = TINY.with_overrides({"loss_reduction": "release", "alpha": 10.0})
+
+
+def _guard_settings(data, storage, name, **overrides):
+    return _settings(data, storage, name, **{**dict(steps=40, batch_size=8, log_every=10, checkpoint_every=20,
+                                                    lr=1e-3, warmup_steps=4, figure_clips=0, in_process=True),
+                                             **overrides})
+
+
+def test_a_collapsing_run_is_tagged_and_says_so_on_the_console_and_a_healthy_one_is_not(
+        synthetic_prepared, tmp_path, tracking_store, capsys):
+    fallen = pretrain(COLLAPSING, _guard_settings(synthetic_prepared, tmp_path, "collapsing"))
+    healthy = pretrain(TINY, _guard_settings(synthetic_prepared, tmp_path, "healthy", lr=5e-4))
+    out = capsys.readouterr().out
+    client = MlflowClient()
+    tags = client.get_run(fallen["run_id"]).data.tags
+    assert tags["asda.collapsed"] == "true" and fallen["collapse"] == tags["asda.collapse"]
+    assert fallen["collapse"].startswith("update ") and "utterance_rank" in fallen["collapse"]
+    lines = [line for line in out.splitlines() if "collapse" in line]
+    assert lines == [f"collapse: collapsing at {fallen['collapse']}: the encoder gives nearly one output for every "
+                     f"clip (MLflow tag asda.collapsed = true)"]
+    run = client.get_run(healthy["run_id"])
+    assert healthy["collapse"] is None and run.data.tags["asda.collapsed"] == "false"
+    assert min(m.value for m in client.get_metric_history(healthy["run_id"], "health.utterance_rank")) >= 4
+    assert fallen["metrics"]["step"] == 40  # it trained on: the guard only watches unless asked to stop
+    assert client.get_run(fallen["run_id"]).data.params["loss.alpha_effective"] == "160"
+    assert run.data.params["loss.alpha_effective"] == "0"
+
+
+def test_stop_on_collapse_ends_the_run_naming_the_update_and_the_last_good_checkpoint(
+        synthetic_prepared, tmp_path, tracking_store):
+    from pipelines.training import CollapseError
+
+    settings = _guard_settings(synthetic_prepared, tmp_path, "stopped", stop_on_collapse=True)
+    with pytest.raises(CollapseError, match=r"^collapse at update (30|40): utterance_rank .* < 4 "
+                                            r"\(stop_on_collapse\); last good checkpoint: checkpoint_0000020$"):
+        pretrain(COLLAPSING, settings)
+    run_id = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("asda").experiment_id],
+                                        filter_string="tags.`asda.run_name` = 'stopped'")[0].info.run_id
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["asda.collapsed"] == "true"
+
+
 def test_bad_settings_fail_before_any_training(tmp_path):
     with pytest.raises(ValueError, match="steps=0"):
         PretrainSettings(data=str(tmp_path), steps=0)

@@ -38,8 +38,9 @@ def _checkpointer(tmp_path, rank=0, every=2, last_step=10, report=None):
 class _Job:
     """A job whose batches and gradient norms the test chooses."""
 
-    def __init__(self, batches_per_epoch: int, norms: list[float]):
+    def __init__(self, batches_per_epoch: int, norms: list[float], stop_at: int | None = None):
         self.batches_per_epoch, self.norms, self.calls = batches_per_epoch, list(norms), 0
+        self.stop_at = stop_at  # the update from which stop_reason answers
 
     def batches(self, epoch):
         return [{"x": torch.zeros(1)}] * self.batches_per_epoch
@@ -57,6 +58,11 @@ class _Job:
 
     def no_batch_reason(self):
         return "split 'train' gives no batch of 8 clips per worker"
+
+    def stop_reason(self):
+        if self.stop_at is not None and self.calls >= self.stop_at:
+            return f"collapse at update {self.calls}: utterance_rank 1.2 < 4 (stop_on_collapse)"
+        return None
 
 
 def _logger():
@@ -80,6 +86,19 @@ def test_a_non_finite_gradient_stops_naming_the_update_and_the_last_good_checkpo
     assert job.calls == 3 and [r["step"] for r in kept.reports] == [2]
     note = worker.read_stop(tmp_path / "run")
     assert note["kind"] == worker.STOP_NON_FINITE and note["last_checkpoint"] == "checkpoint_0000002"
+
+
+def test_a_job_that_asks_to_stop_ends_the_run_at_the_log_step_naming_the_last_good_checkpoint(tmp_path):
+    kept = _Copy(tmp_path / "kept")
+    checkpointer = _checkpointer(tmp_path, every=2, report=kept)
+    job = _Job(batches_per_epoch=3, norms=[], stop_at=3)
+    result = worker.run_steps(job, checkpointer, _logger(), steps=10, log_every=2)
+    # asked at the log steps only (2, 4, ...): update 3 trips it, update 4 is where the loop hears it
+    assert result["stopped"] == ("collapse at update 4: utterance_rank 1.2 < 4 (stop_on_collapse); last good "
+                                 "checkpoint: checkpoint_0000002")
+    assert job.calls == 4 and [r["step"] for r in kept.reports] == [2]
+    note = worker.read_stop(tmp_path / "run")
+    assert note["kind"] == worker.STOP_COLLAPSE and note["step"] == 4
 
 
 def test_only_rank_zero_writes_the_stop_record(tmp_path):

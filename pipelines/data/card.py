@@ -145,3 +145,19 @@ def padding_share(card: dict, split: str, length: int) -> float | None:
     if split not in card["frame_counts"]:
         raise ValueError(f"split {split!r} is not in the card: it has {sorted(card['frame_counts'])}")
     return padded_share(split_frames(card, split), length)
+
+
+def padding_note(card: dict, split: str, length: int) -> tuple[dict[str, str], str | None]:
+    """What a run logs of the padding in what it is fed (``split``'s clips at ``length`` frames): the MLflow
+    params ``data.padding_share`` and ``data.cropped_share`` (none where the card predates frame counts), and a
+    warning to print where more than half of the fed frames are padding, or None."""
+    share = padding_share(card, split, length)
+    if share is None:
+        return {}, None
+    cropped = cropped_share(split_frames(card, split), length)
+    params = {"data.padding_share": f"{share:.4f}", "data.cropped_share": f"{cropped:.4f}"}
+    if share <= MAX_PADDING:
+        return params, None
+    fitted = fitted_length(split_frames(card, split))
+    return params, (f"warning: {share:.0%} of the frames fed to the encoder are padding ({split!r} clips at "
+                    f"{length} frames); their length fits {fitted} frames (--target-length {fitted})")

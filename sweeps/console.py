@@ -47,9 +47,11 @@ class SweepConsole(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         took = duration(time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter()))
-        value = (trial.last_result or {}).get(self.metric)
+        result = trial.last_result or {}
+        value = result.get(self.metric)
         shown = f"{self.metric} {value:.3f}" if isinstance(value, float) else f"no {self.metric}"
-        self._finished(trials, trial, f"finished  {_name(trial)}: {shown} in {took}")
+        collapse = f"; COLLAPSED (collapse at {result['collapse']})" if result.get("collapse") else ""
+        self._finished(trials, trial, f"finished  {_name(trial)}: {shown} in {took}{collapse}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finished(trials, trial, f"failed    {_name(trial)}: {_reason(trial)}; log {trial.path or '?'}/error.txt")

@@ -77,6 +77,8 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     metrics = {**evaluation, **_event_shares(result["run_id"]),
                "pretrain_loss": float(pretrained.get("loss", float("nan"))),
                "checkpoint": result["checkpoint"], "run_id": result["run_id"],
+               "collapse": result["collapse"],  # where its collapse guard tripped, or None
+               "alpha_effective": config.alpha_effective(settings.batch_size),
                # where the trial's time went (asda bench sweep): the training loop, the evaluation, the rest
                "timing": {"trial_s": done - started, "eval_s": done - evaluating,
                           "eval_cpu_s": time.process_time() - evaluating_cpu,
@@ -302,6 +304,8 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
 
     grid = load_grid(grid_name_or_path)  # every cell's config is validated here, before Ray starts
     trials = grid.trials()
+    for cell, risk in collapse_risks(grid, trials).items():
+        print(f"warning: cell {cell}: {risk}", flush=True)
     data = prepared_data(grid)  # a bad data section fails here, before the sweep has a folder
     folder, state = _open_sweep(grid, storage, fresh, sweep_id)
     ensure_ray()
@@ -459,6 +463,15 @@ def _run_config(grid: Grid, tune_path: Path, n_trials: int):
                           callbacks=[SweepConsole(n_trials, grid.metric)])
 
 
+def collapse_risks(grid: Grid, trials: list[Trial]) -> dict[str, str]:
+    """cell -> why its recipe is expected to collapse (``model.health.collapse_risk``), for the cells that are."""
+    from model.health import collapse_risk
+
+    batch = PretrainSettings(data="-", **grid.train).batch_size
+    risks = {t.cell: collapse_risk(grid.config_for(t), batch) for t in trials}
+    return {cell: risk for cell, risk in risks.items() if risk}
+
+
 def asda_trial(params: dict[str, Any], sweep: SweepParams) -> dict[str, Any]:
     """The Tune trainable: Tune's only parameter is the trial (the Tune table shows its cell and seed)."""
     return run_trial(Trial(**params["trial"]), sweep)
@@ -474,6 +487,7 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
                "pretrain_loss": metrics.get("pretrain_loss"), "timing": metrics.get("timing"),
                "attn_event_share": metrics.get("attn_event_share"),
                "attn_event_share_uniform": metrics.get("attn_event_share_uniform"),
+               "collapse": metrics.get("collapse"), "alpha_effective": metrics.get("alpha_effective"),
                "error": str(result.error).splitlines()[0] if result.error else None}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["factor"] != "centre", r["factor"], str(r["value"]), r["seed"]))

@@ -66,6 +66,19 @@ class Grid:
     def config_for(self, trial: Trial) -> ASDAConfig:
         return self.base_config().with_overrides(trial.overrides)
 
+    def _held(self, cell: dict[str, Any]) -> dict[str, Any]:
+        """A cell's fields, its alpha scaled by (the centre's student count / the cell's) where
+        ``model.hold_alpha_effective`` asks for it under the release's reduction: the utterance term's effective
+        weight (``ASDAConfig.alpha_effective``, alpha x clips x clones per device) is then the same in every cell
+        of a ``num_students`` ablation, as alpha alone says under per-element means."""
+        if not self.model.get("hold_alpha_effective"):
+            return cell
+        base = self.base_config()
+        config, centre = base.with_overrides(cell), base.with_overrides(self.centre)
+        if config.loss_reduction != "release" or config.num_students == centre.num_students:
+            return cell
+        return {**cell, "alpha": config.alpha * centre.num_students / config.num_students}
+
     def trials(self) -> list[Trial]:
         """Every (cell, seed) of the grid. One-at-a-time designs share the centre cell between factors."""
         trials = [Trial("centre", "centre", None, s, dict(self.centre)) for s in self.seeds]
@@ -74,13 +87,13 @@ class Grid:
                 for value in values:
                     if value == self.centre.get(factor):
                         continue
-                    cell = {**self.centre, factor: value}
+                    cell = self._held({**self.centre, factor: value})
                     trials += [Trial(f"{factor}={value}", factor, value, s, cell) for s in self.seeds]
         else:
             trials = []
             names = list(self.factors)
             for combo in itertools.product(*(self.factors[n] for n in names)):
-                cell = {**self.centre, **dict(zip(names, combo, strict=True))}
+                cell = self._held({**self.centre, **dict(zip(names, combo, strict=True))})
                 label = ",".join(f"{n}={v}" for n, v in zip(names, combo, strict=True))
                 is_centre = all(cell.get(k) == v for k, v in self.centre.items())
                 trials += [Trial("centre" if is_centre else label, "centre" if is_centre else "factorial",
@@ -138,6 +151,12 @@ def load_grid(name_or_path: str | Path) -> Grid:
     grid = Grid(name=str(raw["name"]), path=str(path), description=str(raw.get("description", "")), design=design,
                 data=dict(raw["data"]), model=dict(raw.get("model") or {}), train=dict(raw["train"]),
                 evaluation=evaluation, seeds=_paired_seeds(raw, where), centre=centre, factors=factors, raw=raw)
+    unknown = sorted(set(grid.model) - {"preset", "overrides", "hold_alpha_effective"})
+    if unknown:
+        raise ValueError(f"{where}: unknown model key(s) {unknown}; allowed: hold_alpha_effective, overrides, preset")
+    if not isinstance(grid.model.get("hold_alpha_effective", False), bool):
+        raise ValueError(f"{where}: model.hold_alpha_effective={grid.model['hold_alpha_effective']!r} is not "
+                         f"allowed: expected true or false")
     if grid.model.get("preset", "tiny") not in PRESETS:
         raise ValueError(f"{where}: model.preset={grid.model.get('preset')!r} is not allowed: expected one of "
                          f"{PRESETS}")

@@ -88,11 +88,17 @@ def _pooled(groups: list[list[float]]) -> float:
     return math.sqrt(num / den) if den else math.nan
 
 
+def collapsed(row: dict[str, Any]) -> bool:
+    """Whether the trial's collapse guard tripped during its pretraining (``model.health``)."""
+    return bool(row.get("collapse"))
+
+
 def _seed_values(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """cell -> the finite metrics of its pretrained trials (the random-init baseline left out)."""
+    """cell -> the finite metrics of its pretrained trials that did not collapse (the random-init baseline and
+    collapsed seeds left out: a broken encoder's score says nothing of the seed-to-seed noise)."""
     cells: dict[str, list[float]] = {}
     for r in rows:
-        if r["cell"] != BASELINE and math.isfinite(_finite(r.get("metric_value"))):
+        if r["cell"] != BASELINE and not collapsed(r) and math.isfinite(_finite(r.get("metric_value"))):
             cells.setdefault(r["cell"], []).append(float(r["metric_value"]))
     return cells
 
@@ -144,11 +150,13 @@ def seed_noise(rows: list[dict[str, Any]], exclude: set[str] | list[str] = ()) -
 @dataclasses.dataclass(frozen=True)
 class Noise:
     """What a Δ is judged against: σ_diff and σ_seed pooled over the stable cells, the cells left out as unstable
-    (``unstable_cells``) and σ_seed with them pooled in."""
+    (``unstable_cells``), σ_seed with them pooled in, and the collapsed trials left out of all of it
+    ("cell seed N")."""
     sigma_diff: float
     sigma_seed: float
     unstable: tuple[str, ...] = ()
     sigma_seed_all: float = math.nan
+    collapsed: tuple[str, ...] = ()
 
 
 def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]], centre: dict[int, float],
@@ -170,7 +178,9 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
     return {"factor": factor, "value": value, "cell": cell, "metric": metric, "mean": mean, "std": std, "n": n,
             "delta": delta, "se_delta": se, "pairs": pairs, "clear": clear, "unstable": unstable,
             "attn_event_share": _stats([r.get("attn_event_share") for r in members])[0], "centre": is_centre,
-            "errors": sum(1 for r in members if r.get("error"))}
+            "errors": sum(1 for r in members if r.get("error")),
+            "collapsed": sum(1 for r in members if collapsed(r)),
+            "alpha_effective": _stats([r.get("alpha_effective") for r in members])[0]}
 
 
 def ablation_table(rows: list[dict[str, Any]], grid: Grid, noise: Noise | None = None) -> list[dict[str, Any]]:
@@ -211,14 +221,17 @@ def _cells(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def noises(rows: list[dict[str, Any]]) -> Noise:
-    """σ_diff and σ_seed of the pretrained trials, both pooled over the cells that are not unstable."""
+    """σ_diff and σ_seed of the pretrained trials, both pooled over the cells that are not unstable, collapsed
+    trials left out."""
+    fallen = tuple(f"{r['cell']} seed {r['seed']}" for r in rows if r["cell"] != BASELINE and collapsed(r))
+    rows = [r for r in rows if not collapsed(r)]
     values = _seed_values(rows)
     unstable = _outlying_cells(values)
     by_cell = _cells(rows)
     centre = _by_seed(by_cell.pop("centre", []))
     stable = [_by_seed(m) for cell, m in by_cell.items() if cell not in unstable]
     return Noise(difference_noise(stable, centre), _pooled([v for c, v in values.items() if c not in unstable]),
-                 tuple(unstable), _pooled(list(values.values())))
+                 tuple(unstable), _pooled(list(values.values())), fallen)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -226,9 +239,9 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "—" if not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _line(row: dict[str, Any]) -> str:
+def _line(row: dict[str, Any], alpha_column: bool = False) -> str:
     """A markdown table line: no ± where one run gives no spread (n = 1), Δ ± SE only where the SE was measured
-    from paired differences."""
+    from paired differences; a cell with collapsed seeds says how many; ``alpha_column``: the effective alpha."""
     spread = f" ± {_fmt(row['std'])}" if math.isfinite(row["std"]) else ""
     if row["centre"]:
         delta, clear = "", "centre"
@@ -240,8 +253,10 @@ def _line(row: dict[str, Any]) -> str:
         if row.get("unstable"):
             clear += " (unstable: seeds disagree)"
     errors = f" ({row['errors']} failed)" if row["errors"] else ""
+    errors += f" (**{row['collapsed']} collapsed**)" if row.get("collapsed") else ""
+    alpha = f" {_fmt(row.get('alpha_effective'), 3)} |" if alpha_column else ""
     return (f"| {row['factor']} | {row['value']} | {_fmt(row['mean'])}{spread} | {row['n']}{errors} | {delta} | "
-            f"{clear} | {_fmt(row['attn_event_share'], 2)} |")
+            f"{clear} | {_fmt(row['attn_event_share'], 2)} |{alpha}")
 
 
 def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dict[str, Any] | None = None,
@@ -253,7 +268,12 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
         how += (f", less the cells whose seeds disagree far beyond the others' ({', '.join(noise.unstable)}: "
                 f"Cochran's test at {HOMOGENEITY_LEVEL:g}); each of those is judged against its own paired spread, "
                 f"and σ_seed with them is {_fmt(noise.sigma_seed_all)}")
+    if noise.collapsed:
+        how += (f"; collapsed trials (their collapse guard tripped: the encoder gave nearly one output for every "
+                f"clip) are marked in n and left out of σ_seed and σ_diff: {', '.join(noise.collapsed)}")
     chance = f" (a uniform map gives {_fmt(uniform_share, 2)})" if math.isfinite(_finite(uniform_share)) else ""
+    alphas = {round(a, 9) for r in table if math.isfinite(a := _finite(r.get("alpha_effective")))}
+    alpha_column = len(alphas) > 1
     lines = [f"# Ablation report: {grid.name}", "",
              f"Metric: `{grid.metric}` ({grid.evaluation['kind']}); mean ± standard deviation over seeds (n; no ± "
              f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
@@ -262,9 +282,14 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
              f"Attention on event: the share of the last layer's utterance-query attention |A1 − λ·A2| on the "
              f"labelled event's patches, mean over the cell's runs{chance}; — where the data has no events.", "",
              f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(sigma)}.**", "",
-             f"| factor | value | {grid.metric} | n | Δ vs centre | clear of noise | attention on event |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [_line(row) for row in ([baseline] if baseline else []) + table]
+             f"| factor | value | {grid.metric} | n | Δ vs centre | clear of noise | attention on event |"
+             + (" α effective |" if alpha_column else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if alpha_column else "")]
+    if alpha_column:
+        lines[2:2] = ["α effective: the utterance term's weight per element relative to the frame term (under the "
+                      "release's sums α × clips × clones per device); it differs between cells here, so a cell "
+                      "that changes the student count or the batch also changes it.", ""]
+    lines += [_line(row, alpha_column) for row in ([baseline] if baseline else []) + table]
     return "\n".join(lines) + "\n"
 
 
@@ -394,13 +419,14 @@ def summary(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dic
     """summary.json: the metric, the centre, σ_seed, the random-init baseline and one entry per (factor, value)."""
     centre = next((r for r in table if r["centre"]), None)
     keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "clear", "unstable",
-            "attn_event_share", "centre")
+            "attn_event_share", "centre", "collapsed", "alpha_effective")
     return _json_safe({
         "metric": grid.metric, "grid": grid.name, "z": Z,
         "centre_mean": centre["mean"] if centre else math.nan, "centre_std": centre["std"] if centre else math.nan,
         "centre_n": centre["n"] if centre else 0, "sigma_seed": noise.sigma_seed,
         "sigma_seed_all_cells": noise.sigma_seed_all, "sigma_diff": noise.sigma_diff,
         "unstable_cells": list(noise.unstable), "homogeneity_level": HOMOGENEITY_LEVEL,
+        "collapsed_trials": list(noise.collapsed),
         "baseline_random_init": None if baseline is None else {k: baseline[k] for k in
                                                               ("mean", "std", "n", "delta", "se_delta", "clear")},
         "cells": [{k: row[k] for k in keys} for row in table]})

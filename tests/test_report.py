@@ -287,3 +287,41 @@ def test_the_baseline_is_cached_in_the_sweep_folder_and_not_redone_on_resume(tmp
     assert calls == [0, 1, 1]
     driver.run_baseline(grid, sweep, tmp_path)
     assert calls == [0, 1, 1]
+
+
+def test_a_collapsed_seed_is_marked_in_its_cell_and_left_out_of_the_noise(tmp_path):
+    """A seed whose collapse guard tripped scores near chance: pooled, it would make σ_seed many times what the
+    healthy seeds show and hide every other cell's difference."""
+    grid = load_grid("ablation")
+    healthy = _rows([("centre", "centre", None, {0: 0.72, 1: 0.73}),
+                     ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.70, 1: 0.71}),
+                     ("alpha=2.0", "alpha", 2.0, {0: 0.66, 1: 0.65})])
+    fallen = _rows([("centre", "centre", None, {0: 0.72, 1: 0.73}),
+                    ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.70, 1: 0.71}),
+                    ("alpha=2.0", "alpha", 2.0, {0: 0.66, 1: 0.15})])
+    fallen[-1]["collapse"] = "update 120: utterance_rank 1.42 < 4"
+    assert seed_noise(fallen) == pytest.approx(seed_noise(healthy[:-1]))  # the collapsed run is out of σ_seed
+    noise = rp.noises(fallen)
+    assert noise.collapsed == ("alpha=2.0 seed 1",) and noise.sigma_seed == pytest.approx(seed_noise(healthy[:-1]))
+    report = build_report(fallen, grid, tmp_path / "report")
+    cell = next(c for c in report["summary"]["cells"] if c["factor"] == "alpha" and c["value"] == 2.0)
+    assert cell["collapsed"] == 1 and cell["n"] == 2  # still shown, with its mark
+    assert all(c["collapsed"] == 0 for c in report["summary"]["cells"] if c["value"] != 2.0)
+    assert report["summary"]["collapsed_trials"] == ["alpha=2.0 seed 1"]
+    line = next(x for x in report["markdown"].splitlines() if x.startswith("| alpha | 2.0 |"))
+    assert "(**1 collapsed**)" in line
+    assert "left out of σ_seed and σ_diff: alpha=2.0 seed 1" in report["markdown"]
+
+
+def test_the_effective_alpha_gets_a_column_only_where_it_differs_between_cells(tmp_path):
+    grid = load_grid("ablation")
+    rows = _rows([("centre", "centre", None, {0: 0.72, 1: 0.73}),
+                  ("num_students=8", "num_students", 8, {0: 0.70, 1: 0.71})])
+    for r in rows:
+        r["alpha_effective"] = 16.0 if r["cell"] == "centre" else 32.0
+    text = build_report(rows, grid, tmp_path / "moved")["markdown"]
+    assert "α effective |" in text and "| num_students | 8 |" in text
+    assert next(x for x in text.splitlines() if x.startswith("| num_students | 8 |")).endswith(" 32.000 |")
+    for r in rows:
+        r["alpha_effective"] = 0.5
+    assert "α effective" not in build_report(rows, grid, tmp_path / "held")["markdown"]

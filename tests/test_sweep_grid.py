@@ -170,3 +170,37 @@ def test_the_factorial_grid_runs_its_cells_as_the_ablation_grid_runs_them():
     ablation, factorial = load_grid("ablation"), load_grid("factorial")
     assert (factorial.data, factorial.model, factorial.train) == (ablation.data, ablation.model, ablation.train)
     assert factorial.evaluation == ablation.evaluation and factorial.centre == ablation.centre
+
+
+def _release_students_grid(tmp_path, hold):
+    raw = {"name": "held", "data": {"dataset": "synthetic"}, "seeds": [0],
+           "model": {"preset": "tiny", "overrides": {"loss_reduction": "release"}, "hold_alpha_effective": hold},
+           "train": {"steps": 10, "batch_size": 8}, "evaluation": {"kind": "probe"},
+           "centre": {"alpha": 0.5, "num_students": 4}, "factors": {"num_students": [2, 4, 8], "alpha": [0.5, 1.0]}}
+    path = tmp_path / f"held-{hold}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_grid(path)
+
+
+def test_holding_the_effective_alpha_scales_alpha_against_the_student_count_and_nothing_else(tmp_path):
+    held = _release_students_grid(tmp_path, True)
+    configs = {t.cell: held.config_for(t) for t in held.trials()}
+    weights = {cell: c.alpha_effective(8) for cell, c in configs.items()}
+    assert weights["num_students=2"] == weights["num_students=8"] == weights["centre"] == 16.0  # 0.5 x 8 x 4
+    assert configs["num_students=2"].alpha == 1.0 and configs["num_students=8"].alpha == 0.25
+    assert configs["alpha=1.0"].alpha == 1.0 and weights["alpha=1.0"] == 32.0  # the alpha factor keeps its values
+    loose = _release_students_grid(tmp_path, False)
+    moved = {t.cell: loose.config_for(t).alpha_effective(8) for t in loose.trials()}
+    assert moved["num_students=2"] == 8.0 and moved["num_students=8"] == 32.0  # the release's own behaviour
+
+
+def test_a_sweep_warns_before_it_starts_of_cells_whose_recipe_collapsed_at_this_width(tmp_path):
+    from sweeps.driver import collapse_risks
+
+    grid = _release_students_grid(tmp_path, False)
+    risks = collapse_risks(grid, grid.trials())
+    assert set(risks) == {"centre", "num_students=2", "num_students=8", "alpha=1.0"}  # 8x and more
+    assert "8x the frame term" in risks["num_students=2"]
+    assert collapse_risks(load_grid("ablation"), load_grid("ablation").trials()) == {}
+    with pytest.raises(ValueError, match="hold_alpha_effective='yes'"):
+        load_grid(_write(tmp_path, model={"preset": "tiny", "hold_alpha_effective": "yes"}))

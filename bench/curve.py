@@ -21,15 +21,19 @@ CLIP_SECONDS_SPC = 1.0
 
 
 def presets() -> dict[str, tuple[Any, dict[str, float]]]:
-    """(model config, schedule) of the tiny preset before and after it was sized to short runs."""
+    """(model config, schedule) of the tiny preset before and after it was sized to short runs ("old", "new": both
+    with alpha 0.5 under per-element means, as they were measured), the width-aware init, and the preset as it is
+    now ("preset": alpha 0 and a slower teacher, ``ASDAConfig.tiny``)."""
     from model import ASDAConfig
 
+    measured = dict(loss_reduction="mean", alpha=0.5)
     old = ASDAConfig.tiny(init_std=0.02, ema_decay_start=0.99, ema_decay_end=0.999, ema_anneal_fraction=None,
-                          ema_anneal_steps=1000, loss_reduction="mean")
-    new = ASDAConfig.tiny(loss_reduction="mean")
-    wide_init = ASDAConfig.tiny(loss_reduction="mean", init_std=None)  # width-aware: 0.02 * sqrt(768 / 128)
-    return {"old": (old, {"warmup": 0.1, "min_lr_ratio": 0.0}), "new": (new, {"warmup": 0.1, "min_lr_ratio": 0.1}),
-            "width-aware": (wide_init, {"warmup": 0.1, "min_lr_ratio": 0.1})}
+                          ema_anneal_steps=1000, **measured)
+    new = ASDAConfig.tiny(ema_decay_start=0.9, ema_decay_end=0.99, **measured)
+    wide_init = ASDAConfig.tiny(ema_decay_start=0.9, ema_decay_end=0.99, init_std=None, **measured)
+    schedule = {"warmup": 0.1, "min_lr_ratio": 0.1}
+    return {"old": (old, {"warmup": 0.1, "min_lr_ratio": 0.0}), "new": (new, schedule),
+            "width-aware": (wide_init, schedule), "preset": (ASDAConfig.tiny(), schedule)}
 
 
 def _probe(encoder, train: dict, test: dict, num_classes: int) -> float:

@@ -172,10 +172,3 @@ class RunProgress:
             step = max(m.step for m in history)
             self.progress.update(step, f"loss {metrics.get('loss', float('nan')):.4f}  "
                                        f"{metrics.get('clips_per_s', float('nan')):.1f} clips/s")
-
-
-def token_hint() -> str:
-    """How to get the token the Ray dashboard asks for."""
-    from .runtime import auth_token_path
-
-    return f"it asks for a token: the contents of {auth_token_path()} (or run `ray get-auth-token`)"

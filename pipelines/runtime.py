@@ -62,6 +62,11 @@ def auth_token_path() -> Path:
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
 
+def token_hint() -> str:
+    """How to get the token the Ray dashboard asks for."""
+    return f"it asks for a token: the contents of {auth_token_path()} (or run `ray get-auth-token`)"
+
+
 def _private_token() -> None:
     """The token is a secret: readable by its owner only (Ray writes it with the umask's mode)."""
     path = auth_token_path()

@@ -382,8 +382,8 @@ def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfin
 
 def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams) -> None:
     """Where everything goes, before the first trial starts."""
-    from pipelines.console import is_verbose, token_hint
-    from pipelines.runtime import dashboard_url, ray_logs
+    from pipelines.console import is_verbose
+    from pipelines.runtime import dashboard_url, ray_logs, token_hint
 
     mode = "in each trial's process" if sweep.pretrain.in_process else f"{sweep.pretrain.workers} Train worker(s)"
     print(f"sweep {state['sweep_id']} (grid {grid.name}): {len(trials)} trials, {concurrent} at a time, "

@@ -108,3 +108,16 @@ def test_the_same_probe_twice_gives_identical_features_and_metrics(synthetic_pre
     metrics = {k: v for k, v in first.items() if k.startswith(("eval_", "train_")) and k != "eval_split"}
     assert metrics and metrics == {k: second[k] for k in metrics}
     assert (first["num_train"], first["num_eval"]) == (64, 32)
+
+
+def test_a_probe_that_does_not_fit_its_own_training_clips_warns_of_a_collapsed_encoder():
+    from pipelines.probe import near_chance
+
+    card = {"multilabel": False, "class_names": list("abcdefgh"), "class_counts": {"train": [80] * 8}}
+    warning = near_chance({"train_accuracy": 0.18, "eval_accuracy": 0.17}, card)  # a collapsed tiny run's numbers
+    assert warning is not None and "0.180" in warning and "0.125" in warning and "asda.collapsed" in warning
+    assert near_chance({"train_accuracy": 0.42}, card) is None  # the random-init encoder's
+    skewed = {**card, "class_counts": {"train": [560] + [20] * 7}}  # chance is the largest class's share, 0.8
+    assert near_chance({"train_accuracy": 0.81}, skewed) is not None  # the line: 0.8 + 0.1 x 0.2 = 0.82
+    assert near_chance({"train_accuracy": 0.9}, skewed) is None
+    assert near_chance({"train_map": 0.1}, {**card, "multilabel": True}) is None

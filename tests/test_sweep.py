@@ -351,3 +351,29 @@ def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_res
 
 def _get(url: str, path: str) -> dict:
     return json.load(urllib.request.urlopen(f"{url}/api/2.0/mlflow/{path}", timeout=30))
+
+
+def test_a_collapsing_cell_is_warned_of_before_it_starts_and_marked_in_the_console_the_runs_and_the_report(
+        ray_local, tracking_store, synthetic_prepared, tmp_path, capsys):
+    """Real trials: the release's sums at alpha 10 (160x the frame term per element) collapse within 40 updates,
+    alpha 0 does not (tests/test_training.py measures both alone)."""
+    grid = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "grids" / "smoke.yaml").read_text())
+    grid.update(name="collapse", data={"prepared": str(synthetic_prepared)}, centre={"alpha": 0.0},
+                factors={"alpha": [0.0, 10.0]})
+    grid["model"]["overrides"]["loss_reduction"] = "release"
+    grid["train"].update(steps=40, batch_size=8, lr=0.001, warmup_steps=4, log_every=10, checkpoint_every=40)
+    path = tmp_path / "collapse.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    result = run_sweep(path, storage=tmp_path / "sweeps")
+    out = capsys.readouterr().out
+    assert "warning: cell alpha=10.0: the utterance term weighs 160x the frame term" in out
+    fallen = next(r for r in result["trials"] if r["cell"] == "alpha=10.0")
+    healthy = next(r for r in result["trials"] if r["cell"] == "centre")
+    assert fallen["collapse"].startswith("update ") and healthy["collapse"] is None
+    assert f"COLLAPSED (collapse at {fallen['collapse']})" in out
+    assert MlflowClient().get_run(fallen["run_id"]).data.tags["asda.collapsed"] == "true"
+    assert MlflowClient().get_run(healthy["run_id"]).data.tags["asda.collapsed"] == "false"
+    summary = json.loads((Path(result["dir"]) / "report" / "summary.json").read_text())
+    collapsed = {c["value"]: c["collapsed"] for c in summary["cells"]}
+    assert collapsed == {0.0: 0, 10.0: 1} and summary["collapsed_trials"] == ["alpha=10.0 seed 0"]
+    assert "(**1 collapsed**)" in (Path(result["dir"]) / "report" / "report.md").read_text()

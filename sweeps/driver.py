@@ -78,7 +78,7 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
                "pretrain_loss": float(pretrained.get("loss", float("nan"))),
                "checkpoint": result["checkpoint"], "run_id": result["run_id"],
                "collapse": result["collapse"],  # where its collapse guard tripped, or None
-               "alpha_effective": config.alpha_effective(settings.batch_size),
+               "alpha": config.alpha, "alpha_effective": config.alpha_effective(settings.batch_size),
                # where the trial's time went (asda bench sweep): the training loop, the evaluation, the rest
                "timing": {"trial_s": done - started, "eval_s": done - evaluating,
                           "eval_cpu_s": time.process_time() - evaluating_cpu,
@@ -487,7 +487,8 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
                "pretrain_loss": metrics.get("pretrain_loss"), "timing": metrics.get("timing"),
                "attn_event_share": metrics.get("attn_event_share"),
                "attn_event_share_uniform": metrics.get("attn_event_share_uniform"),
-               "collapse": metrics.get("collapse"), "alpha_effective": metrics.get("alpha_effective"),
+               "collapse": metrics.get("collapse"), "alpha": metrics.get("alpha"),
+               "alpha_effective": metrics.get("alpha_effective"),
                "error": str(result.error).splitlines()[0] if result.error else None}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["factor"] != "centre", r["factor"], str(r["value"]), r["seed"]))

@@ -180,6 +180,7 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
             "attn_event_share": _stats([r.get("attn_event_share") for r in members])[0], "centre": is_centre,
             "errors": sum(1 for r in members if r.get("error")),
             "collapsed": sum(1 for r in members if collapsed(r)),
+            "alpha": _stats([r.get("alpha") for r in members])[0],
             "alpha_effective": _stats([r.get("alpha_effective") for r in members])[0]}
 
 
@@ -272,8 +273,7 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
         how += (f"; collapsed trials (their collapse guard tripped: the encoder gave nearly one output for every "
                 f"clip) are marked in n and left out of σ_seed and σ_diff: {', '.join(noise.collapsed)}")
     chance = f" (a uniform map gives {_fmt(uniform_share, 2)})" if math.isfinite(_finite(uniform_share)) else ""
-    alphas = {round(a, 9) for r in table if math.isfinite(a := _finite(r.get("alpha_effective")))}
-    alpha_column = len(alphas) > 1
+    alpha_column = alpha_moves(table)
     lines = [f"# Ablation report: {grid.name}", "",
              f"Metric: `{grid.metric}` ({grid.evaluation['kind']}); mean ± standard deviation over seeds (n; no ± "
              f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
@@ -291,6 +291,15 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
                       "that changes the student count or the batch also changes it.", ""]
     lines += [_line(row, alpha_column) for row in ([baseline] if baseline else []) + table]
     return "\n".join(lines) + "\n"
+
+
+def alpha_moves(table: list[dict[str, Any]]) -> bool:
+    """Whether the utterance term's effective weight moves with something other than α between the cells (under
+    the release's sums: the student count, the batch per device): its ratio to α differs between cells."""
+    ratios = {round(_finite(r.get("alpha_effective")) / a, 9) for r in table
+              if math.isfinite(a := _finite(r.get("alpha"))) and a > 0
+              and math.isfinite(_finite(r.get("alpha_effective")))}
+    return len(ratios) > 1
 
 
 def _summary_value(row: dict[str, Any] | None) -> str:
@@ -419,7 +428,7 @@ def summary(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dic
     """summary.json: the metric, the centre, σ_seed, the random-init baseline and one entry per (factor, value)."""
     centre = next((r for r in table if r["centre"]), None)
     keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "clear", "unstable",
-            "attn_event_share", "centre", "collapsed", "alpha_effective")
+            "attn_event_share", "centre", "collapsed", "alpha", "alpha_effective")
     return _json_safe({
         "metric": grid.metric, "grid": grid.name, "z": Z,
         "centre_mean": centre["mean"] if centre else math.nan, "centre_std": centre["std"] if centre else math.nan,

@@ -313,15 +313,17 @@ def test_a_collapsed_seed_is_marked_in_its_cell_and_left_out_of_the_noise(tmp_pa
     assert "left out of σ_seed and σ_diff: alpha=2.0 seed 1" in report["markdown"]
 
 
-def test_the_effective_alpha_gets_a_column_only_where_it_differs_between_cells(tmp_path):
+def test_the_effective_alpha_gets_a_column_only_where_it_moves_with_more_than_alpha(tmp_path):
     grid = load_grid("ablation")
     rows = _rows([("centre", "centre", None, {0: 0.72, 1: 0.73}),
-                  ("num_students=8", "num_students", 8, {0: 0.70, 1: 0.71})])
+                  ("num_students=8", "num_students", 8, {0: 0.70, 1: 0.71}),
+                  ("alpha=1.0", "alpha", 1.0, {0: 0.70, 1: 0.71})])
+    weights = {"centre": (0.5, 16.0), "num_students=8": (0.5, 32.0), "alpha=1.0": (1.0, 32.0)}  # release's sums
     for r in rows:
-        r["alpha_effective"] = 16.0 if r["cell"] == "centre" else 32.0
+        r["alpha"], r["alpha_effective"] = weights[r["cell"]]
     text = build_report(rows, grid, tmp_path / "moved")["markdown"]
     assert "α effective |" in text and "| num_students | 8 |" in text
     assert next(x for x in text.splitlines() if x.startswith("| num_students | 8 |")).endswith(" 32.000 |")
-    for r in rows:
-        r["alpha_effective"] = 0.5
+    for r in rows:  # per-element means: the weight is α, and the α cells' own change is no hidden one
+        r["alpha_effective"] = r["alpha"]
     assert "α effective" not in build_report(rows, grid, tmp_path / "held")["markdown"]

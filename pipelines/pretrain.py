@@ -79,7 +79,8 @@ def pretrain_loop(cfg: dict[str, Any]) -> dict[str, Any]:
 class PretrainJob:
     """One rank's pretraining: shuffled crops in, one ``PretrainUpdate`` per batch, and the collapse guard: at
     each log step the representation's health (``model.health``) over the utterance vectors of the last
-    ``HEALTH_CLIPS`` clips is logged, and the first log step whose health says collapse tags the MLflow run
+    ``HEALTH_CLIPS`` clips is logged, and the first log step, once that many clips have passed, whose health says
+    collapse tags the MLflow run
     (``asda.collapsed``, ``asda.collapse``; the driver prints the line) and with ``stop_on_collapse`` ends the
     run."""
 
@@ -137,8 +138,8 @@ class PretrainJob:
         collapse seen by any rank counts for all), so that a stop ends every rank at the same update."""
         from model.health import collapsed
 
-        if self.collapse is not None:
-            return
+        if self.collapse is not None or sum(len(w) for w in self.window) < self.HEALTH_CLIPS:
+            return  # a rank over fewer clips is bounded by their count: judged once the window is full
         found = collapsed(health)
         if self.world > 1:
             import torch.distributed as dist

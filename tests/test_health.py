@@ -55,3 +55,21 @@ def test_the_recipe_check_warns_where_the_measured_collapse_was_and_not_on_the_d
     assert collapse_risk(ASDAConfig.tiny(loss_reduction="mean", alpha=2.0), 8) is None  # the grid's alpha = 2 cell
     assert collapse_risk(ASDAConfig.tiny(loss_reduction="mean", alpha=4.0), 8) is not None
     assert collapse_risk(ASDAConfig(), 12) is None  # nothing was measured at the base width
+
+
+def test_the_guard_judges_only_a_full_window_of_clips():
+    """A batch of 2 clips has rank at most 1: judged on so few, every run would be a collapse."""
+    import collections
+
+    from pipelines.pretrain import PretrainJob, PretrainSettings
+
+    job = PretrainJob.__new__(PretrainJob)  # the guard alone, without a Ray Train context
+    job.settings, job.world, job.logger, job.collapse = PretrainSettings(data="-", batch_size=2), 1, None, None
+    job.window = collections.deque(maxlen=PretrainJob.HEALTH_CLIPS // 2)
+    spread = {"utterance_std": 0.5, "target_std": 0.5, "utterance_rank": 1.0}
+    job.window.extend(torch.randn(2, 8) for _ in range(PretrainJob.HEALTH_CLIPS // 2 - 1))
+    job.guard(spread, step=39)
+    assert job.collapse is None  # 78 clips: not yet judged
+    job.window.append(torch.randn(2, 8))
+    job.guard(spread, step=40)
+    assert job.collapse == "update 40: utterance_rank 1 < 4"

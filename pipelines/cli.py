@@ -259,10 +259,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     learn.add_argument("--steps", type=int, default=200, help="pretraining updates (default: 200)")
     learn.add_argument("--every", type=int, default=50, help="updates between probes (default: 50)")
     learn.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
-    learn.add_argument("--presets", nargs="+", choices=("old", "new", "width-aware", "preset"),
-                       default=["old", "new"],
-                       help="the tiny preset before and after it was sized to short runs (alpha 0.5, per-element "
-                            "means), the latter with the width-aware init, and the preset as it is now")
+    learn.add_argument("--presets", nargs="+", choices=("old", "new", "width-aware", "preset"), default=["old", "new"],
+                       help="tiny preset before/after sizing (alpha 0.5), width-aware init, the preset as it is now")
     learn.add_argument("--json", help="also write the results to this JSON file")
     learn.set_defaults(func=_bench_curve)
 

@@ -34,7 +34,7 @@ CHECKPOINT_FILE = "model.pt"  # rank 0's training state inside a checkpoint fold
 KEEP_CHECKPOINTS = 2  # the newest checkpoint folders a run keeps
 FINAL_FILE = "final.pt"  # a pretraining run's portable weights, next to its checkpoints
 STOP_FILE = "stopped.json"
-SYSTEM_METRICS_EVERY_S = 5
+SYSTEM_METRICS_EVERY_S = 5  # seconds between system-metric samples; the environment's ASDA_SYSTEM_METRICS_EVERY_S wins
 
 # Why a worker ended its run on purpose (the driver turns each into its own error).
 STOP_NON_FINITE = "non_finite"
@@ -113,7 +113,8 @@ class RankZeroLogger:
 
             mlflow.set_tracking_uri(tracking_uri)
             # CPU, memory (and GPU) every SYSTEM_METRICS_EVERY_S seconds, each sample logged as it is taken.
-            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_EVERY_S)
+            mlflow.set_system_metrics_sampling_interval(
+                float(os.environ.get("ASDA_SYSTEM_METRICS_EVERY_S") or SYSTEM_METRICS_EVERY_S))
             mlflow.set_system_metrics_samples_before_logging(1)
             mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
             self.mlflow = mlflow

@@ -107,6 +107,9 @@ def ray_local(tmp_path_factory):
 
     os.environ.setdefault("RAY_ADDRESS", "")
     os.environ.pop("RAY_ADDRESS")  # tests never join a user's cluster
+    # A test's run of a few updates can end within the default 5 s between system-metric samples, and MLflow
+    # logs a sample only after one interval: Ray's workers inherit this, so even short runs log one.
+    os.environ["ASDA_SYSTEM_METRICS_EVERY_S"] = "1"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray

@@ -151,7 +151,7 @@ def test_a_stopped_sweep_is_marked_killed_and_the_plain_command_resumes_it(ray_l
     """SIGTERM to `asda sweep` mid-trial: exit 143, no result for the unfinished trial, its run and the parent
     KILLED, and the printed command; the same command again finishes the sweep in the same folder."""
     storage = tmp_path / "sweeps"
-    grid = _retry_grid(tmp_path, synthetic_prepared, steps=200)  # still training when the signal comes
+    grid = _retry_grid(tmp_path, synthetic_prepared, steps=1000)  # still training when the signal comes
     proc = _sweep_command(grid, storage, _joining(ray_local))
     try:
         _first_checkpoint(storage)
@@ -209,7 +209,7 @@ def test_a_sweep_on_its_own_ray_instance_listens_on_loopback_only_and_stops_clea
     run and the parent KILLED, no result for the trial, and the command that resumes it."""
     storage = tmp_path / "sweeps"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the sweep starts its own instance
-    proc = _sweep_command(_retry_grid(tmp_path, synthetic_prepared, steps=200), storage, env)
+    proc = _sweep_command(_retry_grid(tmp_path, synthetic_prepared, steps=5000), storage, env)  # still training
     try:
         _first_checkpoint(storage)
         sockets = listening_sockets(session_members(proc.pid))

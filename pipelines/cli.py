@@ -265,18 +265,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     learn.set_defaults(func=_bench_curve)
 
 
-def _parse_options(items: list[str]) -> dict:
-    import yaml
-
-    options = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"option {item!r} must look like key=value (e.g. name_pattern={{ytid}}.flac)")
-        options[key.replace("-", "_")] = yaml.safe_load(raw)
-    return options
-
-
 def _location(value: str | Path) -> Path | str:
     """A folder, or a URI pyarrow's filesystems know (file://, s3://, ...); local ones as absolute paths."""
     from .data.storage import normalise
@@ -292,8 +280,10 @@ def _prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--source is required for --dataset {args.dataset} (the folder as its release lays it out)")
     source = args.source or DATA_ROOT / "raw" / args.dataset
     out = args.out or DATA_ROOT / "prepared" / args.dataset
+    from .data.adapters import parse_options
+
     card = prepare(args.dataset, source, out, force=args.force, shard_mb=args.shard_mb,
-                   max_rejected=args.max_rejected, options=_parse_options(args.option),
+                   max_rejected=args.max_rejected, options=parse_options(args.dataset, args.option),
                    target_length=args.target_length)
     print(f"{out}: {card['num_clips']} clips {card['splits']}, {len(card['class_names'])} classes, "
           f"{len(card['shards'])} shard(s), {len(card['rejected'])} rejected")

@@ -66,3 +66,57 @@ def test_pretrain_takes_compile_and_precision_and_refuses_an_unknown_precision(c
         build_parser().parse_args(["pretrain", "--precision", "fp16"])
     assert stop.value.code == 2
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def _option_examples() -> list[str]:
+    """Every ``--option KEY=VALUE`` written in the README and in `asda prepare --help`, exactly as written."""
+    import re
+    from pathlib import Path
+
+    from pipelines.cli import build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    prepare = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "prepare")[1]
+    helps = " ".join(prepare.format_help().split())
+    found = re.findall(r"--option[ =]([A-Za-z_]+=[^\s`,)|]+(?:,[^\s`,)|]+)*)", readme)
+    found += re.findall(r"e\.g\. ([A-Za-z_]+=\S+?)[,)]", helps)
+    found += re.findall(r"e\.g\. [^)]*?, ([A-Za-z_]+=\S+?)\)", helps)
+    return sorted(set(found))
+
+
+def test_every_option_example_in_the_readme_and_help_is_taken_as_typed_by_the_adapter_that_declares_it():
+    from pipelines.data.adapters import ADAPTERS, adapter_options, parse_options
+
+    examples = _option_examples()
+    assert {"name_pattern={ytid}_{start}.wav", "name_pattern={ytid}.flac", "splits=balanced_train,eval",
+            "classes=events"} <= set(examples), examples
+    for example in examples:
+        key = example.partition("=")[0]
+        owners = [d for d in ADAPTERS if key in adapter_options(d)]
+        assert owners, example
+        for dataset in owners:
+            assert parse_options(dataset, [example])[key] is not None
+    # a brace pattern stays the text it is (it used to be read as YAML, where {...} is a mapping)
+    assert parse_options("audioset", ["name_pattern={ytid}_{start}.wav"]) == {"name_pattern": "{ytid}_{start}.wav"}
+    assert parse_options("synthetic", ["num_train=2000", "snr_min_db=6", "classes=sequences"]) == {
+        "num_train": 2000, "snr_min_db": 6.0, "classes": "sequences"}
+    assert parse_options("folder", ["extensions=.wav,.flac"]) == {"extensions": ".wav,.flac"}
+
+
+@pytest.mark.parametrize(("dataset", "item", "says"), [
+    ("synthetic", "num_train=many", "option num_train='many' for data set 'synthetic' is not allowed: expected a "
+                                    "whole number"),
+    ("synthetic", "snr_min_db=nan", "expected a finite number"),
+    ("folder", "valid_fraction=0,1", "option valid_fraction='0,1'"),
+    ("audioset", "pattern={ytid}.wav", "unknown option 'pattern' for data set 'audioset': allowed are audio_dir "
+                                       "(str), name_pattern (str), splits (list)"),
+    ("esc50", "fold=1", "allowed are none"),
+    ("synthetic", "num_train", "must look like KEY=VALUE"),
+])
+def test_a_bad_option_is_refused_naming_the_key_the_value_and_what_is_allowed_without_a_traceback(
+        dataset, item, says, capsys):
+    from pipelines.cli import main
+
+    assert main(["prepare", "--dataset", dataset, "--source", "/nonexistent", "--option", item]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

@@ -376,3 +376,49 @@ def test_the_cached_resampler_gives_torchaudios_resample_exactly(rate):
     wav = torch.randn(2, rate)
     expected = torchaudio.functional.resample(wav.mean(0, keepdim=True), rate, 16_000)
     assert torch.equal(mono_16k(wav, rate), expected) and torch.equal(mono_16k(wav, rate), expected)
+
+
+def test_the_readmes_audioset_name_pattern_prepares_as_written(ray_local, tmp_path):
+    """`--option name_pattern={ytid}_{start}.wav`, as the README writes it: the braces are the pattern's text."""
+    source = write_audioset(tmp_path / "as")
+    out = tmp_path / "out"
+    assert main(["prepare", "--dataset", "audioset", "--source", str(source), "--out", str(out),
+                 "--option", "name_pattern={ytid}_{start}.wav", "--option", "splits=balanced_train,eval"]) == 0
+    assert load_card(out)["splits"] == {"test": 3, "train": 4}
+
+
+def test_a_prepare_that_rejects_every_clip_says_why_by_reason_with_paths_and_the_full_list(ray_local, tmp_path,
+                                                                                          capsys):
+    source = tmp_path / "broken"
+    for i in range(6):  # files named as audio that hold none
+        (source / ("kick" if i % 2 else "snare")).mkdir(parents=True, exist_ok=True)
+        (source / ("kick" if i % 2 else "snare") / f"hit_{i}.wav").write_bytes(b"not audio at all" * (i + 1))
+    out = tmp_path / "out"
+    assert main(["prepare", "--dataset", "folder", "--source", str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    listing = tmp_path / "out.rejected.json"
+    assert "6 of 6 clips rejected (100% > allowed 50%, --max-rejected): 6 rejected (6 x cannot decode); first: " in err and str(source / "kick" / "hit_1.wav") in err
+    assert f"every one with its reason: {listing}" in err and "Traceback" not in err
+    assert len(json.loads(listing.read_text())) == 6 and not out.exists()
+
+
+def test_an_index_with_no_usable_clip_counts_its_reasons_and_writes_them_all(tmp_path):
+    source = tmp_path / "m"
+    source.mkdir()
+    (source / "manifest.csv").write_text("path,label\n" + "".join(f"gone_{i}.wav,bird\n" for i in range(4))
+                                         + ",bird\n")
+    with pytest.raises(ValueError) as err:
+        prepare("manifest", source, tmp_path / "out")
+    text = str(err.value)
+    assert "has no usable clips: 5 rejected (4 x missing audio file; 1 x empty path); first: " in text
+    assert len(json.loads((tmp_path / "out.rejected.json").read_text())) == 5
+
+
+def test_an_audioset_pattern_that_finds_no_file_names_the_folder_what_is_there_and_patterns_that_would(tmp_path):
+    source = write_audioset(tmp_path / "as")
+    with pytest.raises(ValueError) as err:
+        prepare("audioset", source, tmp_path / "out", options={"name_pattern": "{ytid}.flac"})
+    text = str(err.value)
+    assert f"no segment's audio file was found with name_pattern '{{ytid}}.flac' in {source / 'audio'}" in text
+    assert "that folder holds " in text and ".wav" in text
+    assert "these patterns find files: --option name_pattern={ytid}_{start}.wav (" in text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import errno
 import inspect
+import math
 import os
 import re
 import string
@@ -336,6 +337,46 @@ def _segment_rows(path: Path) -> Iterable[tuple[Path, int, list[str]]]:
                 yield path, lineno, next(csv.reader([line], skipinitialspace=True))
 
 
+def _pattern_values(ytid: str, start: str, end: str, split_name: str) -> dict[str, str | int]:
+    """What each placeholder of an AudioSet name pattern stands for in one segment (``AUDIOSET_PLACEHOLDERS``)."""
+    return {"ytid": ytid, "start": start, "end": end, "start_int": int(float(start)), "end_int": int(float(end)),
+            "split": split_name}
+
+
+# Name patterns that mirrors use, tried against the files that are there when the given one finds none.
+AUDIOSET_PATTERN_GUESSES = ("{ytid}", "{ytid}_{start}", "{ytid}_{start_int}", "{ytid}_{start_int}_{end_int}",
+                            "{ytid}_{start}_{end}", "{split}/{ytid}", "{split}/{ytid}_{start}",
+                            "{split}/{ytid}_{start_int}")
+
+
+def _no_file_matches(audio_root: str, name_pattern: str, missing: list[dict[str, str | int]]) -> str:
+    """Why an AudioSet source gave no clip at all: the pattern and folder tried, what is there, and the patterns
+    that would have found files (by how many of the first segments each finds)."""
+    try:
+        there = sorted(e.name for e in os.scandir(audio_root))
+    except OSError:
+        there = []
+    shown = f"{', '.join(there[:5])}{', ...' if len(there) > 5 else ''} ({len(there)} entries)" if there else \
+        "nothing (or it does not exist)"
+    extensions = sorted({os.path.splitext(n)[1] for n in there if os.path.splitext(n)[1]}) or [".wav"]
+    exists = _FileLookup()
+    found = []
+    for stem in AUDIOSET_PATTERN_GUESSES:
+        for ext in extensions:
+            pattern = stem + ext
+            hits = sum(exists(os.path.join(audio_root, pattern.format(**v))) for v in missing)
+            if hits and pattern != name_pattern:
+                found.append((hits, pattern))
+    hint = ("; these patterns find files: " + ", ".join(f"--option name_pattern={p} ({n} of the first "
+                                                         f"{len(missing)} segments)" for n, p in sorted(found,
+                                                         key=lambda f: (-f[0], f[1]))[:3])
+            if found else "; no usual pattern finds them either (placeholders: "
+            + ", ".join("{" + p + "}" for p in AUDIOSET_PLACEHOLDERS) + ")")
+    first = os.path.join(audio_root, name_pattern.format(**missing[0]))
+    return (f"AudioSet: no segment's audio file was found with name_pattern {name_pattern!r} in {audio_root} "
+            f"(the first segment looked for {first}); that folder holds {shown}{hint}")
+
+
 def _audioset_clip(row: tuple[Path, int, list[str]], split_name: str, audio_root: str, name_pattern: str,
                    mid_index: dict[str, int], first_seen: dict[str, str], rejected: list[dict]) -> ClipRef | None:
     """One segment CSV line as a clip (its file not yet checked), or None with the reasons added to ``rejected``."""
@@ -346,7 +387,7 @@ def _audioset_clip(row: tuple[Path, int, list[str]], split_name: str, audio_root
     try:
         ytid, start, end = fields[0].strip(), fields[1].strip(), fields[2].strip()
         start_s, end_s = float(start), float(end)
-        start_int, end_int = int(start_s), int(end_s)  # NaN and inf fail here too
+        int(start_s), int(end_s)  # NaN and inf fail here (the patterns' {start_int}, {end_int})
         mids = [m.strip() for m in ",".join(fields[3:]).split(",") if m.strip()]
         if not ytid:
             raise ValueError("empty YTID")
@@ -355,8 +396,7 @@ def _audioset_clip(row: tuple[Path, int, list[str]], split_name: str, audio_root
                                           f"positive_labels; got {fields}"))
         return None
     clip_id = f"{ytid}_{start_s:.3f}"
-    path = os.path.join(audio_root, name_pattern.format(
-        ytid=ytid, start=start, end=end, start_int=start_int, end_int=end_int, split=split_name))
+    path = os.path.join(audio_root, name_pattern.format(**_pattern_values(ytid, start, end, split_name)))
     if clip_id in first_seen:
         rejected.append(_reject(path, f"duplicate id {clip_id} in {csv_name} (first in {first_seen[clip_id]})"))
         return None
@@ -401,14 +441,21 @@ def audioset(
     audio_root = str(source / audio_dir)
     exists = _FileLookup()
     clips, rejected = [], []
+    missing: list[dict[str, str | int]] = []  # the placeholders of the first segments whose file was not found
     first_seen: dict[str, str] = {}  # id -> segment CSV where it first appeared
     for split_name in present:
         for row in _segment_rows(source / AUDIOSET_SEGMENTS[split_name][0]):
             clip = _audioset_clip(row, split_name, audio_root, name_pattern, mid_index, first_seen, rejected)
             if clip is not None and not exists(clip.path):
                 rejected.append(_reject(clip.path, "missing audio file"))
+                if len(missing) < 200:
+                    fields = row[2]
+                    missing.append(_pattern_values(fields[0].strip(), fields[1].strip(), fields[2].strip(),
+                                                   split_name))
             elif clip is not None:
                 clips.append(clip)
+    if not clips and missing:
+        raise ValueError(_no_file_matches(audio_root, name_pattern, missing))
     return _finish("audioset", class_names, clips, rejected, multilabel=True, target_length=1024,
                    stats=DATASET_STATS["audioset"])
 
@@ -610,6 +657,56 @@ def adapter_options(dataset: str) -> list[str]:
     """The keyword options an adapter accepts, sorted."""
     params = inspect.signature(ADAPTERS[dataset]).parameters.values()
     return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def _option_kind(annotation: Any) -> str:
+    """What a command-line value of an adapter option is converted to, from its annotation (a string, since the
+    module uses postponed annotations): "int", "float", "bool", "list" (a comma-separated list) or "str"."""
+    text = str(annotation).replace(" ", "")
+    if text in ("int", "float", "bool"):
+        return text
+    return "list" if "Iterable" in text or text.startswith(("list", "tuple")) else "str"
+
+
+def parse_options(dataset: str, items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings from a command line -> an adapter's keyword options. The value is taken as typed, a
+    string (``name_pattern={ytid}.flac`` stays that text), unless the adapter declares the option an int, a float
+    or a bool, which converts it; a list option keeps the comma-separated text its adapter splits. An unknown key
+    or a value that is not of the option's type is refused, naming the key, the value and what is allowed."""
+    if dataset not in ADAPTERS:
+        raise ValueError(f"unknown data set {dataset!r}: allowed are {', '.join(sorted(ADAPTERS))}")
+    params = {p.name: p for p in inspect.signature(ADAPTERS[dataset]).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"option {item!r} must look like KEY=VALUE (e.g. name_pattern={{ytid}}.flac)")
+        if key not in params:
+            allowed = ", ".join(f"{n} ({_option_kind(p.annotation)})" for n, p in sorted(params.items()))
+            raise ValueError(f"unknown option {key!r} for data set {dataset!r}: allowed are {allowed or 'none'}")
+        options[key] = _typed(dataset, key, raw, _option_kind(params[key].annotation))
+    return options
+
+
+def _typed(dataset: str, key: str, raw: str, kind: str) -> Any:
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            value = float(raw)
+            if math.isfinite(value):
+                return value
+            raise ValueError(raw)
+        if kind == "bool":
+            if raw.strip().lower() in ("true", "false"):
+                return raw.strip().lower() == "true"
+            raise ValueError(raw)
+    except ValueError:
+        expected = {"int": "a whole number", "float": "a finite number", "bool": "true or false"}[kind]
+        raise ValueError(f"option {key}={raw!r} for data set {dataset!r} is not allowed: expected {expected}") from None
+    return raw
 
 
 def build_index(dataset: str, source: str | Path, **options: Any) -> DatasetIndex:

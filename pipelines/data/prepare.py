@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -369,9 +370,8 @@ def prepare(
     ``in_place``: write the shards straight into ``out`` and the card last, instead of staging and renaming;
     default: only where the filesystem cannot rename atomically (object stores).
     ``target_length``: the frames per clip the card tells readers to feed (a positive multiple of 16); default:
-    the data set's own, or, for a layout that cannot know it (folder, manifest), fitted to the clips' lengths
-    (``card.fitted_length``). It changes the card only, never the shards, so it is not part of the run's
-    fingerprint: a resumed run keeps its shards whatever length it is given.
+    the data set's own, or for a folder or manifest fitted to its clips (``card.fitted_length``). It changes the
+    card only, never the shards, so it is not in the run's fingerprint: a resumed run keeps its shards.
     """
     from .card import read_card
 
@@ -387,7 +387,8 @@ def prepare(
     started = time.time()
     index = build_index(dataset, source, **(options or {}))  # bad layouts fail here, before Ray starts
     if not index.clips:
-        raise ValueError(f"{dataset} source {source} has no usable clips ({len(index.rejected)} rejected)")
+        raise ValueError(f"{dataset} source {source} has no usable clips: "
+                         f"{rejection_report(index.rejected, fs, out_path)}")
 
     rows = clip_order(_clip_rows(index))
     # A length fitted later, or given, never changes the shards: they are sized for the layout's own length.
@@ -402,7 +403,7 @@ def prepare(
     run = uuid.uuid4().hex[:12]
     records = _all_shards(fs, work, plan, in_place=in_place, run=run)
     card = _card(index, dataset, source, records, time.time() - started, run, target_length)
-    _check_rejected(card, max_rejected, fs, work, in_place)
+    _check_rejected(card, max_rejected, fs, work, in_place, out_path)
     if not in_place:
         fs.delete_dir(f"{work}/{TMP_DIR}")
     # The card is the last thing written: its presence marks a finished output.
@@ -442,19 +443,37 @@ def _all_shards(fs, work: str, plan: list[list[dict]], *, in_place: bool, run: s
     return [done[i] for i in range(len(plan))]
 
 
-def _check_rejected(card: dict, max_rejected: float, fs, work: str, in_place: bool) -> None:
+def _check_rejected(card: dict, max_rejected: float, fs, work: str, in_place: bool, out_path: str) -> None:
     """Too many rejected clips: the work is discarded (the same data would fail the same way) and an error says
-    how many and why."""
+    how many and why (``rejection_report``)."""
     rejected = card["rejected"]
     total = card["num_clips"] + len(rejected)
     share = len(rejected) / total if total else 1.0
     if card["num_clips"] == 0 or share > max_rejected:
         _discard(fs, work, in_place)
-        reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:5])
-        raise ValueError(
-            f"{len(rejected)} of {total} clips rejected ({share:.0%} > allowed {max_rejected:.0%}); "
-            f"first: {reasons}"
-        )
+        raise ValueError(f"{len(rejected)} of {total} clips rejected ({share:.0%} > allowed {max_rejected:.0%}, "
+                         f"--max-rejected): {rejection_report(rejected, fs, out_path)}")
+
+
+def reason_kind(reason: str) -> str:
+    """A rejection's reason without what names one clip (its line, ids, numbers, quoted values, details after a
+    colon), so that reasons can be counted: "line 7: unknown split 'dev'" -> "unknown split …"."""
+    text = re.sub(r"^line \d+: ", "", reason).split(": ")[0]
+    text = re.sub(r"\(.*?\)|'[^']*'|\S*\d\S*", "…", text)
+    return " ".join(text.split())
+
+
+def rejection_report(rejected: list[dict], fs, out_path: str, first: int = 5) -> str:
+    """Why clips were rejected, for an error: counts by reason, the first few paths with theirs, and the file
+    (written here, next to the output: ``<out>.rejected.json``) that holds every one."""
+    listing = f"{out_path.rstrip('/')}.rejected.json"
+    storage.write_text(fs, listing, json.dumps(rejected, indent=1))
+    kinds: dict[str, int] = {}
+    for r in rejected:
+        kinds[reason_kind(r["reason"])] = kinds.get(reason_kind(r["reason"]), 0) + 1
+    by_reason = "; ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+    shown = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:first])
+    return f"{len(rejected)} rejected ({by_reason}); first: {shown}; every one with its reason: {listing}"
 
 
 def _start_work(fs, work: str, fingerprint: str, shards: int, *, in_place: bool, existing: bool, out) -> None:

@@ -78,9 +78,9 @@ def _option_examples() -> list[str]:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     prepare = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "prepare")[1]
     helps = " ".join(prepare.format_help().split())
-    found = re.findall(r"--option[ =]([A-Za-z_]+=[^\s`,)|]+(?:,[^\s`,)|]+)*)", readme)
-    found += re.findall(r"e\.g\. ([A-Za-z_]+=\S+?)[,)]", helps)
-    found += re.findall(r"e\.g\. [^)]*?, ([A-Za-z_]+=\S+?)\)", helps)
+    found = re.findall(r"--option[ =]([a-z_]+=[^\s`,)|]+(?:,[^\s`,)|]+)*)", readme)
+    found += re.findall(r"e\.g\. ([a-z_]+=\S+?)[,)]", helps)
+    found += re.findall(r"e\.g\. [^)]*?, ([a-z_]+=\S+?)\)", helps)
     return sorted(set(found))
 
 

@@ -67,15 +67,23 @@ def effective_rank(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def clip_means(utterance: torch.Tensor, clips: int) -> torch.Tensor:
+    """(B·S, D) every clone's utterance vector, clip b's clones at rows b·S .. b·S + S − 1 -> (B, D) each clip's
+    mean over its clones (the clones of one clip differ only in their masks), float32, without gradient."""
+    return utterance.detach().float().reshape(clips, -1, utterance.shape[-1]).mean(1)
+
+
+@torch.no_grad()
 def representation_health(utterance: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """``utterance`` (B·S, D): every clone's student utterance vector, clip b's clones at rows b·S .. b·S + S − 1;
-    ``targets`` (B, P, D): the teacher's targets. Returns {"utterance_std", "target_std", "utterance_rank"}."""
-    clips = targets.shape[0]
-    per_clip = utterance.detach().float().reshape(clips, -1, utterance.shape[-1]).mean(1)  # (B, D)
-    target = targets.detach().float()
-    spread = (lambda v: float(v.std(0).mean())) if clips > 1 else (lambda v: 0.0)
-    return {"utterance_std": spread(per_clip), "target_std": spread(target),
-            "utterance_rank": effective_rank(per_clip)}
+    """``utterance`` (N, D): one utterance vector per clip (``clip_means``; a run passes its window of recent
+    clips); ``targets`` (B, P, D): the teacher's targets of a batch. Returns {"utterance_std", "target_std",
+    "utterance_rank"}."""
+
+    def spread(v: torch.Tensor) -> float:
+        return float(v.std(0).mean()) if len(v) > 1 else 0.0
+
+    return {"utterance_std": spread(utterance.float()), "target_std": spread(targets.detach().float()),
+            "utterance_rank": effective_rank(utterance)}
 
 
 def collapsed(health: dict[str, float], thresholds: CollapseThresholds = COLLAPSE) -> str | None:

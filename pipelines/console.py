@@ -53,11 +53,12 @@ def show_progress(show: bool = True) -> None:
     _state["progress"] = show
 
 
-def run_progress(run_id: str, steps: int):
-    """A context that shows a training run's progress bar while it runs, if progress bars are on."""
+def run_progress(run_id: str, steps: int, collapse_tag: str | None = None):
+    """A context that shows a training run's progress bar while it runs, if progress bars are on; a
+    ``collapse_tag`` that appears on the run is printed once (``collapse_line``) as it appears."""
     import contextlib
 
-    return RunProgress(run_id, steps) if _state["progress"] else contextlib.nullcontext()
+    return RunProgress(run_id, steps, collapse_tag=collapse_tag) if _state["progress"] else contextlib.nullcontext()
 
 
 def collapse_line(where: str, name: str | None = None) -> str:
@@ -136,10 +137,10 @@ class RunProgress:
     """A training run's progress bar (update, loss, clips/s), read from its MLflow run every few seconds: the
     same for a worker in this process and a worker group across a cluster."""
 
-    def __init__(self, run_id: str, steps: int, every_s: float = 2.0):
+    def __init__(self, run_id: str, steps: int, every_s: float = 2.0, collapse_tag: str | None = None):
         self.run_id, self.progress = run_id, Progress(steps, "updates")
         self.every_s, self._stop = every_s, threading.Event()
-        self._collapse_shown = False
+        self.collapse_tag, self._collapse_shown = collapse_tag, False
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> RunProgress:
@@ -164,7 +165,7 @@ class RunProgress:
             history = MlflowClient().get_metric_history(self.run_id, "loss")
         except Exception:  # the store is busy or briefly unreachable: try again at the next tick
             return
-        metrics, collapse = run.data.metrics, run.data.tags.get("asda.collapse")
+        metrics, collapse = run.data.metrics, run.data.tags.get(self.collapse_tag or "")
         if collapse and not self._collapse_shown:  # the run's collapse guard tripped (pipelines.pretrain)
             self._collapse_shown = True
             print(("\n" if self.progress.tty else "") + collapse_line(collapse), flush=True)

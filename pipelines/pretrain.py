@@ -6,6 +6,7 @@ artifacts (config, loss curves, attention figure). Worker: a thin loop of plain 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from model import ASDA, ASDAConfig, read_state, save_checkpoint
+from model.health import clip_means, collapsed, representation_health
 
 from . import console, tracking, worker
 from .training import TrainSettings, WorkerConfig, check_data, fit, start_tracking
@@ -88,8 +90,6 @@ class PretrainJob:
 
     def __init__(self, update: PretrainUpdate, settings: PretrainSettings, world: int,
                  logger: worker.RankZeroLogger | None = None):
-        import collections
-
         import ray.train
 
         self.update, self.model, self.optimiser = update, update.model, update.optimiser
@@ -107,9 +107,8 @@ class PretrainJob:
     def step(self, batch: dict[str, torch.Tensor]) -> worker.StepOutput:
         fbank = batch["fbank"].to(self.device, non_blocking=True)
         out, grad_norm = self.update(fbank)
-        clips = fbank.shape[0]
-        self.window.append(out["utterance"].reshape(clips, -1, out["utterance"].shape[-1]).mean(1).float().cpu())
-        return worker.StepOutput(out["loss"], grad_norm, clips * self.world, out)
+        self.window.append(clip_means(out["utterance"], fbank.shape[0]))  # on the device: no sync per update
+        return worker.StepOutput(out["loss"], grad_norm, fbank.shape[0] * self.world, out)
 
     def metrics(self, out: worker.StepOutput) -> dict[str, float]:
         metrics = {k: out.values[k].item() for k in ("loss", "loss_frame", "loss_utterance")}
@@ -123,21 +122,13 @@ class PretrainJob:
         return metrics
 
     def health(self, out: worker.StepOutput) -> dict[str, float]:
-        """``model.health`` over this rank's window of clips (the standard deviations as a batch sees them, the
-        rank over the whole window). With several ranks each judges its own clips; ``guard`` agrees them."""
-        from model.health import effective_rank, representation_health
-
-        health = representation_health(out.values["utterance"], out.values["targets"])
-        window = torch.cat(list(self.window))
-        health["utterance_rank"] = effective_rank(window)
-        health["utterance_std"] = float(window.std(0).mean()) if len(window) > 1 else 0.0
-        return health
+        """``model.health`` of this rank's window of clips and of the batch's teacher targets. With several ranks
+        each judges its own clips; ``guard`` agrees them."""
+        return representation_health(torch.cat(list(self.window)), out.values["targets"])
 
     def guard(self, health: dict[str, float], step: int) -> None:
         """At the first collapse: the MLflow tags, one console line. Every rank reaches the same verdict (a
         collapse seen by any rank counts for all), so that a stop ends every rank at the same update."""
-        from model.health import collapsed
-
         if self.collapse is not None or sum(len(w) for w in self.window) < self.HEALTH_CLIPS:
             return  # a rank over fewer clips is bounded by their count: judged once the window is full
         found = collapsed(health)

@@ -259,7 +259,7 @@ def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, conf
         dataset_config=_data_config(datasets, settings.workers),
     )
     try:
-        with console.run_progress(run_id, settings.steps):
+        with console.run_progress(run_id, settings.steps, tracking.TAG_COLLAPSE):
             result = trainer.fit()
     except Exception:
         tracking.end_run(run_id, "FAILED")

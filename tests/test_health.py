@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import ASDAConfig
-from model.health import COLLAPSE, collapse_risk, collapsed, effective_rank, representation_health
+from model.health import COLLAPSE, clip_means, collapse_risk, collapsed, effective_rank, representation_health
 
 
 def test_effective_rank_counts_the_directions_the_rows_spread_along():
@@ -24,7 +24,8 @@ def test_clones_are_averaged_per_clip_before_the_spread_across_clips():
     noise -= noise.mean(1, keepdim=True)  # the clones' differences cancel in their mean
     utterance = (per_clip + noise).reshape(clips * students, dim)
     targets = torch.randn(clips, 10, dim)
-    health = representation_health(utterance, targets)
+    assert torch.allclose(clip_means(utterance, clips), per_clip.squeeze(1), atol=1e-6)
+    health = representation_health(clip_means(utterance, clips), targets)
     assert health["utterance_std"] == pytest.approx(float(per_clip.squeeze(1).std(0).mean()), rel=1e-5)
     assert health["target_std"] == pytest.approx(float(targets.std(0).mean()), rel=1e-5)
     assert health["utterance_rank"] == pytest.approx(effective_rank(per_clip.squeeze(1)), rel=1e-6)

@@ -129,7 +129,7 @@ def fitted_length(counts: dict, patch_size: int = 16, low: int = SHORTEST, high:
     if not counts:
         return high
     cut, pad = length_limits(counts, patch_size, low, high)
-    return min(max(min(cut, pad), low), high)
+    return max(min(cut, pad), low)  # pad is within [low, high]
 
 
 def fit_split(card: dict) -> str | None:
@@ -154,10 +154,10 @@ def padding_note(card: dict, split: str, length: int) -> tuple[dict[str, str], s
     share = padding_share(card, split, length)
     if share is None:
         return {}, None
-    cropped = cropped_share(split_frames(card, split), length)
-    params = {"data.padding_share": f"{share:.4f}", "data.cropped_share": f"{cropped:.4f}"}
+    counts = split_frames(card, split)
+    params = {"data.padding_share": f"{share:.4f}", "data.cropped_share": f"{cropped_share(counts, length):.4f}"}
     if share <= MAX_PADDING:
         return params, None
-    fitted = fitted_length(split_frames(card, split))
+    fitted = fitted_length(counts)
     return params, (f"warning: {share:.0%} of the frames fed to the encoder are padding ({split!r} clips at "
                     f"{length} frames); their length fits {fitted} frames (--target-length {fitted})")

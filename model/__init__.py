@@ -6,15 +6,15 @@ from .block import Block
 from .checkpoint import load_checkpoint, load_encoder, read_state, save_checkpoint
 from .config import ASDAConfig
 from .decoder import CNNDecoder
-from .encoder import ASDAEncoder
+from .encoder import READOUTS, ASDAEncoder, read_out
 from .features import DATASET_STATS, fbank, log_mel, normalise, pad_or_crop
 from .head import ASDAClassifier, ClassificationHead, param_groups_layer_decay, param_groups_weight_decay
 from .masking import inverse_block_mask, visible_indices
 
 __all__ = [
     "ASDA", "ASDAClassifier", "ASDAConfig", "ASDAEncoder", "Block", "CNNDecoder", "ClassificationHead",
-    "DATASET_STATS", "DifferentialAttention", "HeadwiseRMSNorm", "StandardAttention", "build_attention",
+    "DATASET_STATS", "READOUTS", "DifferentialAttention", "HeadwiseRMSNorm", "StandardAttention", "build_attention",
     "ema_decay", "fbank", "inverse_block_mask", "load_checkpoint", "load_encoder", "log_mel", "normalise",
-    "pad_or_crop", "param_groups_layer_decay", "param_groups_weight_decay", "read_state", "save_checkpoint",
+    "pad_or_crop", "read_out", "param_groups_layer_decay", "param_groups_weight_decay", "read_state", "save_checkpoint",
     "visible_indices",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,10 @@ from .masking import keep_count
 ATTENTION_KINDS = ("differential", "standard")
 DIFF_NORMS = ("layernorm", "headwise_rms")
 POS_EMBEDS = ("sincos2d", "learned1d")
-CLS_POSITIONS = ("head", "middle", "mean")
+CLS_POSITIONS = ("head", "middle", "none")
+# Older name of cls_position "none" (read with a warning): it was mistaken for the release's mean pooling, which
+# is a read-out of a model pretrained with its CLS (``model.encoder.READOUTS``), not a model without one.
+CLS_POSITION_ALIASES = {"mean": "none"}
 LOSS_REDUCTIONS = ("release", "mean")
 
 
@@ -37,12 +41,17 @@ class ASDAConfig:
     num_mel_bins: int = 128
     target_length: int = 1024  # frames; a multiple of patch_size
     pos_embed: Literal["sincos2d", "learned1d"] = "sincos2d"
-    cls_position: Literal["head", "middle", "mean"] = "head"
+    # where the CLS token sits (head, middle), or "none": no CLS at all, the project's own intervention: pretraining
+    # regresses the mean of the visible patch outputs onto the utterance target, and the utterance vector is the
+    # patches' mean ("mean" is read as "none", with a warning)
+    cls_position: Literal["head", "middle", "none"] = "head"
     # std of the encoder's linear weights; None = 0.02·sqrt(768 / embed_dim): the release's 0.02 at the base width,
     # and at any other width the same spread of attention logits at init (a narrow model at 0.02 starts with
     # near-uniform attention whose q/k learn slowly)
     init_std: float | None = None
     drop_path: float = 0.0  # stochastic depth, linearly 0 -> drop_path over the blocks (fine-tuning)
+    cls_init_std: float = 0.02  # the CLS token's init, N(0, std) (the release: N(0, 1); see encoder._init_cls)
+    cls_weight_decay: bool = False  # weight decay on the CLS token (the release decays it: only 1-D params are free)
 
     # --- attention (SPEC §3)
     attention: Literal["differential", "standard"] = "differential"
@@ -76,6 +85,12 @@ class ASDAConfig:
     ema_anneal_fraction: float | None = None
 
     def __post_init__(self) -> None:
+        if self.cls_position in CLS_POSITION_ALIASES:
+            new = CLS_POSITION_ALIASES[self.cls_position]
+            warnings.warn(f"cls_position={self.cls_position!r} is now called {new!r} (no CLS token in pretraining "
+                          f"or fine-tuning); the release's mean pooling is the read-out 'mean' of a model with a CLS "
+                          f"(probe/finetune --readout mean, the grid factor readout)", UserWarning, stacklevel=3)
+            object.__setattr__(self, "cls_position", new)
         _check_choice("attention", self.attention, ATTENTION_KINDS)
         _check_choice("diff_norm", self.diff_norm, DIFF_NORMS)
         _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
@@ -126,6 +141,8 @@ class ASDAConfig:
             _fail("init_std", self.init_std, "null (width-aware) or a positive number")
         if self.ema_anneal_fraction is not None and not 0.0 < self.ema_anneal_fraction <= 1.0:
             _fail("ema_anneal_fraction", self.ema_anneal_fraction, "null or a number in (0, 1]")
+        if not self.cls_init_std > 0:
+            _fail("cls_init_std", self.cls_init_std, "a positive number")
         if not self.layer_norm_eps > 0:
             _fail("layer_norm_eps", self.layer_norm_eps, "a positive number")
 
@@ -160,10 +177,13 @@ class ASDAConfig:
     # --- presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ASDAConfig:
-        """A named starting point: "base" (the paper's encoder, the defaults) or "tiny" (the CPU preset)."""
+        """A named starting point: "base" (the paper's encoder, the defaults), "tiny" (the CPU preset) or "release"
+        (the released code's constants at base size, ``RELEASE``)."""
         if name not in PRESETS:
             raise ValueError(f"preset={name!r} is not allowed: expected one of {PRESETS}")
-        return cls.tiny(**overrides) if name == "tiny" else cls(**overrides)
+        if name == "tiny":
+            return cls.tiny(**overrides)
+        return cls(**{**(RELEASE if name == "release" else {}), **overrides})
 
     @classmethod
     def tiny(cls, **overrides: Any) -> ASDAConfig:
@@ -234,7 +254,14 @@ class ASDAConfig:
         return ASDAConfig.from_dict({**self.to_dict(), **assignments})
 
 
-PRESETS = ("base", "tiny")
+PRESETS = ("base", "tiny", "release")
+# The released code (MyParadise21/ASDA) where it differs from the base preset: its AltAttention hard-codes
+# (A1 − 0.1·A2)·v and norm(·)·(1 − 0.05) (models/modules.py), its pretraining sums the losses with cls_loss 0.5
+# (config/pretraining_AS2M.yaml), its CLS is drawn from N(0, 1) (models/base.py: nn.init.normal_) and decayed like
+# every parameter of more than one dimension; its MLP is 3.5·D and its attention norm a LayerNorm over D, as the base
+# preset's. What ``asda import --from fairseq`` builds for an ASDA checkpoint, and the paper grid's centre.
+RELEASE: dict[str, Any] = dict(diff_lambda=0.1, lambda_init=0.05, diff_norm="layernorm", mlp_ratio=3.5,
+                               loss_reduction="release", alpha=0.5, cls_init_std=1.0, cls_weight_decay=True)
 # Where the tiny preset's objective and teacher differ from the release's (ASDAConfig.tiny says why).
 TINY_RECIPE: dict[str, Any] = dict(loss_reduction="mean", alpha=0.0, ema_decay_start=0.99, ema_decay_end=0.999)
 

@@ -18,6 +18,23 @@ from .config import ASDAConfig
 from .patch_embed import PatchEmbed
 from .pos_embed import POSITIONAL_ENCODINGS
 
+# How a clip's vector is read from the encoder's outputs (an evaluation's choice, not the model's): "cls" = the
+# utterance vector (the CLS token's output; the patches' mean for a model with cls_position "none"); "mean" = the
+# release's mean pooling (PredictionMode.MEAN_POOLING): the CLS stays in the sequence and the patch outputs are
+# averaged.
+READOUTS = ("cls", "mean")
+
+
+def check_readout(readout: str) -> None:
+    if readout not in READOUTS:
+        raise ValueError(f"readout={readout!r} is not allowed: expected one of {list(READOUTS)}")
+
+
+def read_out(utterance: torch.Tensor, patches: torch.Tensor, readout: str) -> torch.Tensor:
+    """(B, D): the clip vector ``readout`` names, from ``extract_features``' utterance (B, D) and patches (B, P, D)."""
+    check_readout(readout)
+    return utterance if readout == "cls" else patches.mean(dim=1)
+
 
 class ASDAEncoder(nn.Module):
     def __init__(self, config: ASDAConfig):
@@ -26,7 +43,7 @@ class ASDAEncoder(nn.Module):
         D = config.embed_dim
         self.patch_embed = PatchEmbed(D, config.patch_size, config.num_mel_bins)
         self.pos_embed = POSITIONAL_ENCODINGS[config.pos_embed](D, config.grid, config.cls_position)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.cls_position != "mean" else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.cls_position != "none" else None
         # Post-LN blocks expect normalised input: the release normalises the token sequence before block 0.
         self.norm_input = nn.LayerNorm(D, eps=config.layer_norm_eps)
         drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
@@ -44,7 +61,7 @@ class ASDAEncoder(nn.Module):
         )
         self.apply(functools.partial(_init_weights, std=config.linear_init_std))
         if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            _init_cls(self.cls_token, config.cls_init_std)
 
     # --- stages
     def embed(self, fbank: torch.Tensor) -> torch.Tensor:
@@ -52,8 +69,8 @@ class ASDAEncoder(nn.Module):
         return self.pos_embed(self.patch_embed(fbank))
 
     def cls_index(self, num_tokens: int) -> int | None:
-        """Where the CLS token sits in a sequence of ``num_tokens`` patch tokens (None for 'mean')."""
-        return {"head": 0, "middle": num_tokens // 2, "mean": None}[self.config.cls_position]
+        """Where the CLS token sits in a sequence of ``num_tokens`` patch tokens (None for 'none')."""
+        return {"head": 0, "middle": num_tokens // 2, "none": None}[self.config.cls_position]
 
     def _with_cls(self, tokens: torch.Tensor, num_patches: int | None = None) -> tuple[torch.Tensor, int | None]:
         """(B, N, D) patch tokens -> the sequence with the CLS token at its position, and that position.
@@ -133,6 +150,15 @@ def _drop_token(x: torch.Tensor, idx: int | None) -> torch.Tensor:
     if idx == 0:  # the CLS at the head: a view, no copy
         return x[:, 1:]
     return torch.cat([x[:, :idx], x[:, idx + 1:]], dim=1)
+
+
+def _init_cls(token: nn.Parameter, std: float) -> None:
+    """N(0, std): timm's trunc_normal_ (cut at ±2, which never binds at the small std of EAT and the base preset)
+    up to std 0.1; above it the release's untruncated nn.init.normal_ (its CLS is N(0, 1), models/base.py)."""
+    if std <= 0.1:
+        nn.init.trunc_normal_(token, std=std)
+    else:
+        nn.init.normal_(token, std=std)
 
 
 def _init_weights(module: nn.Module, std: float) -> None:

@@ -49,13 +49,13 @@ from typing import Any, NoReturn
 import torch
 
 from .checkpoint import save_checkpoint
-from .config import ASDAConfig
+from .config import RELEASE, ASDAConfig
 from .encoder import ASDAEncoder
 from .pos_embed import SinCos2dPositionalEncoding, sincos_2d_table
 
 RELEASE_MEL_BINS = 128  # EAT/ASDA images.py: img_size = (target_length, 128)
 RELEASE_TARGET_LENGTH = 1024  # D2vImageConfig.target_length
-ASDA_LAMBDA, ASDA_LAMBDA_INIT = 0.1, 0.05  # ASDA models/modules.py: (attn1 - 0.1 * attn2), norm(x) * (1 - 0.05)
+ASDA_LAMBDA, ASDA_LAMBDA_INIT = RELEASE["diff_lambda"], RELEASE["lambda_init"]  # models/modules.py: (attn1 - 0.1 * attn2), norm(x) * (1 - 0.05)
 POSITION_TOLERANCE = 1e-3  # largest |difference| from our sincos table that still counts as the same table
 REPORT_SUFFIX = ".import.json"  # the report is written beside the checkpoint: <out>.import.json
 
@@ -327,7 +327,7 @@ def infer_config(view: dict[str, tuple[str, torch.Tensor]], settings: dict, moda
 
     extra = shape.get(f"{enc}extra_tokens")
     if extra is None or extra[1] == 0:
-        fields["cls_position"], source["cls_position"] = "mean", f"no {enc}extra_tokens: mean pooling"
+        fields["cls_position"], source["cls_position"] = "none", f"no {enc}extra_tokens: no CLS token"
     elif extra[1] == 1:
         fields["cls_position"], source["cls_position"] = "head", f"{enc}extra_tokens, prepended to the patches"
     else:
@@ -351,6 +351,10 @@ def infer_config(view: dict[str, tuple[str, torch.Tensor]], settings: dict, moda
         else:
             fields["diff_lambda"], fields["lambda_init"] = ASDA_LAMBDA, ASDA_LAMBDA_INIT
             source["diff_lambda"] = source["lambda_init"] = "constants of the ASDA release's AltAttention"
+            # The rest of the release's constants (ASDAConfig.preset("release")): its CLS init and weight decay.
+            fields["cls_init_std"], fields["cls_weight_decay"] = RELEASE["cls_init_std"], RELEASE["cls_weight_decay"]
+            source["cls_init_std"] = "the ASDA release's nn.init.normal_ of extra_tokens (models/base.py)"
+            source["cls_weight_decay"] = "the ASDA release decays every parameter of more than one dimension"
         if "subln.weight" in attn:
             fields["diff_norm"], source["diff_norm"] = "headwise_rms", "blocks.N.attn.subln (per-head RMSNorm)"
         else:
@@ -394,7 +398,7 @@ def parameter_map(config: ASDAConfig, modality: str) -> list[tuple[str, list[str
              ("patch_embed.proj.bias", [f"{enc}local_encoder.proj.bias"]),
              ("norm_input.weight", [f"{enc}context_encoder.norm.weight"]),
              ("norm_input.bias", [f"{enc}context_encoder.norm.bias"])]
-    if config.cls_position != "mean":
+    if config.cls_position != "none":
         pairs.append(("cls_token", [f"{enc}extra_tokens"]))
     for i in range(config.depth):
         pairs += _block_map(i, config)

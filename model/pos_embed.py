@@ -40,7 +40,7 @@ def sincos_2d_table(grid: tuple[int, int], dim: int) -> torch.Tensor:
 
 def cls_column(cls_position: str, num_patches: int, freq_bins: int) -> int | None:
     """The time column the CLS token belongs to in a full layout of ``num_patches`` patches (None: no CLS)."""
-    return {"head": -1, "middle": (num_patches // freq_bins) // 2, "mean": None}[cls_position]
+    return {"head": -1, "middle": (num_patches // freq_bins) // 2, "none": None}[cls_position]
 
 
 class SinCos2dPositionalEncoding(nn.Module):
@@ -80,7 +80,7 @@ class Learned1dPositionalEncoding(nn.Module):
     def __init__(self, embed_dim: int, max_grid: tuple[int, int], cls_position: str = "head"):
         super().__init__()
         self.freq_bins, self.cls_position = max_grid[1], cls_position
-        rows = max_grid[0] * max_grid[1] + (cls_position != "mean")
+        rows = max_grid[0] * max_grid[1] + (cls_position != "none")
         self.table = nn.Parameter(torch.zeros(rows, embed_dim))
         nn.init.trunc_normal_(self.table, std=0.02)
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 # Spelled out here rather than imported, because importing their homes imports torch; tests/test_cli.py checks they
 # equal model.config.PRESETS, pipelines.data.adapters.ADAPTERS, pipelines.update.PRECISIONS and
-# pipelines.inference.ENCODER_FEATURES.
-PRESETS = ("base", "tiny")
+# pipelines.inference.ENCODER_READOUTS (FINETUNE_READOUTS: model.READOUTS).
+PRESETS = ("base", "tiny", "release")
 DATASETS = ("audioset", "esc50", "folder", "manifest", "speechcommands", "synthetic")
 PRECISIONS = ("bf16", "fp32")  # pipelines.update.PRECISIONS
-ENCODER_FEATURES = ("utterance", "utterance+mean")  # pipelines.inference.ENCODER_FEATURES
+ENCODER_READOUTS = ("cls", "mean", "cls+mean")  # pipelines.inference.ENCODER_READOUTS
+FINETUNE_READOUTS = ("cls", "mean")  # model.READOUTS
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -534,6 +535,16 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_finetune)
 
 
+def _older_features(value: str) -> str:
+    """``--features``, the probe's older name of ``--readout``: utterance -> cls, utterance+mean -> cls+mean."""
+    older = {"utterance": "cls", "utterance+mean": "cls+mean"}
+    if value not in older:
+        raise argparse.ArgumentTypeError(f"{value!r} is not allowed: expected one of {list(older)} (the older "
+                                         f"names of --readout {', '.join(older.values())})")
+    print(f"note: --features {value} is now --readout {older[value]}", file=sys.stderr)
+    return older[value]
+
+
 def _probe(args: argparse.Namespace) -> int:
     from .probe import ProbeSettings, probe
     from .worker import resolve_checkpoint
@@ -543,7 +554,7 @@ def _probe(args: argparse.Namespace) -> int:
     if checkpoint is None and not args.random_init:
         raise ValueError("give --checkpoint (a pretraining run folder or .pt file) or --random-init for the baseline")
     settings = ProbeSettings(data=str(data), checkpoint=checkpoint, which=args.which, eval_split=args.eval_split,
-                             cv_folds=args.cv_folds, features=args.features, l2=args.l2, seed=args.seed,
+                             cv_folds=args.cv_folds, readout=args.readout, l2=args.l2, seed=args.seed,
                              experiment=args.experiment,
                              name=args.name, target_length=args.target_length)
     _ensure_default_data(data)
@@ -565,9 +576,10 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", help="split to evaluate on (default: test, else valid)")
     p.add_argument("--cv-folds", type=int, default=0,
                    help="k-fold cross-validation over the train split's folds 1..k (ESC-50: 5); reports the mean")
-    p.add_argument("--features", choices=ENCODER_FEATURES, default="utterance",
-                   help="what the classifier sees per clip: the utterance vector (default), or it beside the mean "
-                        "patch token (utterance+mean)")
+    p.add_argument("--readout", choices=ENCODER_READOUTS, default="cls",
+                   help="what the classifier reads per clip: the CLS output (cls, default), the release's mean "
+                        "pooling of the patch outputs (mean), or both side by side (cls+mean)")
+    p.add_argument("--features", dest="readout", type=_older_features, help=argparse.SUPPRESS)
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the classifier (default: 1e-3)")
     _add_length_arg(p)
     p.add_argument("--seed", type=int, default=0)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import ASDAClassifier, ASDAConfig, ASDAEncoder
+from model import ASDAClassifier, ASDAConfig, ASDAEncoder, read_out
 
 from .data import storage
 from .data.card import load_card
@@ -43,56 +43,72 @@ from .data.feed import (
     verify_shards,
 )
 
-# What an encoder gives per clip: its utterance vector, or that vector beside the mean of its patch tokens (the
-# linear evaluation of DINO and its successors, which probes both what the utterance objective shaped and what
-# the frame objective did).
-ENCODER_FEATURES = ("utterance", "utterance+mean")
+# What an encoder gives per clip, as an evaluation reads it: "cls" (the utterance vector: the CLS output), "mean"
+# (the release's mean pooling: the patch outputs averaged, the CLS kept in the sequence) or "cls+mean" (the two
+# side by side, (B, 2D): the linear evaluation of DINO and its successors, which probes both what the utterance
+# objective shaped and what the frame objective did). See model.encoder.READOUTS.
+ENCODER_READOUTS = ("cls", "mean", "cls+mean")
+# The probe's older names of two read-outs ("utterance" for cls, "utterance+mean" for cls+mean).
+READOUT_ALIASES = {"utterance": "cls", "utterance+mean": "cls+mean"}
 INFERENCE_THREADS = 1  # torch threads per actor: the thread count orders float sums, so it is fixed, not the machine's
 BATCHES_PER_ACTOR = 8  # a pool grows only while each actor has at least this many batches: starting one costs ~3 s
 
 
-def check_features(features: str) -> None:
-    """``features`` is one of ENCODER_FEATURES; else an error naming them."""
-    if features not in ENCODER_FEATURES:
-        raise ValueError(f"features={features!r} is not allowed: expected one of {list(ENCODER_FEATURES)}")
+def check_readout(readout: str) -> str:
+    """``readout`` as ENCODER_READOUTS names it (an older name, READOUT_ALIASES, is translated); else an error
+    naming the allowed ones."""
+    readout = READOUT_ALIASES.get(readout, readout)
+    if readout not in ENCODER_READOUTS:
+        raise ValueError(f"readout={readout!r} is not allowed: expected one of {list(ENCODER_READOUTS)}")
+    return readout
 
 
-def feature_width(config: ASDAConfig, features: str) -> int:
-    """Floats per clip an encoder with ``config`` gives as ``features``."""
-    return config.embed_dim * (2 if features == "utterance+mean" else 1)
+def readout_width(config: ASDAConfig, readout: str) -> int:
+    """Floats per clip an encoder with ``config`` gives as ``readout``."""
+    return config.embed_dim * (2 if readout == "cls+mean" else 1)
 
 
-def model_spec(model: ASDAEncoder | ASDAClassifier, features: str = "utterance") -> dict[str, Any]:
-    """What an actor needs to rebuild ``model``: its kind, config, head size and weights (CPU tensors), and which
-    ``features`` an encoder gives (see ENCODER_FEATURES)."""
-    check_features(features)
+def readout_columns(config: ASDAConfig, readout: str) -> slice:
+    """Where ``readout``'s floats sit in the "cls+mean" vector of an encoder with ``config``."""
+    D = config.embed_dim
+    return {"cls": slice(0, D), "mean": slice(D, 2 * D), "cls+mean": slice(0, 2 * D)}[check_readout(readout)]
+
+
+def model_spec(model: ASDAEncoder | ASDAClassifier, readout: str = "cls") -> dict[str, Any]:
+    """What an actor needs to rebuild ``model``: its kind, config, head size, read-out and weights (CPU tensors);
+    an encoder gives ``readout`` per clip (ENCODER_READOUTS), a classifier reads its own."""
     if isinstance(model, ASDAClassifier):
-        kind, num_classes, config = "classifier", model.head.linear.out_features, model.encoder.config
+        kind, num_classes, config, readout = ("classifier", model.head.linear.out_features, model.encoder.config,
+                                              model.readout)
     elif isinstance(model, ASDAEncoder):
-        kind, num_classes, config = "encoder", None, model.config
+        kind, num_classes, config, readout = "encoder", None, model.config, check_readout(readout)
     else:
         raise TypeError(f"model_outputs takes an ASDAEncoder or an ASDAClassifier, not {type(model).__name__}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"kind": kind, "config": config.to_dict(), "num_classes": num_classes, "state": state,
-            "features": features}
+            "readout": readout}
 
 
 def build_model(spec: dict[str, Any]) -> ASDAEncoder | ASDAClassifier:
     config = ASDAConfig.from_dict(spec["config"])
-    model = ASDAClassifier(config, spec["num_classes"]) if spec["kind"] == "classifier" else ASDAEncoder(config)
+    if spec["kind"] == "classifier":
+        model = ASDAClassifier(config, spec["num_classes"], readout=spec["readout"])
+    else:
+        model = ASDAEncoder(config)
     model.load_state_dict(spec["state"])
     return model.eval()
 
 
 @torch.no_grad()
-def forward(model: ASDAEncoder | ASDAClassifier, fbank: torch.Tensor, features: str = "utterance") -> torch.Tensor:
-    """(B, T, 128) normalised log-mel -> (B, C) logits (classifier), or (encoder) (B, D) utterance vectors, or
-    with ``features="utterance+mean"`` (B, 2D): the utterance vector, then the mean of the patch tokens."""
+def forward(model: ASDAEncoder | ASDAClassifier, fbank: torch.Tensor, readout: str = "cls") -> torch.Tensor:
+    """(B, T, 128) normalised log-mel -> (B, C) logits (classifier), or (encoder) the read-out (B, D), or with
+    ``readout="cls+mean"`` (B, 2D): the utterance vector, then the mean of the patch outputs."""
     if isinstance(model, ASDAClassifier):
         return model(fbank).float()
     utterance, patches = model.extract_features(fbank)
-    out = utterance if features == "utterance" else torch.cat([utterance, patches.mean(1)], dim=-1)
-    return out.float()
+    if readout == "cls+mean":
+        return torch.cat([utterance, read_out(utterance, patches, "mean")], dim=-1).float()
+    return read_out(utterance, patches, check_readout(readout)).float()
 
 
 class _ModelActor:
@@ -104,12 +120,12 @@ class _ModelActor:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         spec = ray.get(spec_ref[0])
-        self.model, self.features = build_model(spec).to(self.device), spec["features"]
+        self.model, self.readout = build_model(spec).to(self.device), spec["readout"]
         self.decode = decode
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = to_model_batch(rows, **self.decode)
-        out = forward(self.model, torch.from_numpy(clips["fbank"]).to(self.device), self.features).cpu().numpy()
+        out = forward(self.model, torch.from_numpy(clips["fbank"]).to(self.device), self.readout).cpu().numpy()
         result = {"output": out, "id": clips["id"], "split": np.asarray(rows["split"], dtype=object),
                   "fold": np.asarray(rows["fold"])}
         if "label" in clips:
@@ -143,11 +159,11 @@ def model_outputs(
     folds: Iterable[int] | None = None,
     batch_size: int = 64,
     threads: int = INFERENCE_THREADS,
-    features: str = "utterance",
+    readout: str = "cls",
 ) -> dict[str, np.ndarray]:
     """``model``'s outputs on every clip of ``split`` (and ``folds``), computed on Ray Data (see the module).
 
-    ``features``: what an encoder gives per clip (ENCODER_FEATURES). Returns "output" (N, D, 2D or C) float32,
+    ``readout``: what an encoder gives per clip (ENCODER_READOUTS). Returns "output" (N, D, 2D or C) float32,
     "id", "split", "fold" and, unless labels="none", "label" as the feed gives it; N may be 0. target_length
     defaults to the card's.
     """
@@ -164,8 +180,8 @@ def model_outputs(
     shards = verify_shards(prepared, card)
     folds = None if folds is None else [int(f) for f in folds]
     clips = split_rows(card, splits, folds)
-    spec = model_spec(model, features)
-    width = spec["num_classes"] or feature_width(model.config, features)
+    spec = model_spec(model, readout)
+    width = spec["num_classes"] or readout_width(model.config, spec["readout"])
     ray = ensure_ray()
     actors, per_actor = pool_size(ray, math.ceil(clips / batch_size))
     norm = card["normalisation"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from model import ASDAConfig, ASDAEncoder, load_encoder
 
 from . import tracking
-from .inference import check_features, feature_width, forward
+from .inference import check_readout, forward, readout_columns, readout_width
 from .metrics import evaluate, fold_summary
 
 
@@ -32,7 +34,10 @@ class ProbeSettings:
     train_split: str = "train"
     eval_split: str | None = None  # default: test, else valid
     cv_folds: int = 0  # > 0: k-fold cross-validation over the train split's folds 1..k (ESC-50: 5)
-    features: str = "utterance"  # or "utterance+mean": the utterance vector beside the mean patch token
+    # what the classifier reads per clip (inference.ENCODER_READOUTS): "cls" (the utterance vector), "mean" (the
+    # release's mean pooling of the patch outputs) or "cls+mean" (both side by side)
+    readout: str = "cls"
+    features: str | None = None  # the older name of readout ("utterance", "utterance+mean"), read with a warning
     l2: float = 1e-3  # weight of the L2 penalty on the classifier weights
     max_iter: int = 300
     batch_size: int = 64  # clips per feature-extraction batch
@@ -48,13 +53,19 @@ class ProbeSettings:
             raise ValueError(f"which={self.which!r} is not allowed: expected 'student' or 'teacher'")
         if self.l2 < 0 or self.max_iter < 1 or self.batch_size < 1 or self.cv_folds < 0:
             raise ValueError("l2 and cv_folds must be >= 0, max_iter and batch_size >= 1")
-        check_features(self.features)
+        if self.features is not None:
+            readout = check_readout(self.features)
+            warnings.warn(f"the probe's features={self.features!r} is now readout={readout!r}", UserWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "readout", readout)
+            object.__setattr__(self, "features", None)
+        object.__setattr__(self, "readout", check_readout(self.readout))
 
 
 @torch.no_grad()
 def encoder_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 64,
-                       features: str = "utterance") -> torch.Tensor:
-    """The probe's ``features`` of clips already in this process, in batches of ``batch_size`` (without Ray:
+                     readout: str = "cls") -> torch.Tensor:
+    """The probe's ``readout`` of clips already in this process, in batches of ``batch_size`` (without Ray:
     ``model_outputs`` gives the same bits at the same batch size and torch thread count)."""
     from .console import progress
 
@@ -62,12 +73,12 @@ def encoder_features(encoder: ASDAEncoder, fbank: np.ndarray, batch_size: int = 
     shown = progress(len(fbank), "clips encoded")
     parts = []
     for i in range(0, len(fbank), batch_size):
-        parts.append(forward(encoder, torch.as_tensor(fbank[i:i + batch_size]), features))
+        parts.append(forward(encoder, torch.as_tensor(fbank[i:i + batch_size]), readout))
         if shown:
             shown.update(min(i + batch_size, len(fbank)))
     if shown:
         shown.finish()
-    return torch.cat(parts) if parts else torch.empty(0, feature_width(encoder.config, features))
+    return torch.cat(parts) if parts else torch.empty(0, readout_width(encoder.config, readout))
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, multilabel: bool, l2: float,
@@ -101,9 +112,12 @@ class _Standardise(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
-def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str, Any]:
-    """Fit and evaluate the probe; metrics go to MLflow. ``config`` builds the random encoder when there is
-    no checkpoint (default: the tiny preset)."""
+def probe(settings: ProbeSettings, config: ASDAConfig | None = None,
+          also: Sequence[str] = ()) -> dict[str, Any]:
+    """Fit and evaluate the probe on ``settings.readout``; metrics go to MLflow. ``config`` builds the random
+    encoder when there is no checkpoint (default: the tiny preset). ``also``: further read-outs scored from the
+    same encoding (one pass over the clips gives every read-out), returned under "readouts" and logged as
+    ``readout_<name>/<metric>``."""
     from .data.card import load_card, padding_note
     from .inference import model_outputs
 
@@ -114,16 +128,35 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
     else:
         torch.manual_seed(settings.seed)
         encoder = ASDAEncoder(config or ASDAConfig.tiny())
-    multilabel, num_classes = card["multilabel"], len(card["class_names"])
     length = input_length(encoder.config, card, settings.target_length, settings.data)
     padding, warning = padding_note(card, settings.train_split, length)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    # One pass over every clip the probe needs (the encoder runs once per clip, one actor pool is started).
+    # One pass over every clip the probe needs (the encoder runs once per clip, one actor pool is started), each
+    # clip's CLS output beside its mean patch output: every read-out is a slice of it.
     splits = list(dict.fromkeys([settings.train_split] if folds else [settings.train_split, eval_split]))
     encoded = model_outputs(encoder, settings.data, splits, target_length=length,
-                            labels="multihot" if multilabel else "index", folds=folds,
-                            batch_size=settings.batch_size, features=settings.features)
+                            labels="multihot" if card["multilabel"] else "index", folds=folds,
+                            batch_size=settings.batch_size, readout="cls+mean")
+    scored = {}
+    for readout in dict.fromkeys([settings.readout, *map(check_readout, also)]):
+        columns = readout_columns(encoder.config, readout)
+        scored[readout] = _score(settings, card, folds, eval_split, {**encoded, "output": encoded["output"][:, columns]})
+    metrics, num_train, num_eval = scored.pop(settings.readout)
+    warning = near_chance(metrics, card)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    extra = {f"readout_{r}/{k}": v for r, (m, _, _) in scored.items() for k, v in m.items()}
+    run_id = _log(settings, {**metrics, **extra}, eval_split, encoder.config, length, padding)
+    return {**metrics, "run_id": run_id, "eval_split": eval_split, "num_train": num_train, "num_eval": num_eval,
+            "readouts": {r: m for r, (m, _, _) in scored.items()}}
+
+
+def _score(settings: ProbeSettings, card: dict, folds: list[int] | None, eval_split: str,
+           encoded: dict[str, np.ndarray]) -> tuple[dict[str, float], int, int]:
+    """(metrics, training clips, scored clips) of the probe fitted on ``encoded``'s train split (or each fold's
+    complement) and scored on its eval split (or the held-out fold)."""
+    multilabel, num_classes = card["multilabel"], len(card["class_names"])
 
     def features(keep: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         return torch.from_numpy(encoded["output"][keep]), encoded["label"][keep]
@@ -136,29 +169,21 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None) -> dict[str
             train_metrics = evaluate(classifier(train[0]), train[1], num_classes, multilabel)
         return {**metrics, **{f"train_{k[5:]}": v for k, v in train_metrics.items()}}
 
-    if settings.cv_folds:
-        parts = {k: features(encoded["fold"] == k) for k in folds}
-        per_fold = {}
-        for k in folds:
-            rest = [parts[j] for j in folds if j != k]
-            train = (torch.cat([x for x, _ in rest]), np.concatenate([y for _, y in rest]))
-            per_fold[k] = fit_and_score(train, parts[k])
-        first = per_fold[folds[0]]
-        metrics = fold_summary(list(per_fold.values()), [k for k in first if k.startswith("eval_")])
-        metrics.update({key: float(np.mean([m[key] for m in per_fold.values()])) for key in first
-                        if key.startswith("train_")})
-        metrics.update({f"{key}_fold{k}": m[key] for k, m in per_fold.items() for key in m if key.startswith("eval_")})
-        num_train = sum(len(x) for x, _ in parts.values())
-        num_eval = num_train
-    else:
+    if not folds:
         train, test = features(encoded["split"] == settings.train_split), features(encoded["split"] == eval_split)
-        metrics = fit_and_score(train, test)
-        num_train, num_eval = len(train[0]), len(test[0])
-    warning = near_chance(metrics, card)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    run_id = _log(settings, metrics, eval_split, encoder.config, length, padding)
-    return {**metrics, "run_id": run_id, "eval_split": eval_split, "num_train": num_train, "num_eval": num_eval}
+        return fit_and_score(train, test), len(train[0]), len(test[0])
+    parts = {k: features(encoded["fold"] == k) for k in folds}
+    per_fold = {}
+    for k in folds:
+        rest = [parts[j] for j in folds if j != k]
+        per_fold[k] = fit_and_score((torch.cat([x for x, _ in rest]), np.concatenate([y for _, y in rest])), parts[k])
+    first = per_fold[folds[0]]
+    metrics = fold_summary(list(per_fold.values()), [k for k in first if k.startswith("eval_")])
+    metrics.update({key: float(np.mean([m[key] for m in per_fold.values()])) for key in first
+                    if key.startswith("train_")})
+    metrics.update({f"{key}_fold{k}": m[key] for k, m in per_fold.items() for key in m if key.startswith("eval_")})
+    num_train = sum(len(x) for x, _ in parts.values())
+    return metrics, num_train, num_train
 
 
 NEAR_CHANCE = 0.1  # "near chance": a train accuracy less than this share of the way from chance to 1
@@ -216,7 +241,7 @@ def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, co
     client = MlflowClient()
     run_id = settings.run_id
     params = {f"{tracking.PARAM_PROBE}{k}": str(v) for k, v in dataclasses.asdict(settings).items()
-              if k not in ("run_id", "parent_run_id", "name")}
+              if k not in ("run_id", "parent_run_id", "name", "features")}
     params[tracking.PARAM_PROBE_EVAL_SPLIT] = eval_split
     params[tracking.PARAM_PROBE + tracking.PARAM_DATA_TARGET_LENGTH] = str(length)
     params.update({tracking.PARAM_PROBE + k: v for k, v in padding.items()})

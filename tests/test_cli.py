@@ -7,9 +7,9 @@ from pipelines.cli import main
 
 
 def test_model_command_prints_resolved_config_and_parameters(capsys):
-    assert main(["model", "--preset", "tiny", "diff_lambda=0.5", "cls_position=mean"]) == 0
+    assert main(["model", "--preset", "tiny", "diff_lambda=0.5", "cls_position=none"]) == 0
     out = capsys.readouterr().out
-    assert "diff_lambda: 0.5" in out and "cls_position: mean" in out and "encoder parameters" in out
+    assert "diff_lambda: 0.5" in out and "cls_position: none" in out and "encoder parameters" in out
 
 
 def test_bad_override_exits_2_with_the_reason(capsys):
@@ -40,19 +40,20 @@ def test_building_the_parser_and_every_help_imports_nothing_heavy():
 
 
 def test_parser_choices_match_the_presets_and_adapters_they_name():
+    from model import READOUTS
     from model.config import PRESETS
-    from pipelines.cli import DATASETS
-    from pipelines.cli import ENCODER_FEATURES as CLI_FEATURES
+    from pipelines.cli import DATASETS, FINETUNE_READOUTS
+    from pipelines.cli import ENCODER_READOUTS as CLI_READOUTS
     from pipelines.cli import PRECISIONS as CLI_PRECISIONS
     from pipelines.cli import PRESETS as CLI_PRESETS
     from pipelines.data.adapters import ADAPTERS
-    from pipelines.inference import ENCODER_FEATURES
+    from pipelines.inference import ENCODER_READOUTS
     from pipelines.update import PRECISIONS
 
     assert CLI_PRESETS == PRESETS
     assert DATASETS == tuple(sorted(ADAPTERS))
     assert CLI_PRECISIONS == PRECISIONS
-    assert CLI_FEATURES == ENCODER_FEATURES
+    assert CLI_READOUTS == ENCODER_READOUTS and FINETUNE_READOUTS == READOUTS
 
 
 def test_pretrain_takes_compile_and_precision_and_refuses_an_unknown_precision(capsys):

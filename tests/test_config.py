@@ -17,7 +17,7 @@ def test_defaults_are_the_base_model():
     [
         ("diff_lambda", 1.0, "[0, 1)"),
         ("diff_lambda", -0.1, "[0, 1)"),
-        ("cls_position", "tail", "'head', 'middle', 'mean'"),
+        ("cls_position", "tail", "'head', 'middle', 'none'"),
         ("target_length", 1000, "multiple of patch_size"),
         ("num_students", 0, "positive integer"),
         ("attention", "linear", "'differential', 'standard'"),

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model import ASDA, ASDAConfig, ASDAEncoder
+from model import ASDA, ASDAConfig, ASDAEncoder, read_out
 from model.asda import objective_terms
 
 SMALL = ASDAConfig.tiny(embed_dim=64, depth=2, num_heads=4, target_length=128, average_top_k_layers=2,
@@ -36,12 +36,12 @@ def test_cls_head_and_middle_are_different_functions_with_shared_weights(pos_emb
     assert (u_head - u_middle).abs().max() > 1e-2 * u_head.abs().max()
 
 
-def test_cls_mean_drops_the_cls_token_and_pools_the_patches_with_the_same_weights():
-    """cls_position: mean takes the CLS token out of the sequence (the only weight it lacks) and makes the
+def test_cls_none_drops_the_cls_token_and_pools_the_patches_with_the_same_weights():
+    """cls_position: none takes the CLS token out of the sequence (the only weight it lacks) and makes the
     utterance vector the mean of the patch outputs; every other weight computes as it does with a CLS at the head."""
     torch.manual_seed(0)
     head = ASDAEncoder(dataclasses.replace(SMALL, cls_position="head")).eval()
-    mean = ASDAEncoder(dataclasses.replace(SMALL, cls_position="mean")).eval()
+    mean = ASDAEncoder(dataclasses.replace(SMALL, cls_position="none")).eval()
     missing, unexpected = mean.load_state_dict(head.state_dict(), strict=False)
     assert (missing, unexpected) == ([], ["cls_token"])
     x = _fbank()
@@ -53,6 +53,36 @@ def test_cls_mean_drops_the_cls_token_and_pools_the_patches_with_the_same_weight
         u_head = head.extract_features(x)[0]
     assert torch.equal(patches, tokens) and torch.allclose(utterance, patches.mean(1))
     assert (u_head - utterance).abs().max() > 1e-2 * u_head.abs().max()
+
+
+def test_cls_position_mean_is_read_as_none_with_a_warning_naming_the_readout():
+    """An older config's cls_position "mean" still loads (as "none"), and the warning says where the release's mean
+    pooling now lives."""
+    with pytest.warns(UserWarning, match=r"cls_position='mean' is now called 'none'.*read-out 'mean'"):
+        config = ASDAConfig.from_dict({**SMALL.to_dict(), "cls_position": "mean"})
+    assert config.cls_position == "none" and config == dataclasses.replace(SMALL, cls_position="none")
+
+
+def test_the_mean_readout_keeps_the_cls_in_the_sequence_and_averages_the_patch_outputs():
+    """The release's PredictionMode.MEAN_POOLING: the model runs with its CLS (so the patch outputs are those of
+    the CLS model), and the clip vector is the mean of the patch outputs, not of every token; the CLS read-out is
+    the CLS's output. Same weights, same input: the two read-outs differ."""
+    torch.manual_seed(0)
+    head = ASDAEncoder(dataclasses.replace(SMALL, cls_position="head")).eval()
+    x = _fbank()
+    with torch.no_grad():
+        tokens = head.norm_input(torch.cat([head.cls_token.expand(len(x), -1, -1)
+                                            + head.pos_embed.cls_code(head.embed(x).shape[1]), head.embed(x)], 1))
+        for block in head.blocks:
+            tokens, _ = block(tokens)
+        utterance, patches = head.extract_features(x)
+        mean = read_out(utterance, patches, "mean")
+    assert torch.allclose(mean, tokens[:, 1:].mean(1), atol=1e-6)
+    assert not torch.allclose(mean, tokens.mean(1), atol=1e-3)  # the CLS's own output is not averaged in
+    assert torch.allclose(read_out(utterance, patches, "cls"), tokens[:, 0], atol=1e-6)
+    assert (mean - utterance).abs().max() > 1e-2
+    with pytest.raises(ValueError, match=r"readout='max' is not allowed: expected one of \['cls', 'mean'\]"):
+        read_out(utterance, patches, "max")
 
 
 def test_cls_position_moves_only_the_cls_code_with_the_fixed_table():

@@ -1,6 +1,8 @@
 """Evaluation outputs on Ray Data: the probe's features and fine-tuning's logits come from an actor pool, bit for bit
 what the same model gives in one process, and this process receives the vectors, never the clips."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -50,12 +52,12 @@ def test_ray_data_outputs_are_the_in_process_encoding_bit_for_bit_on_two_actors(
     with torch.no_grad():
         both = [encoder.extract_features(batch) for batch in batches]
     beside_mean = torch.cat([torch.cat([utterance, patches.mean(1)], dim=-1) for utterance, patches in both])
-    assert torch.equal(encoder_features(encoder, clips["fbank"], 10, "utterance+mean"), beside_mean)
-    for model, features, reference in (
-            (encoder, "utterance", encoder_features(encoder, clips["fbank"], 10)),
-            (encoder, "utterance+mean", beside_mean),  # (N, 2D): the utterance vector, then the mean patch
-            (classifier, "utterance", torch.cat([classifier(batch) for batch in batches]).detach())):
-        out = model_outputs(model, synthetic_prepared, splits, labels="index", batch_size=10, features=features)
+    assert torch.equal(encoder_features(encoder, clips["fbank"], 10, "cls+mean"), beside_mean)
+    for model, readout, reference in (
+            (encoder, "cls", encoder_features(encoder, clips["fbank"], 10)),
+            (encoder, "cls+mean", beside_mean),  # (N, 2D): the utterance vector, then the mean patch output
+            (classifier, "cls", torch.cat([classifier(batch) for batch in batches]).detach())):
+        out = model_outputs(model, synthetic_prepared, splits, labels="index", batch_size=10, readout=readout)
         assert set(out) == {"output", "label", "id", "split", "fold"}  # no fbank comes back
         assert out["output"].shape == tuple(reference.shape) and out["output"].dtype == np.float32
         assert torch.equal(torch.from_numpy(out["output"]), reference)
@@ -64,10 +66,16 @@ def test_ray_data_outputs_are_the_in_process_encoding_bit_for_bit_on_two_actors(
     assert spawned  # the pool was sized through pool_size
 
 
-def test_probe_features_other_than_the_two_named_are_refused_before_any_work():
-    with pytest.raises(ValueError, match=r"features='patches' is not allowed: expected one of \['utterance', "
-                                         r"'utterance\+mean'\]"):
-        ProbeSettings(data="-", features="patches")
+def test_probe_readouts_other_than_the_three_named_are_refused_before_any_work():
+    with pytest.raises(ValueError, match=r"readout='patches' is not allowed: expected one of \['cls', 'mean', "
+                                         r"'cls\+mean'\]"):
+        ProbeSettings(data="-", readout="patches")
+
+
+def test_the_probes_older_features_names_are_read_as_readouts_with_a_warning():
+    with pytest.warns(UserWarning, match=r"features='utterance\+mean' is now readout='cls\+mean'"):
+        settings = ProbeSettings(data="-", features="utterance+mean")
+    assert settings.readout == "cls+mean" and settings.features is None
 
 
 def test_a_small_job_runs_on_one_actor_and_gpus_get_one_actor_each(monkeypatch):
@@ -103,11 +111,16 @@ def test_the_same_probe_twice_gives_identical_features_and_metrics(synthetic_pre
     real = inference.model_outputs
     monkeypatch.setattr(inference, "model_outputs", recording)
     settings = ProbeSettings(data=str(synthetic_prepared), eval_split="test", max_iter=50, batch_size=16)
-    first, second = probe(settings, TINY), probe(settings, TINY)
+    first, second = probe(settings, TINY, also=("mean",)), probe(settings, TINY)
     assert np.array_equal(seen[0]["output"], seen[1]["output"])
     metrics = {k: v for k, v in first.items() if k.startswith(("eval_", "train_")) and k != "eval_split"}
     assert metrics and metrics == {k: second[k] for k in metrics}
     assert (first["num_train"], first["num_eval"]) == (64, 32)
+    # Another read-out scored from the same encoding is the probe of that read-out run by itself.
+    alone = probe(dataclasses.replace(settings, readout="mean"), TINY)
+    assert first["readouts"]["mean"] == {k: v for k, v in alone.items() if k in first["readouts"]["mean"]}
+    assert first["readouts"]["mean"]["eval_accuracy"] != first["eval_accuracy"] or \
+        first["readouts"]["mean"]["train_accuracy"] != first["train_accuracy"]
 
 
 def test_a_probe_that_does_not_fit_its_own_training_clips_warns_of_a_collapsed_encoder():

@@ -72,7 +72,7 @@ DEFAULT_SWEEP = [
     ("centre", "centre", None, {0: 0.4328125, 1: 0.4265625}),
     ("alpha=1.0", "alpha", 1.0, {0: 0.4140625, 1: 0.45}),
     ("alpha=2.0", "alpha", 2.0, {0: 0.3109375, 1: 0.4203125}),
-    ("cls_position=mean", "cls_position", "mean", {0: 0.3828125, 1: 0.365625}),
+    ("cls_position=none", "cls_position", "none", {0: 0.3828125, 1: 0.365625}),
     ("cls_position=middle", "cls_position", "middle", {0: 0.4296875, 1: 0.43359375}),
     ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.4265625, 1: 0.434375}),
     ("diff_lambda=0.5", "diff_lambda", 0.5, {0: 0.415625, 1: 0.44609375}),
@@ -106,7 +106,7 @@ def test_a_cell_whose_seeds_disagree_far_beyond_the_others_is_unstable_and_kept_
     centre = {0: 0.4328125, 1: 0.4265625}
     diffs = [[v[s] - centre[s] for s in (0, 1)] for cell, _, _, v in DEFAULT_SWEEP if cell not in ("centre", "alpha=2.0")]
     sigma_diff = math.sqrt(np.mean([np.var(d, ddof=1) for d in diffs]))
-    mean_cls = next(r for r in table if r["cell"] == "cls_position=mean")
+    mean_cls = next(r for r in table if r["cell"] == "cls_position=none")
     assert not mean_cls["unstable"] and mean_cls["se_delta"] == pytest.approx(sigma_diff / math.sqrt(2))
     assert mean_cls["clear"] is True
 

@@ -78,6 +78,8 @@ def bench_sweep(grid: str = "smoke", *, path: str = "auto", max_concurrent: int 
 def _summary(grid: str, path: str, rows: list[dict], wall: float, cpu: float, state: dict) -> dict:
     trials = []
     for r in rows:
+        if r.get("shares_pretraining_of"):  # an evaluation factor's cell: timed with the trial it shares
+            continue
         t = r.get("timing") or {}
         loop, evaluation, total = t.get("train_loop_s"), t.get("eval_s"), t.get("trial_s")
         overhead = total - loop - evaluation if None not in (loop, evaluation, total) else None

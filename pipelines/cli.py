@@ -14,12 +14,13 @@ from pathlib import Path
 
 # Spelled out here rather than imported, because importing their homes imports torch; tests/test_cli.py checks they
 # equal model.config.PRESETS, pipelines.data.adapters.ADAPTERS, pipelines.update.PRECISIONS and
-# pipelines.inference.ENCODER_READOUTS (FINETUNE_READOUTS: model.READOUTS).
+# pipelines.inference.ENCODER_READOUTS (FINETUNE_READOUTS: model.READOUTS, RECIPES: pipelines.recipes).
 PRESETS = ("base", "tiny", "release")
 DATASETS = ("audioset", "esc50", "folder", "manifest", "speechcommands", "synthetic")
 PRECISIONS = ("bf16", "fp32")  # pipelines.update.PRECISIONS
 ENCODER_READOUTS = ("cls", "mean", "cls+mean")  # pipelines.inference.ENCODER_READOUTS
 FINETUNE_READOUTS = ("cls", "mean")  # model.READOUTS
+RECIPES = ("auto", "as20k", "as2m", "esc50", "spc2", "none")  # pipelines.recipes.RECIPE_CHOICES
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -372,16 +373,26 @@ def _ensure_default_data(data: Path) -> None:
         prepare("synthetic", DATA_ROOT / "raw" / "synthetic", data)
 
 
-def _add_train_args(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float, warmup: int) -> None:
+def _default(value, recipe: bool = False) -> str:
+    return "the recipe's" if recipe else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, steps: int | None, batch: int | None, lr: float | None,
+                    warmup: int | None) -> None:
+    """The training flags; None as a default: the fine-tuning recipe's value (pipelines.recipes)."""
     p.add_argument("--data", type=_location,
                    help="prepared folder or URI (default: the synthetic set, prepared if missing)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks; default: 1)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
     p.add_argument("--cpus-per-worker", type=float, help="Ray CPUs per worker (default: derived from the machine)")
-    p.add_argument("--steps", type=int, default=steps, help=f"optimiser updates (default: {steps})")
-    p.add_argument("--batch-size", type=int, default=batch, help=f"clips per worker per update (default: {batch})")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
-    p.add_argument("--warmup-steps", type=int, default=warmup, help=f"linear warm-up updates (default: {warmup})")
+    recipe = steps is None
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser updates (default: {_default(steps, recipe)})")
+    p.add_argument("--batch-size", type=int, default=batch,
+                   help=f"clips per worker per update (default: {_default(batch, recipe)})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {_default(lr, recipe)})")
+    p.add_argument("--warmup-steps", type=int, default=warmup,
+                   help=f"linear warm-up updates (default: {_default(warmup, recipe)}"
+                        + (", scaled to --steps)" if recipe else ")"))
     p.add_argument("--log-every", type=int, default=10, help="updates between logged metrics (default: 10)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="updates between checkpoints (default: 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -495,10 +506,11 @@ def _finetune(args: argparse.Namespace) -> int:
     data = _location(args.data or _default_data())
     checkpoint = resolve_checkpoint(args.checkpoint)
     settings = FinetuneSettings(
-        **_train_settings(args, data), checkpoint=checkpoint, which=args.which, layer_decay=args.layer_decay,
-        drop_path=args.drop_path, loss=args.loss, label_smoothing=args.label_smoothing, mixup=args.mixup,
-        mixup_prob=args.mixup_prob, specaug_time=args.specaug_time, specaug_freq=args.specaug_freq,
-        eval_split=args.eval_split, cv_folds=args.cv_folds, split=args.split,
+        **_train_settings(args, data), recipe=args.recipe, checkpoint=checkpoint, which=args.which,
+        readout=args.readout, layer_decay=args.layer_decay, drop_path=args.drop_path, loss=args.loss,
+        label_smoothing=args.label_smoothing, mixup=args.mixup, mixup_prob=args.mixup_prob,
+        specaug_time=args.specaug_time, specaug_freq=args.specaug_freq, min_lr=args.min_lr, grad_clip=args.grad_clip,
+        noise=args.noise, eval_split=args.eval_split, cv_folds=args.cv_folds, split=args.split,
         balanced_sampling=args.balanced_sampling, clips_per_pass=args.clips_per_pass)
     _ensure_default_data(data)
     result = finetune(_model_config(args), settings)
@@ -508,30 +520,45 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="supervised fine-tuning on Ray Train (SPEC §5 recipe), then evaluation")
-    _add_train_args(p, steps=200, batch=16, lr=2e-4, warmup=20)
+    p = sub.add_parser("finetune", help="supervised fine-tuning on Ray Train (the release's recipe for the data "
+                                        "set, SPEC §5), then evaluation")
+    _add_train_args(p, steps=None, batch=None, lr=None, warmup=None)
+    p.add_argument("--recipe", choices=RECIPES, default="auto",
+                   help="the recipe the unset flags below come from: auto (default: the data set's: as20k or, "
+                        "with --split unbalanced, as2m for AudioSet; esc50; spc2 for Speech Commands; none for any "
+                        "other data set), a release recipe by name, or none (the project's generic settings)")
     p.add_argument("--checkpoint", type=Path, help="pretraining run folder (final.pt), checkpoint folder or .pt; "
                    "without it the encoder starts from random weights (the model comes from --preset)")
     p.add_argument("--which", choices=("student", "teacher"), default="student", help="encoder of the checkpoint")
-    p.add_argument("--split", default="train", help="training split (default: train)")
+    p.add_argument("--readout", choices=FINETUNE_READOUTS, default="cls",
+                   help="what the head reads: the CLS output (cls, default) or the release's mean pooling of the "
+                        "patch outputs, the CLS kept in the sequence (mean)")
+    p.add_argument("--split", help="training split (default: the recipe's: train, unbalanced for as2m)")
     p.add_argument("--eval-split", help="evaluation split (default: test, else valid)")
     p.add_argument("--cv-folds", type=int, default=0,
                    help="k-fold cross-validation over the split's folds 1..k (ESC-50: 5); reports the mean")
     p.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (default: 0.65)")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (default: 0.1)")
     p.add_argument("--loss", choices=("ce", "bce", "bce_clip"),
-                   help="ce: cross-entropy; bce: BCE per positive label; bce_clip: BCE per clip (default: the data "
-                   "set's: bce for multi-label, bce_clip for speechcommands with mixup, else ce)")
-    p.add_argument("--label-smoothing", type=float, default=0.1,
-                   help="cross-entropy label smoothing when mixup is off (default: 0.1)")
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(a, a) parameter; 0 = off (default)")
+                   help="ce: cross-entropy; bce: BCE per positive label; bce_clip: BCE per clip (default: the "
+                        "recipe's, else the data set's: bce for multi-label, bce_clip with mixup on speechcommands, "
+                        "else ce)")
+    p.add_argument("--label-smoothing", type=float,
+                   help="cross-entropy label smoothing, ignored under mixup (default: the recipe's)")
+    p.add_argument("--mixup", type=float, help="mixup Beta(a, a) parameter; 0 = off (default: the recipe's)")
     p.add_argument("--mixup-prob", type=float, default=0.9, help="share of batches mixed (default: 0.9)")
+    p.add_argument("--min-lr", type=float, help="where the cosine ends, absolute (default: the recipe's, 1e-6 for "
+                                                "the release's; recipe none: 0.005 x lr)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm at this value; 0 = off (default: off, "
+                                                   "as the release's fine-tuning)")
+    p.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None,
+                   help="the release's fbank noise and ±10-frame roll (default: the recipe's: on for spc2)")
     p.add_argument("--balanced-sampling", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced passes over the split (default: on for AudioSet's unbalanced split only)")
     p.add_argument("--clips-per-pass", type=int, default=200_000,
                    help="clips a class-balanced pass keeps on average (default: 200000)")
-    p.add_argument("--specaug-time", type=float, default=0.2, help="largest time mask, share of frames (0.2)")
-    p.add_argument("--specaug-freq", type=float, default=0.2, help="largest frequency mask, share of bins (0.2)")
+    p.add_argument("--specaug-time", type=float, help="largest time mask, share of frames (default: the recipe's)")
+    p.add_argument("--specaug-freq", type=float, help="largest frequency mask, share of bins (default: the recipe's)")
     p.set_defaults(func=_finetune)
 
 

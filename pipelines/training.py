@@ -53,23 +53,30 @@ class TrainSettings:
     experiment: str = tracking.DEFAULT_EXPERIMENT
     parent_run_id: str | None = None  # nest the MLflow run under a sweep's run
 
+    # Fields a subclass may leave None until its run resolves them (fine-tuning's recipe); checked when set.
+    OPEN: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
+        def given(name: str) -> bool:
+            return not (name in self.OPEN and getattr(self, name) is None)
+
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{field.name}={value!r} is not allowed: expected a finite number")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "workers"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if given(name) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} is not allowed: expected a positive integer")
         for name in ("warmup_steps", "max_failures"):
-            if getattr(self, name) < 0:
+            if given(name) and getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected an integer >= 0")
-        if not self.lr > 0:
+        if given("lr") and not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} is not allowed: expected a positive number")
-        if not 0 <= self.min_lr_ratio <= 1:
+        if given("min_lr_ratio") and not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} is not allowed: expected a number in [0, 1]")
-        if not self.grad_clip > 0:
+        off = "grad_clip" in self.OPEN and self.grad_clip == 0  # a run that may train unclipped (fine-tuning)
+        if given("grad_clip") and not (self.grad_clip > 0 or off):
             raise ValueError(f"grad_clip={self.grad_clip!r} is not allowed: expected a positive number")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r} is not allowed: expected > 0")

@@ -24,7 +24,7 @@ from pipelines.pretrain import PretrainSettings
 from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
 
-from .grid import Grid, Trial, load_grid
+from .grid import EVAL_FACTORS, Grid, Trial, load_grid
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
@@ -66,15 +66,16 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     tags = {tracking.TAG_SWEEP: sweep.sweep_id, tracking.TAG_CELL: trial.cell, tracking.TAG_FACTOR: trial.factor,
             tracking.TAG_SEED: str(trial.seed), tracking.TAG_KIND: tracking.KIND_TRIAL}
     for name in sweep.factor_names:
-        tags[tracking.TAG_FACTOR_PREFIX + name] = str(getattr(config, name))
+        value = trial.evaluation[name] if name in EVAL_FACTORS else getattr(config, name)
+        tags[tracking.TAG_FACTOR_PREFIX + name] = str(value)
     if trial.factor not in ("centre", "factorial"):
         tags[tracking.TAG_FACTOR_VALUE] = str(trial.value)
     result = pretrain(config, settings, tags=tags, report_to_tune=sweep.asha)
     evaluating, evaluating_cpu = time.perf_counter(), time.process_time()
-    evaluation = _evaluate(sweep, config, trial, result)
+    evaluation, also = _evaluate(sweep, config, trial, result)
     done = time.perf_counter()
     pretrained = result["metrics"]
-    metrics = {**evaluation, **_event_shares(result["run_id"]),
+    metrics = {**evaluation, "also": also, **_event_shares(result["run_id"]),
                "pretrain_loss": float(pretrained.get("loss", float("nan"))),
                "checkpoint": result["checkpoint"], "run_id": result["run_id"],
                "collapse": result["collapse"],  # where its collapse guard tripped, or None
@@ -97,23 +98,40 @@ def _event_shares(run_id: str) -> dict[str, float]:
     return {k: float(logged[k]) for k in ("attn_event_share", "attn_event_share_uniform") if k in logged}
 
 
-def _evaluate(sweep: SweepParams, config: ASDAConfig, trial: Trial, pretrained: dict[str, Any]) -> dict[str, float]:
+def _evaluate(sweep: SweepParams, config: ASDAConfig, trial: Trial,
+              pretrained: dict[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The trial's own evaluation's metrics, and each ``also`` cell's (cell -> metrics), all of the one
+    pretraining. The probe scores every read-out from one encoding of the clips; fine-tuning trains once per
+    read-out. The trial's run carries every metric: its own as eval_*, another read-out's as readout_<r>/eval_*."""
     from mlflow import MlflowClient
 
+    readout = trial.evaluation.get("readout", "cls")
+    others = {c["cell"]: c["evaluation"].get("readout", "cls") for c in trial.also}
     if sweep.probe is not None:
         from pipelines.probe import probe
 
         out = probe(dataclasses.replace(sweep.probe, checkpoint=pretrained["checkpoint"], seed=trial.seed,
-                                        run_id=pretrained["run_id"]))
-    else:
-        from pipelines.finetune import finetune
+                                        run_id=pretrained["run_id"], readout=readout), also=list(others.values()))
+        scored = {cell: out["readouts"][r] for cell, r in others.items()}
+        return _scores(out), {cell: _scores(m) for cell, m in scored.items()}
+    from pipelines.finetune import finetune
 
+    client, found = MlflowClient(), {}
+    for cell, r in {None: readout, **others}.items():
+        suffix = "" if cell is None else f"-readout_{r}"
         out = finetune(config, dataclasses.replace(sweep.finetune, checkpoint=pretrained["checkpoint"],
-                                                   seed=trial.seed, name=f"{pretrained['name']}-finetune"))
-        client = MlflowClient()
-        for key, value in out.items():  # the trial's run carries its final metric, whatever evaluated it
-            if key.startswith("eval_") and isinstance(value, float):
-                client.log_metric(pretrained["run_id"], key, value)
+                                                   seed=trial.seed, readout=r,
+                                                   name=f"{pretrained['name']}-finetune{suffix}"))
+        found[cell] = _scores(out)
+        prefix = "" if cell is None else f"readout_{r}/"
+        for key, value in found[cell].items():  # the trial's run carries its metrics, whatever evaluated them
+            if key.startswith("eval_"):
+                client.log_metric(pretrained["run_id"], prefix + key, value)
+    own = found.pop(None)
+    return own, found
+
+
+def _scores(out: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if k.startswith(("eval_", "train_")) and isinstance(v, float)}
 
 
@@ -147,7 +165,7 @@ def _centre_as_pretrained(grid: Grid, sweep: SweepParams) -> ASDAConfig:
     own length unless the train settings name one)."""
     from pipelines.data.card import feed_length, load_card
 
-    config = sweep.base.with_overrides(grid.centre)
+    config = sweep.base.with_overrides(grid.model_centre)
     data = sweep.pretrain.data
     length = feed_length(load_card(data), sweep.pretrain.target_length, data, config.patch_size)
     return dataclasses.replace(config, target_length=length)
@@ -203,9 +221,10 @@ def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment:
     probe = finetune = None
     if evaluation["kind"] == "probe":
         probe = ProbeSettings(data=eval_data, experiment=experiment, **(evaluation.get("settings") or {}))
+        probe = dataclasses.replace(probe, readout=grid.centre_evaluation["readout"])  # the baseline's
     else:
         finetune = FinetuneSettings(data=eval_data, storage=str(folder / "runs"), **common,
-                                    **(evaluation.get("settings") or {}))
+                                    **{**(evaluation.get("settings") or {}), **grid.centre_evaluation})
     return SweepParams(sweep_id=state["sweep_id"], tracking_uri=tracking.tracking_uri(), base=grid.base_config(),
                        factor_names=tuple(grid.factors), pretrain=pretrain, metric=grid.metric, asha=asha,
                        probe=probe, finetune=finetune)
@@ -478,11 +497,14 @@ def asda_trial(params: dict[str, Any], sweep: SweepParams) -> dict[str, Any]:
 
 
 def _collect(results, grid: Grid) -> list[dict[str, Any]]:
-    """One row per trial: the trial (its factor ``value``), the grid's metric and its ``metric_value``."""
+    """One row per (cell, seed): the trial (its factor ``value``), the grid's metric and its ``metric_value``; a
+    trial's ``also`` cells get rows of their own that share its pretraining (run, checkpoint, collapse)."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        row = {**result.config["trial"], "metric": grid.metric, "metric_value": metrics.get(grid.metric),
+        trial = dict(result.config["trial"])
+        also = trial.pop("also", [])
+        row = {**trial, "metric": grid.metric, "metric_value": metrics.get(grid.metric),
                "checkpoint": metrics.get("checkpoint"), "run_id": metrics.get("run_id"),
                "pretrain_loss": metrics.get("pretrain_loss"), "timing": metrics.get("timing"),
                "attn_event_share": metrics.get("attn_event_share"),
@@ -491,4 +513,8 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
                "alpha_effective": metrics.get("alpha_effective"),
                "error": str(result.error).splitlines()[0] if result.error else None}
         rows.append(row)
+        scored = metrics.get("also") or {}
+        for other in also:
+            rows.append({**row, **other, "shares_pretraining_of": trial["cell"],
+                         "metric_value": (scored.get(other["cell"]) or {}).get(grid.metric)})
     return sorted(rows, key=lambda r: (r["factor"] != "centre", r["factor"], str(r["value"]), r["seed"]))

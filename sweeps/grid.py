@@ -17,19 +17,27 @@ from model.config import PRESETS, load_yaml
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
 DESIGNS = ("one_at_a_time", "factorial")
 EVALUATIONS = {"probe": ("eval_accuracy", "eval_map"), "finetune": ("eval_accuracy", "eval_map")}
+# Factors of the evaluation, not of the model: their cells share the pretraining of the cell they vary (pretrain once
+# per seed, evaluate each value), so a cell's Δ pairs two evaluations of one encoder. readout: how the evaluation
+# reads a clip's vector (the probe's pipelines.inference.ENCODER_READOUTS, fine-tuning's model.READOUTS).
+EVAL_FACTORS = ("readout",)
 _KEYS = {"name", "description", "design", "data", "model", "train", "evaluation", "seeds", "centre_seeds",
          "centre", "factors"}
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One pretraining + evaluation: a cell of the grid with one seed."""
+    """One pretraining + evaluation: a cell of the grid with one seed, and the cells of an evaluation factor that
+    evaluate the same pretraining another way (``also``)."""
 
     cell: str  # e.g. "centre", "diff_lambda=0.5", or "alpha=1.0,diff_lambda=0.0" (factorial)
     factor: str  # the varied factor ("centre" for the centre run, "factorial" in a factorial design)
     value: Any
     seed: int
     overrides: dict[str, Any]  # ASDAConfig fields of this cell (centre + its change)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # this cell's evaluation factors (e.g. its readout)
+    # further cells scored from this trial's pretraining: {"cell", "factor", "value", "evaluation"} each
+    also: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def trial_id(self) -> str:
@@ -74,30 +82,59 @@ class Grid:
         if not self.model.get("hold_alpha_effective"):
             return cell
         base = self.base_config()
-        config, centre = base.with_overrides(cell), base.with_overrides(self.centre)
+        config, centre = base.with_overrides(cell), base.with_overrides(self.model_centre)
         if config.loss_reduction != "release" or config.num_students == centre.num_students:
             return cell
         return {**cell, "alpha": config.alpha * centre.num_students / config.num_students}
 
+    @property
+    def centre_evaluation(self) -> dict[str, Any]:
+        """The centre's evaluation factors: the centre's own, else the evaluation settings' (readout: cls)."""
+        settings = self.evaluation.get("settings") or {}
+        found = {"readout": settings.get("readout", "cls")}
+        if "features" in settings:  # the probe's older name of its read-out
+            from pipelines.inference import check_readout
+
+            found["readout"] = check_readout(settings["features"])
+        return {**found, **{k: v for k, v in self.centre.items() if k in EVAL_FACTORS}}
+
+    @property
+    def model_centre(self) -> dict[str, Any]:
+        """The centre's ASDAConfig fields."""
+        return {k: v for k, v in self.centre.items() if k not in EVAL_FACTORS}
+
     def trials(self) -> list[Trial]:
-        """Every (cell, seed) of the grid. One-at-a-time designs share the centre cell between factors."""
-        trials = [Trial("centre", "centre", None, s, dict(self.centre)) for s in self.seeds]
+        """Every (cell, seed) of the grid that pretrains. One-at-a-time designs share the centre cell between
+        factors; an evaluation factor's cells are evaluations of another trial's pretraining (``Trial.also``)."""
+        model_factors = {k: v for k, v in self.factors.items() if k not in EVAL_FACTORS}
+        eval_factors = {k: v for k, v in self.factors.items() if k in EVAL_FACTORS}
+        centre, scored = self.model_centre, self.centre_evaluation
         if self.design == "one_at_a_time":
-            for factor, values in self.factors.items():
+            also = [{"cell": f"{f}={v}", "factor": f, "value": v, "evaluation": {**scored, f: v}}
+                    for f, values in eval_factors.items() for v in values if v != scored.get(f)]
+            trials = [Trial("centre", "centre", None, s, dict(centre), dict(scored), also) for s in self.seeds]
+            for factor, values in model_factors.items():
                 for value in values:
-                    if value == self.centre.get(factor):
+                    if value == centre.get(factor):
                         continue
-                    cell = self._held({**self.centre, factor: value})
-                    trials += [Trial(f"{factor}={value}", factor, value, s, cell) for s in self.seeds]
-        else:
-            trials = []
-            names = list(self.factors)
-            for combo in itertools.product(*(self.factors[n] for n in names)):
-                cell = self._held({**self.centre, **dict(zip(names, combo, strict=True))})
-                label = ",".join(f"{n}={v}" for n, v in zip(names, combo, strict=True))
-                is_centre = all(cell.get(k) == v for k, v in self.centre.items())
-                trials += [Trial("centre" if is_centre else label, "centre" if is_centre else "factorial",
-                                 None if is_centre else label, s, cell) for s in self.seeds]
+                    cell = self._held({**centre, factor: value})
+                    trials += [Trial(f"{factor}={value}", factor, value, s, cell, dict(scored)) for s in self.seeds]
+            return trials
+        trials = []
+        names, evals = list(model_factors), list(eval_factors)
+        eval_combos = [dict(zip(evals, c, strict=True)) for c in itertools.product(*(eval_factors[n] for n in evals))]
+        for combo in itertools.product(*(model_factors[n] for n in names)):
+            cell = self._held({**centre, **dict(zip(names, combo, strict=True))})
+            cells = []
+            for evaluation in eval_combos:
+                chosen = {**dict(zip(names, combo, strict=True)), **evaluation}
+                label = ",".join(f"{n}={v}" for n, v in chosen.items())
+                is_centre = all({**cell, **scored, **evaluation}.get(k) == v for k, v in {**centre, **scored}.items())
+                cells.append({"cell": "centre" if is_centre else label, "factor": "centre" if is_centre else "factorial",
+                              "value": None if is_centre else label, "evaluation": {**scored, **evaluation}})
+            own, *also = cells
+            trials += [Trial(own["cell"], own["factor"], own["value"], s, cell, own["evaluation"], also)
+                       for s in self.seeds]
         return trials
 
     def fingerprint(self) -> str:
@@ -146,8 +183,9 @@ def load_grid(name_or_path: str | Path) -> Grid:
     fields = {f.name for f in dataclasses.fields(ASDAConfig)}
     centre = dict(raw.get("centre") or {})
     for name in list(factors) + list(centre):
-        if name not in fields:
-            raise ValueError(f"{where}: {name!r} is not an ASDAConfig field; allowed: {sorted(fields)}")
+        if name not in fields and name not in EVAL_FACTORS:
+            raise ValueError(f"{where}: {name!r} is not an ASDAConfig field or an evaluation factor "
+                             f"({', '.join(EVAL_FACTORS)}); allowed: {sorted(fields)}")
     grid = Grid(name=str(raw["name"]), path=str(path), description=str(raw.get("description", "")), design=design,
                 data=dict(raw["data"]), model=dict(raw.get("model") or {}), train=dict(raw["train"]),
                 evaluation=evaluation, seeds=_paired_seeds(raw, where), centre=centre, factors=factors, raw=raw)
@@ -168,6 +206,7 @@ def load_grid(name_or_path: str | Path) -> Grid:
             raise ValueError(f"{where}, cell {trial.cell}: {exc}") from None
     _check_distinct_cells(grid, configs, where)
     _check_train_keys(grid, where)
+    _check_readouts(grid, where)
     return grid
 
 
@@ -200,11 +239,31 @@ def _seeds(raw: dict, key: str, default: list[int], where: str) -> list[int]:
     return list(seeds)
 
 
+def _check_readouts(grid: Grid, where: str) -> None:
+    """The read-outs a grid names are ones its evaluation has (the probe: cls, mean, cls+mean; fine-tuning: cls,
+    mean), each listed once."""
+    from model import READOUTS
+    from pipelines.inference import ENCODER_READOUTS
+
+    allowed = ENCODER_READOUTS if grid.evaluation["kind"] == "probe" else READOUTS
+    values = list(grid.factors.get("readout", [])) + [grid.centre_evaluation["readout"]]
+    for value in values:
+        if value not in allowed:
+            raise ValueError(f"{where}: readout={value!r} is not allowed for evaluation.kind "
+                             f"{grid.evaluation['kind']}: expected one of {list(allowed)}")
+    listed = grid.factors.get("readout", [])
+    repeated = sorted({v for v in listed if listed.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{where}: factor readout lists {repeated} more than once: each value is one cell")
+
+
 def _check_distinct_cells(grid: Grid, configs: dict[str, ASDAConfig], where: str) -> None:
     """Two cells that build the same model (a factor value listed twice, or written twice as 0 and 0.0) would
     make one pretraining look like two results."""
     base = grid.base_config().to_dict()
     for factor, values in grid.factors.items():
+        if factor in EVAL_FACTORS:
+            continue
         resolved = [ASDAConfig.from_dict({**base, factor: v}).to_dict()[factor] for v in values]
         repeated = sorted({str(v) for v in resolved if resolved.count(v) > 1})
         if repeated:

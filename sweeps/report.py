@@ -169,7 +169,7 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
     unstable = cell in noise.unstable
     if is_centre:
         delta, pairs, clear, se = 0.0, n, None, math.nan
-    elif unstable:
+    elif unstable or shares_pretraining(members):
         delta, se, pairs = paired_delta(_by_seed(members), centre)
         clear = bool(abs(delta) > Z * se) if math.isfinite(se) and math.isfinite(delta) else None
     else:
@@ -181,7 +181,8 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
             "errors": sum(1 for r in members if r.get("error")),
             "collapsed": sum(1 for r in members if collapsed(r)),
             "alpha": _stats([r.get("alpha") for r in members])[0],
-            "alpha_effective": _stats([r.get("alpha_effective") for r in members])[0]}
+            "alpha_effective": _stats([r.get("alpha_effective") for r in members])[0],
+            "shares_pretraining": shares_pretraining(members)}
 
 
 def ablation_table(rows: list[dict[str, Any]], grid: Grid, noise: Noise | None = None) -> list[dict[str, Any]]:
@@ -192,10 +193,11 @@ def ablation_table(rows: list[dict[str, Any]], grid: Grid, noise: Noise | None =
     noise = noise or noises(rows)
     table = []
     factors = list(grid.factors) if grid.design == "one_at_a_time" else ["factorial"]
+    centre_values = {**grid.centre, **grid.centre_evaluation}
     for factor in factors:
         if grid.design == "one_at_a_time":
             values = grid.factors[factor]
-            cells = [("centre" if v == grid.centre.get(factor) else f"{factor}={v}", v) for v in values]
+            cells = [("centre" if v == centre_values.get(factor) else f"{factor}={v}", v) for v in values]
         else:
             cells = sorted({(cell, cell) for cell in by_cell})
         table += [table_row(factor, value, cell, by_cell.get(cell, []), centre, noise, grid.metric)
@@ -221,11 +223,19 @@ def _cells(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return by_cell
 
 
+def shares_pretraining(members: list[dict[str, Any]]) -> bool:
+    """Whether a cell's runs are another cell's pretrainings evaluated another way (an evaluation factor such as
+    readout): its Δ pairs two evaluations of one encoder, so the pretraining's seed noise is not its noise; it is
+    judged against its own paired spread and kept out of the pooled σ."""
+    return any(r.get("shares_pretraining_of") for r in members)
+
+
 def noises(rows: list[dict[str, Any]]) -> Noise:
     """σ_diff and σ_seed of the pretrained trials, both pooled over the cells that are not unstable, collapsed
-    trials left out."""
-    fallen = tuple(f"{r['cell']} seed {r['seed']}" for r in rows if r["cell"] != BASELINE and collapsed(r))
-    rows = [r for r in rows if not collapsed(r)]
+    trials and evaluation-factor cells (``shares_pretraining``) left out."""
+    fallen = tuple(f"{r['cell']} seed {r['seed']}" for r in rows if r["cell"] != BASELINE and collapsed(r)
+                   and not r.get("shares_pretraining_of"))
+    rows = [r for r in rows if not collapsed(r) and not r.get("shares_pretraining_of")]
     values = _seed_values(rows)
     unstable = _outlying_cells(values)
     by_cell = _cells(rows)
@@ -272,6 +282,11 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
     if noise.collapsed:
         how += (f"; collapsed trials (their collapse guard tripped: the encoder gave nearly one output for every "
                 f"clip) are marked in n and left out of σ_seed and σ_diff: {', '.join(noise.collapsed)}")
+    shared = sorted({str(r["factor"]) for r in table if r.get("shares_pretraining")})
+    if shared:
+        how += (f"; the cells of {', '.join(shared)} are evaluations of the centre's own pretrainings (one encoder "
+                f"per seed, evaluated each way): their Δ pairs two evaluations of one encoder, is judged against "
+                f"its own paired spread and is left out of σ_seed and σ_diff")
     chance = f" (a uniform map gives {_fmt(uniform_share, 2)})" if math.isfinite(_finite(uniform_share)) else ""
     alpha_column = alpha_moves(table)
     lines = [f"# Ablation report: {grid.name}", "",

@@ -42,7 +42,7 @@ def test_building_the_parser_and_every_help_imports_nothing_heavy():
 def test_parser_choices_match_the_presets_and_adapters_they_name():
     from model import READOUTS
     from model.config import PRESETS
-    from pipelines.cli import DATASETS, FINETUNE_READOUTS
+    from pipelines.cli import DATASETS, FINETUNE_READOUTS, RECIPES
     from pipelines.cli import ENCODER_READOUTS as CLI_READOUTS
     from pipelines.cli import PRECISIONS as CLI_PRECISIONS
     from pipelines.cli import PRESETS as CLI_PRESETS
@@ -54,6 +54,9 @@ def test_parser_choices_match_the_presets_and_adapters_they_name():
     assert DATASETS == tuple(sorted(ADAPTERS))
     assert CLI_PRECISIONS == PRECISIONS
     assert CLI_READOUTS == ENCODER_READOUTS and FINETUNE_READOUTS == READOUTS
+    from pipelines.recipes import RECIPE_CHOICES
+
+    assert RECIPES == RECIPE_CHOICES
 
 
 def test_pretrain_takes_compile_and_precision_and_refuses_an_unknown_precision(capsys):

@@ -327,3 +327,22 @@ def test_the_effective_alpha_gets_a_column_only_where_it_moves_with_more_than_al
     for r in rows:  # per-element means: the weight is α, and the α cells' own change is no hidden one
         r["alpha_effective"] = r["alpha"]
     assert "α effective" not in build_report(rows, grid, tmp_path / "held")["markdown"]
+
+
+def test_a_readout_cell_is_judged_against_its_own_pairs_and_stays_out_of_the_pretraining_noise(tmp_path):
+    """The read-out cells evaluate the centre's own encoders: their Δ pairs two evaluations of one encoder, so the
+    pooled σ (the pretraining's seed noise) is the same with or without them, and each is judged by its own pairs."""
+    rows = _rows(DEFAULT_SWEEP)
+    readout = _rows([("readout=mean", "readout", "mean", {0: 0.4128125, 1: 0.4095625})])
+    for r in readout:
+        r["shares_pretraining_of"] = "centre"
+    grid = load_grid("ablation")
+    before, after = rp.noises(rows), rp.noises(rows + readout)
+    assert (after.sigma_diff, after.sigma_seed, after.unstable) == (before.sigma_diff, before.sigma_seed,
+                                                                   before.unstable)
+    row = next(r for r in ablation_table(rows + readout, grid) if r["cell"] == "readout=mean")
+    own = paired_delta({0: 0.4128125, 1: 0.4095625}, {0: 0.4328125, 1: 0.4265625})
+    assert row["shares_pretraining"] and (row["delta"], row["se_delta"]) == pytest.approx(own[:2])
+    assert row["clear"] is True  # -0.018 ± 0.0015: the two read-outs of each encoder agree on the sign
+    text = build_report(rows + readout, grid, tmp_path, baseline=[])["markdown"]
+    assert "| readout | mean |" in text and "the cells of readout are evaluations of the centre's own" in text

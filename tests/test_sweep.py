@@ -26,9 +26,11 @@ pytestmark = pytest.mark.ray
 def _check_sweep(result, grid_name="smoke", in_process=True):
     grid = load_grid(grid_name)
     trials = grid.trials()
-    assert len(result["trials"]) == len(trials) and not any(t["error"] for t in result["trials"])
-    # trials.json keeps each trial's factor value and its metric under distinct keys
-    assert sorted(map(str, (t["value"] for t in result["trials"]))) == sorted(str(t.value) for t in trials)
+    cells = [(t.cell, t.value) for t in trials] + [(a["cell"], a["value"]) for t in trials for a in t.also]
+    assert len(result["trials"]) == len(cells) and not any(t["error"] for t in result["trials"])
+    # trials.json keeps each cell's factor value and its metric under distinct keys
+    assert sorted(map(str, (t["value"] for t in result["trials"]))) == sorted(str(value) for _, value in cells)
+    _check_readout_rows(result, grid)
     assert all(0.0 <= t["metric_value"] <= 1.0 and t["metric"] == grid.metric for t in result["trials"])
     assert all(0.0 <= t["attn_event_share"] <= 1.0 for t in result["trials"])  # the synthetic clips have events
     client = MlflowClient()
@@ -61,6 +63,21 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     assert summary["baseline_random_init"]["n"] == len(grid.seeds)
     assert all(0.0 <= c["attn_event_share"] <= 1.0 for c in summary["cells"])  # the event-share column
     return children
+
+
+def _check_readout_rows(result, grid) -> None:
+    """A read-out cell is an evaluation of the centre's pretraining: its row shares the centre's run and
+    checkpoint, and that run carries its metric as readout_<r>/<metric>, paired by seed in the report."""
+    rows = {(r["cell"], r["seed"]): r for r in result["trials"]}
+    for value in grid.factors.get("readout", []):
+        if value == grid.centre_evaluation["readout"]:
+            continue
+        for seed in grid.seeds:
+            row, centre = rows[(f"readout={value}", seed)], rows[("centre", seed)]
+            assert (row["run_id"], row["checkpoint"]) == (centre["run_id"], centre["checkpoint"])
+            logged = MlflowClient().get_run(row["run_id"]).data.metrics
+            assert logged[f"readout_{value}/{grid.metric}"] == row["metric_value"] != centre["metric_value"]
+        assert f"| readout | {value} |" in result["report"]["markdown"]
 
 
 def test_smoke_grid_on_the_distributed_path_reports_where_each_trials_time_went(ray_local, tracking_store):

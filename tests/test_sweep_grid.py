@@ -204,3 +204,39 @@ def test_a_sweep_warns_before_it_starts_of_cells_whose_recipe_collapsed_at_this_
     assert collapse_risks(load_grid("ablation"), load_grid("ablation").trials()) == {}
     with pytest.raises(ValueError, match="hold_alpha_effective='yes'"):
         load_grid(_write(tmp_path, model={"preset": "tiny", "hold_alpha_effective": "yes"}))
+
+
+def test_a_readout_cell_evaluates_the_centres_pretraining_instead_of_pretraining_again(tmp_path):
+    """readout is a factor of the evaluation: its cells add no trial; each centre trial scores them too."""
+    grid = load_grid("ablation")
+    trials = grid.trials()
+    assert len(trials) == 9 * len(grid.seeds)  # the model cells only
+    for t in trials:
+        expected = ["readout=cls", "readout=mean"] if t.cell == "centre" else []
+        assert [a["cell"] for a in t.also] == expected and t.evaluation == {"readout": "cls+mean"}
+        assert "readout" not in t.overrides
+    also = next(t for t in trials if t.cell == "centre").also
+    assert [(a["factor"], a["value"], a["evaluation"]) for a in also] == [
+        ("readout", "cls", {"readout": "cls"}), ("readout", "mean", {"readout": "mean"})]
+
+
+def test_a_factorial_grid_scores_every_model_cell_with_every_readout(tmp_path):
+    path = _write(tmp_path, design="factorial", centre={"diff_lambda": 0.3, "readout": "cls"},
+                  factors={"diff_lambda": [0.0, 0.3], "readout": ["cls", "mean"]})
+    trials = load_grid(path).trials()
+    assert len(trials) == 2
+    cells = {t.cell: [a["cell"] for a in t.also] for t in trials}
+    assert cells == {"diff_lambda=0.0,readout=cls": ["diff_lambda=0.0,readout=mean"],
+                     "centre": ["diff_lambda=0.3,readout=mean"]}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"factors": {"readout": ["cls", "cls"]}}, r"factor readout lists \['cls'\] more than once"),
+    ({"factors": {"readout": ["cls", "max"]}},
+     r"readout='max' is not allowed for evaluation.kind probe: expected one of \['cls', 'mean', 'cls\+mean'\]"),
+    ({"evaluation": {"kind": "finetune", "metric": "eval_accuracy"}, "factors": {"readout": ["cls", "cls+mean"]}},
+     r"readout='cls\+mean' is not allowed for evaluation.kind finetune: expected one of \['cls', 'mean'\]"),
+])
+def test_a_readout_the_evaluation_does_not_have_is_refused_before_anything_runs(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        load_grid(_write(tmp_path, **changes))

@@ -187,10 +187,12 @@ def to_model_batch(
     """Decode float16 fbank rows, crop (random or from the start) or zero-pad to ``target_length``, normalise.
 
     Returns "fbank" (n, target_length, 128) float32, plus "label" (n,) int64 or (n, C) float32 unless
-    labels="none", plus "event" (n, 2) seconds (NaN where unknown) and "id".
+    labels="none", plus "event" (n, 2) seconds (NaN where unknown), "frames" (n,) int64 (the clip's own frames at
+    the start of its row, the rest padding) and "id".
     """
     n = len(batch["id"])
     fbank = np.zeros((n, target_length, num_mel_bins), dtype=np.float32)  # zeros = padding, before normalising
+    own = np.zeros(n, dtype=np.int64)
     for i in range(n):
         frames = int(batch["frames"][i])
         raw = batch["fbank"][i]
@@ -205,7 +207,9 @@ def to_model_batch(
             start = int(rng.integers(0, frames - target_length + 1))
         crop = feats[start:start + target_length]
         fbank[i, : crop.shape[0]] = crop
+        own[i] = crop.shape[0]
     out: dict[str, Any] = {"fbank": (fbank - mean) / (2 * std), "id": np.asarray(batch["id"], dtype=object),
+                           "frames": own,
                            "event": np.stack([np.asarray(batch["event_start"], dtype=np.float32),
                                               np.asarray(batch["event_end"], dtype=np.float32)], axis=1)}
     if labels == "index":

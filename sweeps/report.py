@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -308,6 +309,39 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
     return "\n".join(lines) + "\n"
 
 
+def evaluation_pairs(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
+    """Every two values of each evaluation factor (one-at-a-time designs), compared on the same encoders: Δ = the
+    mean over seeds of (a − b) at the same seed, ± the standard error of those differences."""
+    from .grid import EVAL_FACTORS
+
+    if grid.design != "one_at_a_time":
+        return []
+    by_cell = _cells(rows)
+    centre = {**grid.centre, **grid.centre_evaluation}
+    pairs = []
+    for factor in (f for f in grid.factors if f in EVAL_FACTORS):
+        cells = {v: _by_seed(by_cell.get("centre" if v == centre.get(factor) else f"{factor}={v}", []))
+                 for v in grid.factors[factor]}
+        for a, b in itertools.combinations(grid.factors[factor], 2):
+            delta, se, n = paired_delta(cells[a], cells[b])
+            pairs.append({"factor": factor, "a": a, "b": b, "delta": delta, "se_delta": se, "pairs": n})
+    return pairs
+
+
+def pairs_markdown(pairs: list[dict[str, Any]], metric: str) -> list[str]:
+    """The evaluation factors' pairwise comparisons as markdown lines (none when the grid has none)."""
+    if not pairs:
+        return []
+    lines = ["", f"Evaluation factors compared pairwise on the same encoders ({metric}; Δ = a − b, the mean over "
+                 f"seeds of the paired difference ± its standard error):", "", "| factor | a | b | Δ | pairs |",
+             "|---|---|---|---|---|"]
+    for p in pairs:
+        se = f" ± {p['se_delta']:.3f}" if math.isfinite(p["se_delta"]) else ""
+        delta = f"{p['delta']:+.3f}" if math.isfinite(_finite(p["delta"])) else "—"
+        lines.append(f"| {p['factor']} | {p['a']} | {p['b']} | {delta}{se} | {p['pairs']} |")
+    return lines
+
+
 def alpha_moves(table: list[dict[str, Any]]) -> bool:
     """Whether the utterance term's effective weight moves with something other than α between the cells (under
     the release's sums: the student count, the batch per device): its ratio to α differs between cells."""
@@ -443,7 +477,7 @@ def summary(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dic
     """summary.json: the metric, the centre, σ_seed, the random-init baseline and one entry per (factor, value)."""
     centre = next((r for r in table if r["centre"]), None)
     keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "clear", "unstable",
-            "attn_event_share", "centre", "collapsed", "alpha", "alpha_effective")
+            "attn_event_share", "centre", "collapsed", "alpha", "alpha_effective", "shares_pretraining")
     return _json_safe({
         "metric": grid.metric, "grid": grid.name, "z": Z,
         "centre_mean": centre["mean"] if centre else math.nan, "centre_std": centre["std"] if centre else math.nan,
@@ -478,9 +512,10 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
         writer.writeheader()
         writer.writerows(([base] if base else []) + table)
     uniform = _stats([r.get("attn_event_share_uniform") for r in rows])[0]
-    text = markdown(table, grid, noise, base, uniform)
+    pairs = evaluation_pairs(rows, grid)
+    text = markdown(table, grid, noise, base, uniform) + "\n".join(pairs_markdown(pairs, grid.metric) + [""])
     (folder / "report.md").write_text(text)
-    result = summary(table, grid, noise, base)
+    result = {**summary(table, grid, noise, base), "evaluation_pairs": _json_safe(pairs)}
     (folder / SUMMARY_FILE).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     figures = factor_plots(table, grid, folder, base)
     attention = lambda_attention_figure(rows, table, grid, data, folder) if data else None

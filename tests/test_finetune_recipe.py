@@ -267,7 +267,8 @@ def test_balanced_sampling_is_on_by_default_only_for_audiosets_unbalanced_split(
 
 
 @pytest.mark.ray
-def test_fine_tuning_feeds_the_data_sets_length_not_the_checkpoints(synthetic_prepared, tracking_store, tmp_path):
+def test_fine_tuning_feeds_the_data_sets_length_not_the_checkpoints(synthetic_prepared, tracking_store, tmp_path,
+                                                                     capsys):
     """A checkpoint pretrained on 128 frames fine-tunes on the synthetic set's 256 (the sincos table extends), in
     class-balanced passes; the run records the length it fed."""
     from mlflow import MlflowClient
@@ -288,6 +289,10 @@ def test_fine_tuning_feeds_the_data_sets_length_not_the_checkpoints(synthetic_pr
     assert params["data.target_length"] == str(card_length) == str(2 * config.target_length)
     assert params["model.target_length"] == str(config.target_length)
     assert 0 <= result["eval_accuracy"] <= 1
+    # the recipe it resolved (the synthetic set's: none) is logged field by field, the given fields kept
+    assert (params["train.recipe"], params["train.grad_clip"], params["train.lr"]) == ("none", "0.0", "0.0002")
+    assert (params["train.steps"], params["train.batch_size"], params["train.min_lr_ratio"]) == ("2", "4", "0.005")
+    assert "recipe none: lr 0.0002" in capsys.readouterr().out
 
 
 def _card(name: str) -> dict:

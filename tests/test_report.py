@@ -344,5 +344,11 @@ def test_a_readout_cell_is_judged_against_its_own_pairs_and_stays_out_of_the_pre
     own = paired_delta({0: 0.4128125, 1: 0.4095625}, {0: 0.4328125, 1: 0.4265625})
     assert row["shares_pretraining"] and (row["delta"], row["se_delta"]) == pytest.approx(own[:2])
     assert row["clear"] is True  # -0.018 ± 0.0015: the two read-outs of each encoder agree on the sign
-    text = build_report(rows + readout, grid, tmp_path, baseline=[])["markdown"]
+    built = build_report(rows + readout, grid, tmp_path, baseline=[])
+    text = built["markdown"]
     assert "| readout | mean |" in text and "the cells of readout are evaluations of the centre's own" in text
+    # the read-outs compared two by two on the same encoders (cls has no rows here: no pair)
+    pairs = {(p["a"], p["b"]): p for p in built["summary"]["evaluation_pairs"]}
+    assert pairs[("cls+mean", "mean")]["delta"] == pytest.approx(-own[0]) and pairs[("cls", "mean")]["pairs"] == 0
+    assert "| readout | cls+mean | mean | +0.018 ± 0.00" in text and "| readout | cls | mean | — | 0 |" in text
+    assert json.loads((tmp_path / "summary.json").read_text())["evaluation_pairs"][0]["delta"] is None

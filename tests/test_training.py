@@ -232,11 +232,17 @@ def test_pretrain_probe_and_finetune_commands_run_on_a_prepared_esc50_layout_wit
     assert probe_run.data.params["data.target_length"] == "512"
 
     assert main(["finetune", *common, "--checkpoint", str(runs / "esc"), "--name", "esc-ft", "--steps", "1",
-                 "--checkpoint-every", "1", "--cv-folds", "2"]) == 0
+                 "--checkpoint-every", "1", "--cv-folds", "2", "--readout", "mean"]) == 0
+    # ESC-50's release recipe, but for the flags given; the head read the mean of the patch outputs
+    assert "recipe esc50: lr 5e-05, min_lr 1e-06, grad_clip 0.0, mixup 0.0, specaug_time 0.4" in capsys.readouterr().out
     client = MlflowClient()
     for k in (1, 2):
         run = client.search_runs([probe_run.info.experiment_id], filter_string=f"tags.mlflow.runName = 'esc-ft-fold{k}'")
         assert len(run) == 1 and 0 <= run[0].data.metrics["eval_accuracy"] <= 1
+        params = run[0].data.params
+        assert (params["train.recipe"], params["train.readout"], params["train.batch_size"]) == ("esc50", "mean", "4")
+        assert (params["train.loss"], params["train.label_smoothing"], params["train.grad_clip"]) == ("ce", "0.1",
+                                                                                                    "0.0")
 
     # Holding fold 1 out leaves fold 2's 6 clips: fewer than a batch of 8. A clear error before any run starts.
     capsys.readouterr()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .grid import Grid
+from .significance import LEVEL, holm, seeds_for, sign_flip_floor, sign_flip_p, t_p_value
 
 Z = 2.0  # a difference "stands clear" when |Δ| > Z · its standard error
 HOMOGENEITY_LEVEL = 0.05  # Cochran's test: a cell whose seed spread stands out at this level is "unstable"
@@ -89,6 +90,11 @@ def _pooled(groups: list[list[float]]) -> float:
     return math.sqrt(num / den) if den else math.nan
 
 
+def _pooled_df(groups: list[list[float]]) -> int:
+    """The degrees of freedom of ``_pooled`` over the same groups."""
+    return sum(len(values) - 1 for values in groups if len(values) > 1)
+
+
 def collapsed(row: dict[str, Any]) -> bool:
     """Whether the trial's collapse guard tripped during its pretraining (``model.health``)."""
     return bool(row.get("collapse"))
@@ -158,6 +164,8 @@ class Noise:
     unstable: tuple[str, ...] = ()
     sigma_seed_all: float = math.nan
     collapsed: tuple[str, ...] = ()
+    df_diff: int = 0  # degrees of freedom of sigma_diff and sigma_seed
+    df_seed: int = 0
 
 
 def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]], centre: dict[int, float],
@@ -168,16 +176,23 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
     mean, std, n = _stats([r.get("metric_value") for r in members])
     is_centre = cell == "centre"
     unstable = cell in noise.unstable
+    own = _by_seed(members)
     if is_centre:
-        delta, pairs, clear, se = 0.0, n, None, math.nan
+        delta, pairs, z_rule, se, df = 0.0, n, None, math.nan, 0
     elif unstable or shares_pretraining(members):
-        delta, se, pairs = paired_delta(_by_seed(members), centre)
-        clear = bool(abs(delta) > Z * se) if math.isfinite(se) and math.isfinite(delta) else None
+        delta, se, pairs = paired_delta(own, centre)
+        z_rule = bool(abs(delta) > Z * se) if math.isfinite(se) and math.isfinite(delta) else None
+        df = pairs - 1
     else:
-        delta, _, pairs = paired_delta(_by_seed(members), centre)
-        clear, se = judge(delta, pairs, noise.sigma_diff, noise.sigma_seed)
+        delta, _, pairs = paired_delta(own, centre)
+        z_rule, se = judge(delta, pairs, noise.sigma_diff, noise.sigma_seed)
+        df = noise.df_diff if math.isfinite(noise.sigma_diff) else noise.df_seed
+    p = math.nan if is_centre else t_p_value(delta, se, df)
+    flips = [own[s] - centre[s] for s in sorted(own.keys() & centre.keys())]
     return {"factor": factor, "value": value, "cell": cell, "metric": metric, "mean": mean, "std": std, "n": n,
-            "delta": delta, "se_delta": se, "pairs": pairs, "clear": clear, "unstable": unstable,
+            "delta": delta, "se_delta": se, "pairs": pairs, "df": df, "p": p, "p_holm": p, "z_rule": z_rule,
+            "clear": None if not math.isfinite(p) else p < LEVEL,
+            "p_sign_flip": math.nan if is_centre else sign_flip_p(flips), "unstable": unstable,
             "attn_event_share": _stats([r.get("attn_event_share") for r in members])[0], "centre": is_centre,
             "errors": sum(1 for r in members if r.get("error")),
             "collapsed": sum(1 for r in members if collapsed(r)),
@@ -203,6 +218,16 @@ def ablation_table(rows: list[dict[str, Any]], grid: Grid, noise: Noise | None =
             cells = sorted({(cell, cell) for cell in by_cell})
         table += [table_row(factor, value, cell, by_cell.get(cell, []), centre, noise, grid.metric)
                   for cell, value in cells]
+    return holm_corrected(table)
+
+
+def holm_corrected(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``table`` with each comparison's p Holm-adjusted across the grid's comparisons (every cell but the centre,
+    each once), and ``clear`` the adjusted verdict at LEVEL (``sweeps.significance``)."""
+    comparisons = list({r["cell"]: r for r in table if not r["centre"]}.values())
+    for row, adjusted in zip(comparisons, holm([r["p"] for r in comparisons]), strict=True):
+        row["p_holm"] = adjusted
+        row["clear"] = None if not math.isfinite(adjusted) else adjusted < LEVEL
     return table
 
 
@@ -242,8 +267,10 @@ def noises(rows: list[dict[str, Any]]) -> Noise:
     by_cell = _cells(rows)
     centre = _by_seed(by_cell.pop("centre", []))
     stable = [_by_seed(m) for cell, m in by_cell.items() if cell not in unstable]
-    return Noise(difference_noise(stable, centre), _pooled([v for c, v in values.items() if c not in unstable]),
-                 tuple(unstable), _pooled(list(values.values())), fallen)
+    diffs = [[cell[s] - centre[s] for s in cell.keys() & centre.keys()] for cell in stable]
+    seeds = [v for c, v in values.items() if c not in unstable]
+    return Noise(difference_noise(stable, centre), _pooled(seeds), tuple(unstable), _pooled(list(values.values())),
+                 fallen, df_diff=_pooled_df(diffs), df_seed=_pooled_df(seeds))
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -256,8 +283,9 @@ def _line(row: dict[str, Any], alpha_column: bool = False) -> str:
     from paired differences; a cell with collapsed seeds says how many; ``alpha_column``: the effective alpha."""
     spread = f" ± {_fmt(row['std'])}" if math.isfinite(row["std"]) else ""
     if row["centre"]:
-        delta, clear = "", "centre"
+        delta, p, clear, flips = "", "", "centre", ""
     else:
+        p, flips = _p(row.get("p_holm")), _p(row.get("p_sign_flip"))
         delta = f"{row['delta']:+.3f}" if math.isfinite(row["delta"]) else "—"
         if row["pairs"] >= 2 and math.isfinite(row["se_delta"]):
             delta += f" ± {row['se_delta']:.3f}"
@@ -268,7 +296,28 @@ def _line(row: dict[str, Any], alpha_column: bool = False) -> str:
     errors += f" (**{row['collapsed']} collapsed**)" if row.get("collapsed") else ""
     alpha = f" {_fmt(row.get('alpha_effective'), 3)} |" if alpha_column else ""
     return (f"| {row['factor']} | {row['value']} | {_fmt(row['mean'])}{spread} | {row['n']}{errors} | {delta} | "
-            f"{clear} | {_fmt(row['attn_event_share'], 2)} |{alpha}")
+            f"{p} | {clear} | {flips} | {_fmt(row['attn_event_share'], 2)} |{alpha}")
+
+
+def significance_text(table: list[dict[str, Any]]) -> str:
+    """How *clear* is decided, and what the seed count allows the exact test to show."""
+    comparisons = len({r["cell"] for r in table if not r["centre"] and math.isfinite(_finite(r.get("p")))})
+    pairs = max((r["pairs"] for r in table if not r["centre"]), default=0)
+    floor = sign_flip_floor(pairs)
+    text = (f"*clear*: Holm-corrected p < {LEVEL:g} across the grid's {comparisons} comparisons (p (Holm)), p from "
+            f"Student's t of Δ / its standard error with that error's degrees of freedom (the pooled σ_diff's, or "
+            f"pairs − 1 where a cell is judged by its own pairs); the uncorrected rule |Δ| > {Z:g} standard errors "
+            f"is `z_rule` in report.csv. Sign-flip p: the exact paired test over seeds, which assumes nothing of "
+            f"the noise's shape")
+    if floor > LEVEL:
+        text += (f"; with {pairs} pairs it cannot go below {floor:.3g}, so no comparison can be significant by it: "
+                 f"a grid needs {seeds_for(LEVEL)} seeds or more for that")
+    return text + "."
+
+
+def _p(value: Any) -> str:
+    value = _finite(value)
+    return "—" if not math.isfinite(value) else "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dict[str, Any] | None = None,
@@ -294,13 +343,13 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
              f"Metric: `{grid.metric}` ({grid.evaluation['kind']}); mean ± standard deviation over seeds (n; no ± "
              f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
              f"error σ_diff/√pairs, with σ_diff the spread of one paired difference pooled over every stable cell (or, "
-             f"where no cell has two seeds, √2·σ_seed). *clear* when |Δ| > {Z:g} standard errors. {how}.", "",
+             f"where no cell has two seeds, √2·σ_seed). {how}.", "", significance_text(table), "",
              f"Attention on event: the share of the last layer's utterance-query attention |A1 − λ·A2| on the "
              f"labelled event's patches, mean over the cell's runs{chance}; — where the data has no events.", "",
              f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(sigma)}.**", "",
-             f"| factor | value | {grid.metric} | n | Δ vs centre | clear of noise | attention on event |"
-             + (" α effective |" if alpha_column else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if alpha_column else "")]
+             f"| factor | value | {grid.metric} | n | Δ vs centre | p (Holm) | clear | sign-flip p | attention on "
+             f"event |" + (" α effective |" if alpha_column else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if alpha_column else "")]
     if alpha_column:
         lines[2:2] = ["α effective: the utterance term's weight per element relative to the frame term (under the "
                       "release's sums α × clips × clones per device); it differs between cells here, so a cell "
@@ -476,8 +525,9 @@ def _json_safe(value: Any) -> Any:
 def summary(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dict[str, Any] | None) -> dict:
     """summary.json: the metric, the centre, σ_seed, the random-init baseline and one entry per (factor, value)."""
     centre = next((r for r in table if r["centre"]), None)
-    keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "clear", "unstable",
-            "attn_event_share", "centre", "collapsed", "alpha", "alpha_effective", "shares_pretraining")
+    keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "df", "p", "p_holm", "clear",
+            "z_rule", "p_sign_flip", "unstable", "attn_event_share", "centre", "collapsed", "alpha",
+            "alpha_effective", "shares_pretraining")
     return _json_safe({
         "metric": grid.metric, "grid": grid.name, "z": Z,
         "centre_mean": centre["mean"] if centre else math.nan, "centre_std": centre["std"] if centre else math.nan,
@@ -486,7 +536,13 @@ def summary(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dic
         "unstable_cells": list(noise.unstable), "homogeneity_level": HOMOGENEITY_LEVEL,
         "collapsed_trials": list(noise.collapsed),
         "baseline_random_init": None if baseline is None else {k: baseline[k] for k in
-                                                              ("mean", "std", "n", "delta", "se_delta", "clear")},
+                                                              ("mean", "std", "n", "delta", "se_delta", "clear", "p",
+                                                               "p_sign_flip")},
+        "significance": {"level": LEVEL, "correction": "holm", "test": "student_t",
+                         "comparisons": len({r["cell"] for r in table if not r["centre"]}),
+                         "sign_flip_floor": sign_flip_floor(max((r["pairs"] for r in table if not r["centre"]),
+                                                                default=0)),
+                         "seeds_for_sign_flip": seeds_for(LEVEL)},
         "cells": [{k: row[k] for k in keys} for row in table]})
 
 

@@ -108,7 +108,11 @@ def test_a_cell_whose_seeds_disagree_far_beyond_the_others_is_unstable_and_kept_
     sigma_diff = math.sqrt(np.mean([np.var(d, ddof=1) for d in diffs]))
     mean_cls = next(r for r in table if r["cell"] == "cls_position=none")
     assert not mean_cls["unstable"] and mean_cls["se_delta"] == pytest.approx(sigma_diff / math.sqrt(2))
-    assert mean_cls["clear"] is True
+    # clear of the noise by the uncorrected z-rule, not after Holm's correction over the grid's 8 comparisons:
+    # t = 0.0555 / 0.0153 on 7 degrees of freedom gives p = 0.0085, times 8 is 0.068
+    assert mean_cls["z_rule"] is True and mean_cls["clear"] is False
+    assert mean_cls["df"] == 7 and mean_cls["p_holm"] == pytest.approx(8 * mean_cls["p"]) == pytest.approx(0.0677,
+                                                                                                         abs=5e-4)
 
     report = build_report(rows, load_grid("ablation"), tmp_path, baseline=[])
     assert "no (unstable: seeds disagree)" in report["markdown"] and "alpha=2.0" in report["markdown"]
@@ -136,10 +140,13 @@ def test_a_one_seed_cell_has_no_error_bar_and_is_judged_against_root_two_sigma_s
     zero = _zero(ablation_table(rows, grid))
     assert zero["n"] == 1 and math.isnan(zero["std"]) and zero["pairs"] == 1
     assert zero["se_delta"] == pytest.approx(math.sqrt(2) * sigma)
-    assert zero["delta"] == pytest.approx(-0.06) and zero["clear"] is True  # 0.06 > 2 · 0.0283
+    # 0.06 > 2 · 0.0283 by the z-rule, but σ_seed comes from the centre's 3 seeds: Student's t on 2 degrees of
+    # freedom gives p = 0.168, not clear
+    assert zero["delta"] == pytest.approx(-0.06) and zero["z_rule"] is True and zero["df"] == 2
+    assert zero["p"] == pytest.approx(0.168, abs=5e-4) and zero["clear"] is False
     report = build_report(rows, grid, tmp_path / "report")
     line = next(x for x in report["markdown"].splitlines() if x.startswith("| diff_lambda | 0.0 |"))
-    assert line == "| diff_lambda | 0.0 | 0.440 | 1 (2 failed) | -0.060 | yes | — |"  # no ± anywhere
+    assert line == "| diff_lambda | 0.0 | 0.440 | 1 (2 failed) | -0.060 | 0.168 | no | 1.000 | — |"  # no ± anywhere
     assert "√2·σ_seed" in report["markdown"]
     # without any cell of two seeds there is no noise to judge a one-seed Δ against: no verdict, and the report
     # says why
@@ -173,7 +180,7 @@ def test_the_report_shows_the_random_init_baseline_row_and_sigma_seed_where_a_us
     assert report["baseline"]["mean"] == pytest.approx(0.22) and report["baseline"]["n"] == 2
     rp.print_report(report)
     shown = capsys.readouterr().out
-    assert "| baseline | random-init | 0.220 ± 0.028 | 2 | -0.290 ± 0.010 | yes | — |" in shown
+    assert "| baseline | random-init | 0.220 ± 0.028 | 2 | -0.290 ± 0.010 | 0.022 | yes | 0.500 | — |" in shown
     assert f"σ_seed = {seed_noise(rows):.3f}" in shown and "Baseline (random-init encoder): 0.220 ± 0.028" in shown
     csv_text = (tmp_path / "report" / "report.csv").read_text().splitlines()
     assert csv_text[1].startswith("baseline,random-init,baseline,")
@@ -185,7 +192,7 @@ def test_a_rebuilt_report_reads_the_baseline_cached_in_the_sweep_folder(tmp_path
     (tmp_path / BASELINE_FILE).write_text(json.dumps(_baseline({0: 0.1})))
     rows = _rows([("centre", "centre", None, {0: 0.5}), ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.4})])
     report = build_report(rows, load_grid("smoke"), tmp_path / "report")
-    assert "| baseline | random-init | 0.100 | 1 | -0.400 | — | — |" in report["markdown"]
+    assert "| baseline | random-init | 0.100 | 1 | -0.400 | — | — | 1.000 | — |" in report["markdown"]
 
 
 def test_attention_on_event_is_the_cells_mean_and_a_dash_where_the_data_has_no_events(tmp_path):
@@ -197,7 +204,7 @@ def test_attention_on_event_is_the_cells_mean_and_a_dash_where_the_data_has_no_e
     assert next(r for r in table if r["centre"])["attn_event_share"] == pytest.approx(0.5)
     assert math.isnan(_zero(table)["attn_event_share"])
     text = build_report(rows, grid, tmp_path / "report")["markdown"]
-    assert "| diff_lambda | 0.3 | 0.550 ± 0.071 | 2 |  | centre | 0.50 |" in text
+    assert "| diff_lambda | 0.3 | 0.550 ± 0.071 | 2 |  |  | centre |  | 0.50 |" in text
     assert "attention on event |" in text and "a uniform map gives 0.25" in text
 
 
@@ -343,7 +350,8 @@ def test_a_readout_cell_is_judged_against_its_own_pairs_and_stays_out_of_the_pre
     row = next(r for r in ablation_table(rows + readout, grid) if r["cell"] == "readout=mean")
     own = paired_delta({0: 0.4128125, 1: 0.4095625}, {0: 0.4328125, 1: 0.4265625})
     assert row["shares_pretraining"] and (row["delta"], row["se_delta"]) == pytest.approx(own[:2])
-    assert row["clear"] is True  # -0.018 ± 0.0015: the two read-outs of each encoder agree on the sign
+    # -0.018 ± 0.0015: clear by the z-rule, but an SE from two pairs has one degree of freedom (t = 12.3, p = 0.052)
+    assert row["z_rule"] is True and row["df"] == 1 and row["clear"] is False
     built = build_report(rows + readout, grid, tmp_path, baseline=[])
     text = built["markdown"]
     assert "| readout | mean |" in text and "the cells of readout are evaluations of the centre's own" in text

@@ -123,7 +123,7 @@ def test_report_gives_delta_vs_centre_and_judges_it_against_seed_noise(tmp_path)
     assert next(r for r in close if r["value"] == 0.0)["clear"] is False
     report = build_report(rows, grid, tmp_path / "report")
     assert (tmp_path / "report" / "report.csv").is_file() and (tmp_path / "report" / "factor_diff_lambda.png").is_file()
-    assert "| diff_lambda | 0.0 | 0.300 ± 0.030 | 3 | -0.200 ± 0.006 | yes | — |" in report["markdown"]
+    assert "| diff_lambda | 0.0 | 0.300 ± 0.030 | 3 | -0.200 ± 0.006 | <0.001 | yes | 0.250 | — |" in report["markdown"]
 
 
 @pytest.mark.parametrize("text, message", [

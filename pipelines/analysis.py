@@ -1,8 +1,10 @@
 """The evidence behind the paper's claim: where attention goes, and how the losses went.
 
-For a few held-out clips: the CLS query's attention over the patch grid — A1, A2 and A1 − λ·A2 for differential
-attention, A for standard attention — and, when the data set knows where the labelled event is (the synthetic set
-does), the share of attention mass that lands on the event's patches vs on the distractors around it.
+The utterance query's attention over the patch grid — A1, A2 and A1 − λ·A2 for differential attention, A for
+standard attention — drawn for a few held-out clips, and measured, where the data set knows where each clip's
+labelled event is (the synthetic set does), over many (``attention_evidence``): per layer, the share of the positive
+mass that lands on the event's patches, and the negative mass the subtraction puts on the other patches (the noise
+it cancels), padded patches left out of both, beside the share a uniform map would give.
 """
 
 from __future__ import annotations
@@ -54,23 +56,66 @@ def attention_summary(encoder: ASDAEncoder, fbank: torch.Tensor) -> list[dict[st
     return layers
 
 
-def event_shares(layers: list[dict[str, torch.Tensor]], event_mask: torch.Tensor) -> dict[str, float]:
-    """Share of |attention| on event patches (mean over clips) per layer, for A1 and the effective map, and the
-    share a uniform map would give (the event's share of patches)."""
-    valid = event_mask.any(dim=1)
-    if not valid.any():
-        return {}
-    mask = event_mask[valid].float()
+ATTENTION_CLIPS = 512  # clips the attention evidence is measured on (fewer where the split has fewer)
 
-    def share(w: torch.Tensor) -> float:
-        w = w[valid].abs()
-        return float(((w * mask).sum(1) / w.sum(1).clamp_min(1e-12)).mean())
 
-    out = {"attn_event_share_uniform": float(mask.mean(1).mean())}
+def content_patch_mask(frames: torch.Tensor | np.ndarray, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """(B,) frames of each clip's own content -> (B, P) bool, True for patches whose time column is mostly content
+    (its first half holds clip frames): the columns of padding after a short clip are False."""
+    T, F = grid
+    starts = torch.arange(T) * patch_size
+    own = torch.as_tensor(np.asarray(frames), dtype=torch.long)
+    return (starts[None, :] + patch_size // 2 < own[:, None]).repeat_interleave(F, dim=1)
+
+
+def clip_attention_measures(layers: list[dict[str, torch.Tensor]], event: torch.Tensor,
+                            content: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per clip (B,) and per layer: "share_i" / "share_a1_i", the share of the positive mass of the effective map
+    (A1 − λ·A2, or A) / of A1 that lies on the event's patches; "negative_i", the negative mass of the effective map
+    on the content patches off the event (0 for A1 and standard attention); "uniform", the event's share of the
+    content patches. Padding counts in none of them."""
+    on, off = (event & content).float(), (~event & content).float()
+    out = {"uniform": on.sum(1) / content.float().sum(1).clamp_min(1)}
     for i, layer in enumerate(layers):
-        out[f"attn_event_share_layer{i}"] = share(layer["effective"])
-    out["attn_event_share"] = out[f"attn_event_share_layer{len(layers) - 1}"]
-    out["attn_event_share_a1"] = share(layers[-1]["a1"])
+        for key, w in (("share", layer["effective"]), ("share_a1", layer["a1"])):
+            positive = w.clamp_min(0)
+            out[f"{key}_{i}"] = (positive * on).sum(1) / (positive * (on + off)).sum(1).clamp_min(1e-12)
+        out[f"negative_{i}"] = (-layer["effective"].clamp_max(0) * off).sum(1)
+    return out
+
+
+@torch.no_grad()
+def attention_evidence(encoder: ASDAEncoder, clips: dict[str, np.ndarray], batch_size: int = 64) -> dict[str, float]:
+    """The attention metrics of ``encoder`` over ``clips`` ("fbank", "event", "frames"), mean over the clips with a
+    known event: ``attn_event_share`` (last layer, effective map), ``attn_event_share_a1``,
+    ``attn_negative_off_event``, the same per layer (``_layer{i}``), ``attn_event_share_uniform`` and
+    ``attn_clips`` (how many clips the means are over). Empty where no clip has a known event."""
+    config = encoder.config
+    known = np.all(np.isfinite(clips["event"]), axis=1)
+    if not known.any():
+        return {}
+    sums: dict[str, float] = {}
+    encoder = encoder.eval()
+    indices = np.flatnonzero(known)
+    for start in range(0, len(indices), batch_size):
+        chosen = indices[start:start + batch_size]
+        fbank = torch.as_tensor(clips["fbank"][chosen])
+        grid = (fbank.shape[1] // config.patch_size, config.num_mel_bins // config.patch_size)
+        event = event_patch_mask(clips["event"][chosen], grid, config.patch_size)
+        content = content_patch_mask(clips["frames"][chosen], grid, config.patch_size)
+        for key, values in clip_attention_measures(attention_summary(encoder, fbank), event, content).items():
+            sums[key] = sums.get(key, 0.0) + float(values.sum())
+    n = int(known.sum())
+    depth = len(encoder.blocks)
+    out: dict[str, float] = {"attn_clips": float(n), "attn_event_share_uniform": sums["uniform"] / n}
+    for i in range(depth):
+        out[f"attn_event_share_layer{i}"] = sums[f"share_{i}"] / n
+        out[f"attn_event_share_a1_layer{i}"] = sums[f"share_a1_{i}"] / n
+        out[f"attn_negative_off_event_layer{i}"] = sums[f"negative_{i}"] / n
+    last = depth - 1
+    out.update(attn_event_share=out[f"attn_event_share_layer{last}"],
+               attn_event_share_a1=out[f"attn_event_share_a1_layer{last}"],
+               attn_negative_off_event=out[f"attn_negative_off_event_layer{last}"])
     return out
 
 
@@ -194,9 +239,25 @@ def log_pretraining_artifacts(run_id: str, config: ASDAConfig, settings, checkpo
         fig = attention_figure(encoder, clips, title=f"{settings.name}: utterance-query attention, last layer")
         client.log_figure(run_id, fig, "figures/attention.png")
         plt.close(fig)
-        mask = event_patch_mask(clips["event"], (clips["fbank"].shape[1] // config.patch_size,
-                                                 config.num_mel_bins // config.patch_size), config.patch_size)
-        results = event_shares(attention_summary(encoder, torch.as_tensor(clips["fbank"])), mask)
+    if settings.attention_clips:
+        encoder = load_encoder(checkpoint, "student").eval()
+        clips = evidence_clips(settings.data, settings.figure_split, settings.attention_clips, config.target_length)
+        results = attention_evidence(encoder, clips)
         for key, value in results.items():
             client.log_metric(run_id, key, value, step=settings.steps)
     return results
+
+
+def evidence_clips(data: str | Path, split: str | None, limit: int,
+                   target_length: int | None = None) -> dict[str, np.ndarray]:
+    """The first ``limit`` clips of the named split, else of valid, test or train, in stored order (``asda
+    prepare`` stores a split shuffled, so they are a fixed random sample of it), with their frame counts."""
+    from .data.card import feed_length, load_card
+    from .data.feed import read_clips
+
+    card = load_card(data)
+    length = feed_length(card, target_length, data)
+    name = split or next((s for s in ("valid", "test", "train") if s in card["splits"]), None)
+    if name not in card["splits"]:
+        raise ValueError(f"split {split!r} not in {data}; it has {sorted(card['splits'])}")
+    return read_clips(data, name, target_length=length, labels="none", limit=limit)

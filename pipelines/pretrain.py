@@ -29,14 +29,17 @@ class PretrainSettings(TrainSettings):
     resume: str | None = None  # start from this checkpoint (folder or model.pt) in a new run
     figure_split: str | None = None  # clips for the attention figure (default: valid, test or train)
     figure_clips: int = 4
+    # clips the attention on the labelled event is measured on (the figure's split; 0: not measured)
+    attention_clips: int = 512
     compile: bool = False  # torch.compile the model's forward (and so its backward)
     precision: str | None = None  # "bf16" (autocast) or "fp32"; None: bf16 with use_gpu, else fp32
     stop_on_collapse: bool = False  # end the run (an error naming the update) when the collapse guard trips
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.figure_clips < 0:
-            raise ValueError(f"figure_clips={self.figure_clips!r} is not allowed: expected an integer >= 0")
+        for name in ("figure_clips", "attention_clips"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected an integer >= 0")
         for name in ("compile", "stop_on_collapse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected true or false")

@@ -90,12 +90,13 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
 
 
 def _event_shares(run_id: str) -> dict[str, float]:
-    """The share of the final weights' attention on the labelled event (and a uniform map's share), as the
-    pretraining run logged them; empty where the data has no events."""
+    """The final weights' attention on the labelled event (``pipelines.analysis.attention_evidence``: the shares,
+    the negative mass off the event, per layer, the clips counted), as the pretraining run logged them; empty where
+    the data has no events."""
     from mlflow import MlflowClient
 
     logged = MlflowClient().get_run(run_id).data.metrics
-    return {k: float(logged[k]) for k in ("attn_event_share", "attn_event_share_uniform") if k in logged}
+    return {k: float(v) for k, v in logged.items() if k.startswith("attn_")}
 
 
 def _evaluate(sweep: SweepParams, config: ASDAConfig, trial: Trial,
@@ -509,6 +510,7 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
                "pretrain_loss": metrics.get("pretrain_loss"), "timing": metrics.get("timing"),
                "attn_event_share": metrics.get("attn_event_share"),
                "attn_event_share_uniform": metrics.get("attn_event_share_uniform"),
+               "attention": {k: v for k, v in metrics.items() if k.startswith("attn_")},
                "collapse": metrics.get("collapse"), "alpha": metrics.get("alpha"),
                "alpha_effective": metrics.get("alpha_effective"),
                "error": str(result.error).splitlines()[0] if result.error else None}

@@ -193,12 +193,38 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
             "delta": delta, "se_delta": se, "pairs": pairs, "df": df, "p": p, "p_holm": p, "z_rule": z_rule,
             "clear": None if not math.isfinite(p) else p < LEVEL,
             "p_sign_flip": math.nan if is_centre else sign_flip_p(flips), "unstable": unstable,
-            "attn_event_share": _stats([r.get("attn_event_share") for r in members])[0], "centre": is_centre,
+            **attention_stats(members), "centre": is_centre,
             "errors": sum(1 for r in members if r.get("error")),
             "collapsed": sum(1 for r in members if collapsed(r)),
             "alpha": _stats([r.get("alpha") for r in members])[0],
             "alpha_effective": _stats([r.get("alpha_effective") for r in members])[0],
             "shares_pretraining": shares_pretraining(members)}
+
+
+def _attention(row: dict[str, Any], key: str) -> Any:
+    return (row.get("attention") or {}).get(key, row.get(key))
+
+
+def attention_stats(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """A cell's attention evidence over its runs (``pipelines.analysis.attention_evidence``): mean and std over
+    seeds of the event share and of the negative mass off the event (last layer), the fewest clips a run measured
+    them on, and the per-layer means."""
+    out: dict[str, Any] = {}
+    for key in ("attn_event_share", "attn_event_share_a1", "attn_negative_off_event"):
+        mean, std, _ = _stats([_attention(r, key) for r in members])
+        out[key], out[f"{key}_std"] = mean, std
+    clips = [c for c in (_finite(_attention(r, "attn_clips")) for r in members) if math.isfinite(c)]
+    out["attn_clips"] = int(min(clips)) if clips else None
+    layers = []
+    for i in itertools.count():
+        if not any(_attention(r, f"attn_event_share_layer{i}") is not None for r in members):
+            break
+        layers.append({"layer": i, **{name: _stats([_attention(r, f"{key}_layer{i}") for r in members])[0]
+                                      for name, key in (("event_share", "attn_event_share"),
+                                                        ("event_share_a1", "attn_event_share_a1"),
+                                                        ("negative_off_event", "attn_negative_off_event"))}})
+    out["attn_layers"] = layers
+    return out
 
 
 def ablation_table(rows: list[dict[str, Any]], grid: Grid, noise: Noise | None = None) -> list[dict[str, Any]]:
@@ -296,7 +322,15 @@ def _line(row: dict[str, Any], alpha_column: bool = False) -> str:
     errors += f" (**{row['collapsed']} collapsed**)" if row.get("collapsed") else ""
     alpha = f" {_fmt(row.get('alpha_effective'), 3)} |" if alpha_column else ""
     return (f"| {row['factor']} | {row['value']} | {_fmt(row['mean'])}{spread} | {row['n']}{errors} | {delta} | "
-            f"{p} | {clear} | {flips} | {_fmt(row['attn_event_share'], 2)} |{alpha}")
+            f"{p} | {clear} | {flips} | {_spread(row, 'attn_event_share')} | "
+            f"{_spread(row, 'attn_negative_off_event')} |{alpha}")
+
+
+def _spread(row: dict[str, Any], key: str) -> str:
+    """``key``'s mean ± its std over seeds (no ± for one run), two decimals; — when not measured."""
+    std = _finite(row.get(f"{key}_std"))
+    return _fmt(row.get(key), 2) + (f" ± {std:.2f}" if math.isfinite(std) and math.isfinite(_finite(row.get(key)))
+                                    else "")
 
 
 def significance_text(table: list[dict[str, Any]]) -> str:
@@ -313,6 +347,17 @@ def significance_text(table: list[dict[str, Any]]) -> str:
         text += (f"; with {pairs} pairs it cannot go below {floor:.3g}, so no comparison can be significant by it: "
                  f"a grid needs {seeds_for(LEVEL)} seeds or more for that")
     return text + "."
+
+
+def attention_text(table: list[dict[str, Any]], chance: str) -> str:
+    """What the attention columns measure, and on how many clips."""
+    clips = [r["attn_clips"] for r in table if r.get("attn_clips")]
+    over = f"over {min(clips)} held-out clips per run" if clips else "not measured: the data has no events"
+    return (f"Attention on event ({over}, padded patches left out): the share of the positive mass of the last "
+            f"layer's utterance-query map A1 − λ·A2 (A for standard attention) that lies on the labelled event's "
+            f"patches{chance}; negative off event: the mass the subtraction takes from the other patches (what it "
+            f"cancels; 0 for standard attention). Mean ± std over the cell's seeds; every layer, and A1 alone, in "
+            f"summary.json (attn_layers); — where the data has no events.")
 
 
 def _p(value: Any) -> str:
@@ -344,12 +389,11 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
              f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
              f"error σ_diff/√pairs, with σ_diff the spread of one paired difference pooled over every stable cell (or, "
              f"where no cell has two seeds, √2·σ_seed). {how}.", "", significance_text(table), "",
-             f"Attention on event: the share of the last layer's utterance-query attention |A1 − λ·A2| on the "
-             f"labelled event's patches, mean over the cell's runs{chance}; — where the data has no events.", "",
+             attention_text(table, chance), "",
              f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(sigma)}.**", "",
              f"| factor | value | {grid.metric} | n | Δ vs centre | p (Holm) | clear | sign-flip p | attention on "
-             f"event |" + (" α effective |" if alpha_column else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if alpha_column else "")]
+             f"event | negative off event |" + (" α effective |" if alpha_column else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if alpha_column else "")]
     if alpha_column:
         lines[2:2] = ["α effective: the utterance term's weight per element relative to the frame term (under the "
                       "release's sums α × clips × clones per device); it differs between cells here, so a cell "
@@ -453,8 +497,10 @@ def factor_plots(table: list[dict[str, Any]], grid: Grid, folder: Path,
     return paths
 
 
-def _lambda_checkpoints(rows: list[dict[str, Any]], table: list[dict[str, Any]], grid: Grid) -> dict[str, str]:
-    """{panel label: checkpoint} for λ = 0 and the best other λ (each cell's lowest seed), or {} if either lacks one."""
+def _lambda_checkpoints(rows: list[dict[str, Any]], table: list[dict[str, Any]],
+                        grid: Grid) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{panel label: (checkpoint, table row)} for λ = 0 and the best other λ (each cell's lowest seed's
+    checkpoint), or {} if either lacks one."""
     if "diff_lambda" not in grid.factors:
         return {}
     lam_rows = [r for r in table if r["factor"] == "diff_lambda" and math.isfinite(r["mean"])]
@@ -467,8 +513,8 @@ def _lambda_checkpoints(rows: list[dict[str, Any]], table: list[dict[str, Any]],
         found = sorted((r for r in rows if r["cell"] == cell and r.get("checkpoint")), key=lambda r: r["seed"])
         return found[0]["checkpoint"] if found else None
 
-    paths = {"λ = 0": checkpoint(zero["cell"]), f"λ = {best['value']} (best)": checkpoint(best["cell"])}
-    return paths if all(p and Path(p).is_file() for p in paths.values()) else {}
+    paths = {"λ = 0": (checkpoint(zero["cell"]), zero), f"λ = {best['value']} (best)": (checkpoint(best["cell"]), best)}
+    return paths if all(p and Path(p).is_file() for p, _ in paths.values()) else {}
 
 
 def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, Any]], grid: Grid, data: str,
@@ -484,26 +530,27 @@ def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, An
     from pipelines import analysis
     from pipelines.plotting import plt
 
-    encoders = {label: load_encoder(path).eval() for label, path in paths.items()}
+    encoders = {label: load_encoder(path).eval() for label, (path, _) in paths.items()}
     config = next(iter(encoders.values())).config
     # A fixed sincos table serves any length; a learned table only the one it was trained with.
     clips = analysis.figure_clips(data, None, 4, None if config.pos_embed == "sincos2d" else config.target_length)
     fbank = torch.as_tensor(clips["fbank"])
     patches = (fbank.shape[1] // config.patch_size, config.num_mel_bins // config.patch_size)
-    mask = analysis.event_patch_mask(clips["event"], patches, config.patch_size)
     fig, axes = plt.subplots(len(fbank), 1 + len(encoders), figsize=(10, 2.1 * len(fbank)), squeeze=False)
     for r in range(len(fbank)):
         analysis.draw_logmel(axes[r, 0], clips["fbank"][r], clips["event"][r])
     axes[0, 0].set_title("log-mel (event shaded)", fontsize=8)
     for c, (label, encoder) in enumerate(encoders.items(), start=1):
         layers = analysis.attention_summary(encoder, fbank)
-        share = analysis.event_shares(layers, mask).get("attn_event_share", math.nan)
         for r in range(len(fbank)):
             analysis.draw_patch_map(axes[r, c], layers[-1]["effective"][r], patches, config.patch_size,
                                     clips["event"][r], signed=True)
-        shown = f"{share:.0%}" if math.isfinite(share) else "—"
-        axes[0, c].set_title(f"{label}\nattention on the event: {shown}", fontsize=8)
-    fig.suptitle("utterance-query attention A1 − λ·A2, last layer", fontsize=9)
+        row = paths[label][1]
+        axes[0, c].set_title(f"{label}\non the event {_spread(row, 'attn_event_share')}, removed off it "
+                             f"{_spread(row, 'attn_negative_off_event')}", fontsize=8)
+    clips_measured = next((r["attn_clips"] for _, r in paths.values() if r.get("attn_clips")), None)
+    fig.suptitle("utterance-query attention A1 − λ·A2, last layer: 4 clips drawn; the numbers are the cell's mean "
+                 f"± std over seeds of {clips_measured or '—'} clips each (padding left out)", fontsize=9)
     fig.tight_layout()
     path = folder / "attention_lambda.png"
     fig.savefig(path, dpi=100)
@@ -526,7 +573,9 @@ def summary(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dic
     """summary.json: the metric, the centre, σ_seed, the random-init baseline and one entry per (factor, value)."""
     centre = next((r for r in table if r["centre"]), None)
     keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "df", "p", "p_holm", "clear",
-            "z_rule", "p_sign_flip", "unstable", "attn_event_share", "centre", "collapsed", "alpha",
+            "z_rule", "p_sign_flip", "unstable", "attn_event_share", "attn_event_share_std", "attn_event_share_a1",
+            "attn_negative_off_event", "attn_negative_off_event_std", "attn_clips", "attn_layers", "centre",
+            "collapsed", "alpha",
             "alpha_effective", "shares_pretraining")
     return _json_safe({
         "metric": grid.metric, "grid": grid.name, "z": Z,
@@ -564,7 +613,7 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
     table = ablation_table(rows, grid, noise)
     base = baseline_row(_baseline_rows(folder, baseline), rows, grid.metric, noise)
     with open(folder / "report.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer = csv.DictWriter(fh, fieldnames=[k for k in table[0] if k != "attn_layers"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(([base] if base else []) + table)
     uniform = _stats([r.get("attn_event_share_uniform") for r in rows])[0]

@@ -146,7 +146,7 @@ def test_a_one_seed_cell_has_no_error_bar_and_is_judged_against_root_two_sigma_s
     assert zero["p"] == pytest.approx(0.168, abs=5e-4) and zero["clear"] is False
     report = build_report(rows, grid, tmp_path / "report")
     line = next(x for x in report["markdown"].splitlines() if x.startswith("| diff_lambda | 0.0 |"))
-    assert line == "| diff_lambda | 0.0 | 0.440 | 1 (2 failed) | -0.060 | 0.168 | no | 1.000 | — |"  # no ± anywhere
+    assert line == "| diff_lambda | 0.0 | 0.440 | 1 (2 failed) | -0.060 | 0.168 | no | 1.000 | — | — |"  # no ± anywhere
     assert "√2·σ_seed" in report["markdown"]
     # without any cell of two seeds there is no noise to judge a one-seed Δ against: no verdict, and the report
     # says why
@@ -204,7 +204,7 @@ def test_attention_on_event_is_the_cells_mean_and_a_dash_where_the_data_has_no_e
     assert next(r for r in table if r["centre"])["attn_event_share"] == pytest.approx(0.5)
     assert math.isnan(_zero(table)["attn_event_share"])
     text = build_report(rows, grid, tmp_path / "report")["markdown"]
-    assert "| diff_lambda | 0.3 | 0.550 ± 0.071 | 2 |  |  | centre |  | 0.50 |" in text
+    assert "| diff_lambda | 0.3 | 0.550 ± 0.071 | 2 |  |  | centre |  | 0.50 ± 0.14 | — |" in text
     assert "attention on event |" in text and "a uniform map gives 0.25" in text
 
 

@@ -56,7 +56,8 @@ def test_two_worker_ddp_pretraining_checkpoints_and_tracks(pretrained):
     assert run.data.params["model.diff_lambda"] == "0.3" and run.data.params["train.workers"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
     for key in ("loss_frame", "loss_utterance", "lr", "ema_decay", "grad_norm", "clips_per_s",
-                "attn_event_share", "attn_event_share_uniform"):
+                "attn_event_share", "attn_event_share_uniform", "attn_negative_off_event", "attn_clips",
+                "attn_event_share_a1_layer0"):
         assert key in run.data.metrics, key
     assert any(k.startswith("system/") for k in run.data.metrics)
     artifacts = {a.path for folder in ("figures", "config") for a in client.list_artifacts(run.info.run_id, folder)}

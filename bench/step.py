@@ -12,26 +12,9 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from model import ASDA, ASDAConfig
-
-_aten = torch.ops.aten
-
-
-def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-# torch's counter knows the CUDA attention kernels but not the CPU flash kernel; count it with the same formulas.
-_CPU_ATTENTION_FLOPS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
-}
+from pipelines.cost import update_flops
 
 
 def trainer_update(config: ASDAConfig, device: torch.device, *, precision: str | None = None,
@@ -43,16 +26,6 @@ def trainer_update(config: ASDAConfig, device: torch.device, *, precision: str |
 
     settings = PretrainSettings(data="-", precision=precision, compile=compile)
     return build_update(ASDA(config).to(device), settings, device)
-
-
-def update_flops(update, batch: torch.Tensor) -> int:
-    """Matmul/conv/attention FLOPs of one update (student and teacher forward, backward), by torch's counter.
-    Counted through the eager forward (``model.forward``: the same function a compiled call runs), since
-    compiled kernels bypass the counter."""
-    eager = dataclasses.replace(update, forward=update.model.forward)
-    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
-        eager(batch)
-    return counter.get_total_flops()
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, *, size: int | None = None, repeats: int = 10) -> float:

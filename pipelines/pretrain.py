@@ -211,3 +211,20 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     return {"run_id": run_id, "checkpoint": str(final), "ray_checkpoint": result.checkpoint.path,
             "metrics": dict(result.metrics or {}), "run_dir": str(run_dir), "name": settings.name,
             "collapse": collapse}
+
+
+def pretrain_flops(config: ASDAConfig, batch_size: int, target_length: int) -> float:
+    """FLOPs of one pretraining update of ``batch_size`` clips of ``target_length`` frames, counted on one clip
+    on this process's CPU and scaled by the batch (every FLOP of an update is some clip's: the teacher's, its
+    clones', the decoder's)."""
+    from .cost import update_flops
+
+    config = dataclasses.replace(config, target_length=target_length)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        update = build_update(ASDA(config), PretrainSettings(data="-", precision="fp32"), torch.device("cpu"))
+        flops = update_flops(update, torch.randn(1, target_length, config.num_mel_bins))
+    finally:
+        torch.random.set_rng_state(state)
+    return float(flops) * batch_size

@@ -353,11 +353,16 @@ def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogg
     """Train from ``start`` = (step, epoch) to ``steps`` updates: per batch, a step call and a checkpointer call.
 
     Metrics go to MLflow every ``log_every`` updates and at the last, where ``job.finish()`` adds its own (the
-    fine-tuning evaluation) and the loop adds its own wall and CPU time (``train_loop_s``, ``train_loop_cpu_s``). A non-finite gradient norm, or an epoch that yields no batch, ends the run with a
+    fine-tuning evaluation) and the loop adds what it cost: wall and CPU time (``train_loop_s``,
+    ``train_loop_cpu_s``), clips per second over the whole loop (``train_loop_clips_per_s``) and the process's peak
+    memory (``peak_rss_mb``, and ``peak_gpu_mb`` on a GPU). A non-finite gradient norm, or an epoch that yields no batch, ends the run with a
     stop record (see ``Checkpointer.stop``) instead of spinning or training on.
     """
+    from .cost import PeakMemory
+
     step, epoch = start
-    rate, metrics = ClipRate(), {}
+    rate, metrics, loop_clips = ClipRate(), {}, 0
+    peak = PeakMemory(getattr(job, "device", None))
     started, started_cpu = time.perf_counter(), time.process_time()
     if step >= steps:
         checkpointer.finished_already(step, epoch)
@@ -372,12 +377,15 @@ def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogg
                     return checkpointer.stop(step, STOP_NON_FINITE, f"non-finite loss/gradient at update {step} "
                                                                     f"(loss {out.loss.item():.4g})")
                 rate.add(out.clips)
+                loop_clips += out.clips
+                peak.sample()
                 if step % log_every == 0 or step == steps:
                     metrics = {**job.metrics(out), "clips_per_s": rate.take()}
                     if step == steps:  # the evaluation, and what the loop cost (asda bench sweep reads it)
                         metrics.update(job.finish())
-                        metrics.update(train_loop_s=time.perf_counter() - started,
-                                       train_loop_cpu_s=time.process_time() - started_cpu)
+                        elapsed = time.perf_counter() - started
+                        metrics.update(train_loop_s=elapsed, train_loop_cpu_s=time.process_time() - started_cpu,
+                                       train_loop_clips_per_s=loop_clips / elapsed, **peak.as_metrics())
                     logger.log(metrics, step=step)
                     reason = job.stop_reason()
                     if reason is not None:  # every rank reaches the same verdict at the same update

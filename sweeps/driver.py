@@ -79,6 +79,7 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
                "pretrain_loss": float(pretrained.get("loss", float("nan"))),
                "checkpoint": result["checkpoint"], "run_id": result["run_id"],
                "collapse": result["collapse"],  # where its collapse guard tripped, or None
+               "cost": _cost(config, settings, pretrained),
                "alpha": config.alpha, "alpha_effective": config.alpha_effective(settings.batch_size),
                # where the trial's time went (asda bench sweep): the training loop, the evaluation, the rest
                "timing": {"trial_s": done - started, "eval_s": done - evaluating,
@@ -87,6 +88,20 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
                           "train_loop_cpu_s": pretrained.get("train_loop_cpu_s")}}
     tune.report(metrics)
     return metrics
+
+
+def _cost(config: ASDAConfig, settings: PretrainSettings, pretrained: dict[str, Any]) -> dict[str, Any]:
+    """What the trial's pretraining cost: clips per second over its training loop, the training process's peak
+    memory (in a sweep the trial's process, which also holds Ray's own), the encoder's parameters and the FLOPs of
+    one update at the frames it fed."""
+    from pipelines.cost import encoder_parameters
+    from pipelines.data.card import feed_length, load_card
+    from pipelines.pretrain import pretrain_flops
+
+    length = feed_length(load_card(settings.data), settings.target_length, settings.data, config.patch_size)
+    return {"clips_per_s": pretrained.get("train_loop_clips_per_s"), "peak_rss_mb": pretrained.get("peak_rss_mb"),
+            "peak_gpu_mb": pretrained.get("peak_gpu_mb"), "params": encoder_parameters(config),
+            "gflops_per_update": pretrain_flops(config, settings.batch_size, length) / 1e9}
 
 
 def _event_shares(run_id: str) -> dict[str, float]:
@@ -511,7 +526,7 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
                "attn_event_share": metrics.get("attn_event_share"),
                "attn_event_share_uniform": metrics.get("attn_event_share_uniform"),
                "attention": {k: v for k, v in metrics.items() if k.startswith("attn_")},
-               "collapse": metrics.get("collapse"), "alpha": metrics.get("alpha"),
+               "collapse": metrics.get("collapse"), "alpha": metrics.get("alpha"), "cost": metrics.get("cost"),
                "alpha_effective": metrics.get("alpha_effective"),
                "error": str(result.error).splitlines()[0] if result.error else None}
         rows.append(row)

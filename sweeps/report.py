@@ -193,7 +193,7 @@ def table_row(factor: str, value: Any, cell: str, members: list[dict[str, Any]],
             "delta": delta, "se_delta": se, "pairs": pairs, "df": df, "p": p, "p_holm": p, "z_rule": z_rule,
             "clear": None if not math.isfinite(p) else p < LEVEL,
             "p_sign_flip": math.nan if is_centre else sign_flip_p(flips), "unstable": unstable,
-            **attention_stats(members), "centre": is_centre,
+            **attention_stats(members), "cost": cost_stats(members), "centre": is_centre,
             "errors": sum(1 for r in members if r.get("error")),
             "collapsed": sum(1 for r in members if collapsed(r)),
             "alpha": _stats([r.get("alpha") for r in members])[0],
@@ -224,6 +224,21 @@ def attention_stats(members: list[dict[str, Any]]) -> dict[str, Any]:
                                                         ("event_share_a1", "attn_event_share_a1"),
                                                         ("negative_off_event", "attn_negative_off_event"))}})
     out["attn_layers"] = layers
+    return out
+
+
+COSTS = ("clips_per_s", "peak_rss_mb", "peak_gpu_mb", "params", "gflops_per_update")
+
+
+def cost_stats(members: list[dict[str, Any]]) -> dict[str, float]:
+    """A cell's cost (the trials' ``cost``): mean over its runs of each of COSTS, and the std of the clips per
+    second (the one that varies from run to run); NaN where not measured."""
+    out: dict[str, float] = {}
+    for key in COSTS:
+        mean, std, _ = _stats([(r.get("cost") or {}).get(key) for r in members])
+        out[key] = mean
+        if key == "clips_per_s":
+            out["clips_per_s_std"] = std
     return out
 
 
@@ -323,7 +338,19 @@ def _line(row: dict[str, Any], alpha_column: bool = False) -> str:
     alpha = f" {_fmt(row.get('alpha_effective'), 3)} |" if alpha_column else ""
     return (f"| {row['factor']} | {row['value']} | {_fmt(row['mean'])}{spread} | {row['n']}{errors} | {delta} | "
             f"{p} | {clear} | {flips} | {_spread(row, 'attn_event_share')} | "
-            f"{_spread(row, 'attn_negative_off_event')} |{alpha}")
+            f"{_spread(row, 'attn_negative_off_event')} | {_cost_cells(row.get('cost') or {})} |{alpha}")
+
+
+def _cost_cells(cost: dict[str, Any]) -> str:
+    """clips/s (± std over seeds), peak memory in MB (the GPU's where measured, else the process's) and GFLOPs
+    per update, as three table cells."""
+    rate, std = _finite(cost.get("clips_per_s")), _finite(cost.get("clips_per_s_std"))
+    shown = "—" if not math.isfinite(rate) else f"{rate:.0f}" + (f" ± {std:.0f}" if math.isfinite(std) else "")
+    memory = _finite(cost.get("peak_gpu_mb"))
+    memory = memory if math.isfinite(memory) else _finite(cost.get("peak_rss_mb"))
+    flops = _finite(cost.get("gflops_per_update"))
+    return (f"{shown} | {'—' if not math.isfinite(memory) else f'{memory:.0f}'} | "
+            f"{'—' if not math.isfinite(flops) else f'{flops:.3g}'}")
 
 
 def _spread(row: dict[str, Any], key: str) -> str:
@@ -347,6 +374,12 @@ def significance_text(table: list[dict[str, Any]]) -> str:
         text += (f"; with {pairs} pairs it cannot go below {floor:.3g}, so no comparison can be significant by it: "
                  f"a grid needs {seeds_for(LEVEL)} seeds or more for that")
     return text + "."
+
+
+COST_TEXT = ("Cost: clips per second over the training loop (mean ± std over seeds), the training process's peak "
+             "memory (the GPU's peak allocation where it trained on one; on a CPU the resident memory of the trial's "
+             "process, Ray's own included) and the FLOPs of one pretraining update at the frames fed (torch's "
+             "counter); the encoder's parameters are in summary.json.")
 
 
 def attention_text(table: list[dict[str, Any]], chance: str) -> str:
@@ -389,11 +422,12 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
              f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
              f"error σ_diff/√pairs, with σ_diff the spread of one paired difference pooled over every stable cell (or, "
              f"where no cell has two seeds, √2·σ_seed). {how}.", "", significance_text(table), "",
-             attention_text(table, chance), "",
+             attention_text(table, chance), "", COST_TEXT, "",
              f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(sigma)}.**", "",
              f"| factor | value | {grid.metric} | n | Δ vs centre | p (Holm) | clear | sign-flip p | attention on "
-             f"event | negative off event |" + (" α effective |" if alpha_column else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if alpha_column else "")]
+             f"event | negative off event | clips/s | peak MB | GFLOPs/update |" + (" α effective |" if alpha_column
+                                                                                  else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if alpha_column else "")]
     if alpha_column:
         lines[2:2] = ["α effective: the utterance term's weight per element relative to the frame term (under the "
                       "release's sums α × clips × clones per device); it differs between cells here, so a cell "
@@ -574,7 +608,7 @@ def summary(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: dic
     centre = next((r for r in table if r["centre"]), None)
     keys = ("factor", "value", "mean", "std", "n", "delta", "se_delta", "pairs", "df", "p", "p_holm", "clear",
             "z_rule", "p_sign_flip", "unstable", "attn_event_share", "attn_event_share_std", "attn_event_share_a1",
-            "attn_negative_off_event", "attn_negative_off_event_std", "attn_clips", "attn_layers", "centre",
+            "attn_negative_off_event", "attn_negative_off_event_std", "attn_clips", "attn_layers", "cost", "centre",
             "collapsed", "alpha",
             "alpha_effective", "shares_pretraining")
     return _json_safe({

@@ -124,3 +124,21 @@ def test_bench_trainer_reads_the_clip_rate_asda_pretrain_logged(synthetic_prepar
     r = bench_trainer(config, batch_size=4, steps=4, log_every=2, data=str(synthetic_prepared), in_process=True)
     assert len(r["windows_clips_per_s"]) == 2 and r["clips_per_s"] == r["windows_clips_per_s"][1] > 0
     assert r["precision"] == "fp32" and r["compiled"] is False and r["train_loop_s"] > 0
+
+
+def test_a_cells_flops_per_update_are_its_batchs_counted_by_torch_and_its_parameters_the_encoders():
+    """pretrain_flops counts one clip and scales by the batch: the count of a real batch of three is the same."""
+    import torch
+
+    from model import ASDA, ASDAConfig, ASDAEncoder
+    from pipelines.cost import encoder_parameters, update_flops
+    from pipelines.pretrain import PretrainSettings, pretrain_flops
+    from pipelines.update import build_update
+
+    config = ASDAConfig.tiny(embed_dim=64, depth=2, num_heads=4, average_top_k_layers=2, decoder_layers=1,
+                             num_students=2)
+    update = build_update(ASDA(config), PretrainSettings(data="-", precision="fp32"), torch.device("cpu"))
+    direct = update_flops(update, torch.randn(3, 96, 128))
+    assert pretrain_flops(config, 3, 96) == direct > 0
+    assert pretrain_flops(config, 3, 192) > 1.9 * direct  # twice the frames, about twice the work
+    assert encoder_parameters(config) == sum(p.numel() for p in ASDAEncoder(config).parameters())

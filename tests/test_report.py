@@ -146,7 +146,7 @@ def test_a_one_seed_cell_has_no_error_bar_and_is_judged_against_root_two_sigma_s
     assert zero["p"] == pytest.approx(0.168, abs=5e-4) and zero["clear"] is False
     report = build_report(rows, grid, tmp_path / "report")
     line = next(x for x in report["markdown"].splitlines() if x.startswith("| diff_lambda | 0.0 |"))
-    assert line == "| diff_lambda | 0.0 | 0.440 | 1 (2 failed) | -0.060 | 0.168 | no | 1.000 | — | — |"  # no ± anywhere
+    assert line == "| diff_lambda | 0.0 | 0.440 | 1 (2 failed) | -0.060 | 0.168 | no | 1.000 | — | — | — | — | — |"
     assert "√2·σ_seed" in report["markdown"]
     # without any cell of two seeds there is no noise to judge a one-seed Δ against: no verdict, and the report
     # says why
@@ -360,3 +360,22 @@ def test_a_readout_cell_is_judged_against_its_own_pairs_and_stays_out_of_the_pre
     assert pairs[("cls+mean", "mean")]["delta"] == pytest.approx(-own[0]) and pairs[("cls", "mean")]["pairs"] == 0
     assert "| readout | cls+mean | mean | +0.018 ± 0.00" in text and "| readout | cls | mean | — | 0 |" in text
     assert json.loads((tmp_path / "summary.json").read_text())["evaluation_pairs"][0]["delta"] is None
+
+
+def test_each_cell_shows_what_it_cost_beside_its_metric(tmp_path):
+    """clips/s mean ± std over seeds, peak memory (the GPU's where measured) and FLOPs per update, in the table and
+    in summary.json's cost."""
+    rows = _rows([("centre", "centre", None, {0: 0.50, 1: 0.52}),
+                  ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.40, 1: 0.44})])
+    costs = {("centre", 0): 100.0, ("centre", 1): 110.0, ("diff_lambda=0.0", 0): 150.0, ("diff_lambda=0.0", 1): 150.0}
+    for r in rows:
+        r["cost"] = {"clips_per_s": costs[(r["cell"], r["seed"])], "peak_rss_mb": 900.0 + r["seed"],
+                     "params": 897_000, "gflops_per_update": 1.234 if r["cell"] == "centre" else 0.987}
+    rows[0]["cost"]["peak_gpu_mb"] = rows[1]["cost"]["peak_gpu_mb"] = 2048.0
+    report = build_report(rows, load_grid("smoke"), tmp_path / "report")
+    lines = report["markdown"].splitlines()
+    assert next(x for x in lines if x.startswith("| diff_lambda | 0.3 |")).endswith("| 105 ± 7 | 2048 | 1.23 |")
+    assert next(x for x in lines if x.startswith("| diff_lambda | 0.0 |")).endswith("| 150 ± 0 | 900 | 0.987 |")
+    cell = next(c for c in report["summary"]["cells"] if c["value"] == 0.0)
+    assert cell["cost"] == pytest.approx({"clips_per_s": 150.0, "clips_per_s_std": 0.0, "peak_rss_mb": 900.5,
+                                          "peak_gpu_mb": None, "params": 897_000, "gflops_per_update": 0.987})

@@ -62,6 +62,10 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     assert {"metric", "centre_mean", "centre_std", "sigma_seed", "baseline_random_init", "cells"} <= set(summary)
     assert summary["baseline_random_init"]["n"] == len(grid.seeds)
     assert all(0.0 <= c["attn_event_share"] <= 1.0 for c in summary["cells"])  # the event-share column
+    # measured on every clip of the test split (32: fewer than 512), and what each cell cost
+    assert all(c["attn_clips"] == 32 and len(c["attn_layers"]) == 2 for c in summary["cells"])
+    assert all(c["cost"]["clips_per_s"] > 0 and c["cost"]["gflops_per_update"] > 0 and c["cost"]["params"] > 0
+               and c["cost"]["peak_rss_mb"] > 100 for c in summary["cells"])
     return children
 
 

@@ -581,7 +581,7 @@ def _probe(args: argparse.Namespace) -> int:
     if checkpoint is None and not args.random_init:
         raise ValueError("give --checkpoint (a pretraining run folder or .pt file) or --random-init for the baseline")
     settings = ProbeSettings(data=str(data), checkpoint=checkpoint, which=args.which, eval_split=args.eval_split,
-                             cv_folds=args.cv_folds, readout=args.readout, l2=args.l2, seed=args.seed,
+                             cv_folds=args.cv_folds, readout=args.readout, noise_snrs=tuple(args.noise_snrs), l2=args.l2, seed=args.seed,
                              experiment=args.experiment,
                              name=args.name, target_length=args.target_length)
     _ensure_default_data(data)
@@ -607,6 +607,9 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
                    help="what the classifier reads per clip: the CLS output (cls, default), the release's mean "
                         "pooling of the patch outputs (mean), or both side by side (cls+mean)")
     p.add_argument("--features", dest="readout", type=_older_features, help=argparse.SUPPRESS)
+    p.add_argument("--noise-snrs", type=float, nargs="+", default=[], metavar="DB",
+                   help="also score the eval split with seeded white noise added at these SNRs in dB, by the "
+                        "classifier fitted on clean features (e.g. --noise-snrs 10 5 0 -5)")
     p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the classifier (default: 1e-3)")
     _add_length_arg(p)
     p.add_argument("--seed", type=int, default=0)

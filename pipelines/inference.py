@@ -125,12 +125,18 @@ class _ModelActor:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = to_model_batch(rows, **self.decode)
-        out = forward(self.model, torch.from_numpy(clips["fbank"]).to(self.device), self.readout).cpu().numpy()
-        result = {"output": out, "id": clips["id"], "split": np.asarray(rows["split"], dtype=object),
-                  "fold": np.asarray(rows["fold"])}
+        result = {"id": clips["id"], "split": np.asarray(rows["split"], dtype=object), "fold": np.asarray(rows["fold"])}
+        if "noisy" in clips:  # the noisy versions only: the clean ones come from the caller's own pass
+            for level, fbank in enumerate(clips["noisy"]):
+                result[f"output_{level}"] = self._forward(fbank)
+        else:
+            result["output"] = self._forward(clips["fbank"])
         if "label" in clips:
             result["label"] = clips["label"]
         return result
+
+    def _forward(self, fbank: np.ndarray) -> np.ndarray:
+        return forward(self.model, torch.from_numpy(fbank).to(self.device), self.readout).cpu().numpy()
 
 
 def pool_size(ray, batches: int) -> tuple[int, dict[str, float]]:
@@ -160,10 +166,13 @@ def model_outputs(
     batch_size: int = 64,
     threads: int = INFERENCE_THREADS,
     readout: str = "cls",
+    noise_snrs: Sequence[float] = (),
 ) -> dict[str, np.ndarray]:
     """``model``'s outputs on every clip of ``split`` (and ``folds``), computed on Ray Data (see the module).
 
-    ``readout``: what an encoder gives per clip (ENCODER_READOUTS). Returns "output" (N, D, 2D or C) float32,
+    ``readout``: what an encoder gives per clip (ENCODER_READOUTS). ``noise_snrs``: instead of "output", "noisy"
+    (L, N, ·): the outputs of the clips with seeded white noise at each SNR in dB (``feed.add_noise``).
+    Returns "output" (N, D, 2D or C) float32,
     "id", "split", "fold" and, unless labels="none", "label" as the feed gives it; N may be 0. target_length
     defaults to the card's.
     """
@@ -187,7 +196,7 @@ def model_outputs(
     norm = card["normalisation"]
     decode = dict(mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
                   num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"],
-                  labels=labels, random_crop=False)
+                  labels=labels, random_crop=False, noise_snrs=tuple(noise_snrs))
     ds = read_rows(shards=shards, splits=splits, folds=folds, tasks=DATA_TASKS_PER_WORKER)
     # Exactly batch_size consecutive clips per block, whatever blocks the reads made: the batch composition is a
     # function of the data only, so the outputs do not depend on the cluster.
@@ -197,7 +206,12 @@ def model_outputs(
                         fn_constructor_kwargs=dict(threads=threads, decode=decode),
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), **per_actor)
     ds.context.execution_options.preserve_order = True  # outputs in shard order, whichever actor finishes first
-    return _gathered(ds, clips, width, labels, decode)
+    out = _gathered(ds, clips, width, labels, decode)
+    if noise_snrs:
+        levels = [out.pop(f"output_{i}", np.zeros((0, width), dtype=np.float32)) for i in range(len(noise_snrs))]
+        out.pop("output", None)
+        out["noisy"] = np.stack(levels)
+    return out
 
 
 def _gathered(ds, clips: int, width: int, labels: LabelMode, decode: dict) -> dict[str, np.ndarray]:

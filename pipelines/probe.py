@@ -10,6 +10,7 @@ standardised features, fitted full-batch with L-BFGS. Reports ``eval_accuracy`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -37,6 +38,9 @@ class ProbeSettings:
     # what the classifier reads per clip (inference.ENCODER_READOUTS): "cls" (the utterance vector), "mean" (the
     # release's mean pooling of the patch outputs) or "cls+mean" (both side by side)
     readout: str = "cls"
+    # also score the eval split with seeded white noise at these SNRs (dB), by the classifier fitted on clean
+    # features (``<metric>_snr<dB>``; not with cv_folds)
+    noise_snrs: tuple[float, ...] = ()
     features: str | None = None  # the older name of readout ("utterance", "utterance+mean"), read with a warning
     l2: float = 1e-3  # weight of the L2 penalty on the classifier weights
     max_iter: int = 300
@@ -60,6 +64,11 @@ class ProbeSettings:
             object.__setattr__(self, "readout", readout)
             object.__setattr__(self, "features", None)
         object.__setattr__(self, "readout", check_readout(self.readout))
+        snrs = self.noise_snrs if isinstance(self.noise_snrs, list | tuple) else [self.noise_snrs]
+        bad = [v for v in snrs if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)]
+        if bad or len(set(snrs)) != len(snrs):
+            raise ValueError(f"noise_snrs={self.noise_snrs!r} is not allowed: expected distinct finite numbers (dB)")
+        object.__setattr__(self, "noise_snrs", tuple(float(v) for v in snrs))
 
 
 @torch.no_grad()
@@ -138,10 +147,16 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None,
     encoded = model_outputs(encoder, settings.data, splits, target_length=length,
                             labels="multihot" if card["multilabel"] else "index", folds=folds,
                             batch_size=settings.batch_size, readout="cls+mean")
+    noisy = None
+    if settings.noise_snrs and not folds:  # the eval split again, with noise at each level, in one pass
+        noisy = model_outputs(encoder, settings.data, [eval_split], target_length=length, labels="none",
+                              batch_size=settings.batch_size, readout="cls+mean",
+                              noise_snrs=settings.noise_snrs)["noisy"]
     scored = {}
     for readout in dict.fromkeys([settings.readout, *map(check_readout, also)]):
         columns = readout_columns(encoder.config, readout)
-        scored[readout] = _score(settings, card, folds, eval_split, {**encoded, "output": encoded["output"][:, columns]})
+        scored[readout] = _score(settings, card, folds, eval_split, {**encoded, "output": encoded["output"][:, columns]},
+                                 None if noisy is None else noisy[:, :, columns])
     metrics, num_train, num_eval = scored.pop(settings.readout)
     warning = near_chance(metrics, card)
     if warning:
@@ -153,25 +168,30 @@ def probe(settings: ProbeSettings, config: ASDAConfig | None = None,
 
 
 def _score(settings: ProbeSettings, card: dict, folds: list[int] | None, eval_split: str,
-           encoded: dict[str, np.ndarray]) -> tuple[dict[str, float], int, int]:
+           encoded: dict[str, np.ndarray], noisy: np.ndarray | None = None) -> tuple[dict[str, float], int, int]:
     """(metrics, training clips, scored clips) of the probe fitted on ``encoded``'s train split (or each fold's
-    complement) and scored on its eval split (or the held-out fold)."""
+    complement) and scored on its eval split (or the held-out fold). ``noisy`` (L, N, ·): the eval split's features
+    with noise at each of ``settings.noise_snrs``, scored by the same classifier (fitted on clean features) as
+    ``<metric>_snr<dB>``."""
     multilabel, num_classes = card["multilabel"], len(card["class_names"])
 
     def features(keep: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         return torch.from_numpy(encoded["output"][keep]), encoded["label"][keep]
 
-    def fit_and_score(train: tuple, test: tuple) -> dict[str, float]:
+    def fit_and_score(train: tuple, test: tuple, noisy: np.ndarray | None = None) -> dict[str, float]:
         classifier = fit_linear(train[0], torch.as_tensor(train[1]), num_classes, multilabel=multilabel,
                                 l2=settings.l2, max_iter=settings.max_iter, seed=settings.seed)
         with torch.no_grad():
             metrics = evaluate(classifier(test[0]), test[1], num_classes, multilabel)
             train_metrics = evaluate(classifier(train[0]), train[1], num_classes, multilabel)
+            for snr, features in zip(settings.noise_snrs, noisy if noisy is not None else [], strict=False):
+                scored = evaluate(classifier(torch.from_numpy(features)), test[1], num_classes, multilabel)
+                metrics.update({f"{k}{snr_suffix(snr)}": v for k, v in scored.items()})
         return {**metrics, **{f"train_{k[5:]}": v for k, v in train_metrics.items()}}
 
     if not folds:
         train, test = features(encoded["split"] == settings.train_split), features(encoded["split"] == eval_split)
-        return fit_and_score(train, test), len(train[0]), len(test[0])
+        return fit_and_score(train, test, noisy), len(train[0]), len(test[0])
     parts = {k: features(encoded["fold"] == k) for k in folds}
     per_fold = {}
     for k in folds:
@@ -184,6 +204,11 @@ def _score(settings: ProbeSettings, card: dict, folds: list[int] | None, eval_sp
     metrics.update({f"{key}_fold{k}": m[key] for k, m in per_fold.items() for key in m if key.startswith("eval_")})
     num_train = sum(len(x) for x, _ in parts.values())
     return metrics, num_train, num_train
+
+
+def snr_suffix(snr: float) -> str:
+    """The suffix of a metric measured with noise at ``snr`` dB: "_snr10", "_snr-5", "_snr2.5"."""
+    return f"_snr{snr:g}"
 
 
 NEAR_CHANCE = 0.1  # "near chance": a train accuracy less than this share of the way from chance to 1

@@ -512,6 +512,12 @@ def asda_trial(params: dict[str, Any], sweep: SweepParams) -> dict[str, Any]:
     return run_trial(Trial(**params["trial"]), sweep)
 
 
+def robustness(metrics: dict[str, Any], metric: str) -> dict[str, float]:
+    """SNR in dB (as text, e.g. "-5") -> ``metric`` with noise at that SNR, from a probe's ``<metric>_snr<dB>``."""
+    prefix = f"{metric}_snr"
+    return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix) and isinstance(v, float)}
+
+
 def _collect(results, grid: Grid) -> list[dict[str, Any]]:
     """One row per (cell, seed): the trial (its factor ``value``), the grid's metric and its ``metric_value``; a
     trial's ``also`` cells get rows of their own that share its pretraining (run, checkpoint, collapse)."""
@@ -526,12 +532,14 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
                "attn_event_share": metrics.get("attn_event_share"),
                "attn_event_share_uniform": metrics.get("attn_event_share_uniform"),
                "attention": {k: v for k, v in metrics.items() if k.startswith("attn_")},
+               "robustness": robustness(metrics, grid.metric),
                "collapse": metrics.get("collapse"), "alpha": metrics.get("alpha"), "cost": metrics.get("cost"),
                "alpha_effective": metrics.get("alpha_effective"),
                "error": str(result.error).splitlines()[0] if result.error else None}
         rows.append(row)
         scored = metrics.get("also") or {}
         for other in also:
+            found = scored.get(other["cell"]) or {}
             rows.append({**row, **other, "shares_pretraining_of": trial["cell"],
-                         "metric_value": (scored.get(other["cell"]) or {}).get(grid.metric)})
+                         "metric_value": found.get(grid.metric), "robustness": robustness(found, grid.metric)})
     return sorted(rows, key=lambda r: (r["factor"] != "centre", r["factor"], str(r["value"]), r["seed"]))

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .grid import Grid
-from .significance import LEVEL, holm, seeds_for, sign_flip_floor, sign_flip_p, t_p_value
+from .robustness import robustness_figure, robustness_markdown, robustness_table
+from .significance import LEVEL, holm, paired_delta, seeds_for, sign_flip_floor, sign_flip_p, t_p_value
 
 Z = 2.0  # a difference "stands clear" when |Δ| > Z · its standard error
 HOMOGENEITY_LEVEL = 0.05  # Cochran's test: a cell whose seed spread stands out at this level is "unstable"
@@ -46,17 +47,6 @@ def _by_seed(rows: list[dict[str, Any]]) -> dict[int, float]:
     """seed -> metric, for the rows with a finite metric."""
     values = {r["seed"]: _finite(r.get("metric_value")) for r in rows}
     return {seed: v for seed, v in values.items() if math.isfinite(v)}
-
-
-def paired_delta(cell: dict[int, float], centre: dict[int, float]) -> tuple[float, float, int]:
-    """(Δ, its standard error, pairs): Δ is the mean over the seeds both ran of (cell − centre) at the same seed,
-    so what a seed fixes (data order, initialisation) cancels; the standard error comes from the spread of those
-    differences, NaN below two pairs."""
-    diffs = [cell[s] - centre[s] for s in sorted(cell.keys() & centre.keys())]
-    if not diffs:
-        return math.nan, math.nan, 0
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return statistics.fmean(diffs), se, len(diffs)
 
 
 def judge(delta: float, pairs: int, sigma_diff: float, sigma: float) -> tuple[bool | None, float]:
@@ -652,11 +642,17 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
         writer.writerows(([base] if base else []) + table)
     uniform = _stats([r.get("attn_event_share_uniform") for r in rows])[0]
     pairs = evaluation_pairs(rows, grid)
-    text = markdown(table, grid, noise, base, uniform) + "\n".join(pairs_markdown(pairs, grid.metric) + [""])
+    noisy = robustness_table(rows, table)
+    text = markdown(table, grid, noise, base, uniform) + "\n".join(
+        pairs_markdown(pairs, grid.metric) + robustness_markdown(noisy, grid.metric) + [""])
     (folder / "report.md").write_text(text)
-    result = {**summary(table, grid, noise, base), "evaluation_pairs": _json_safe(pairs)}
+    result = {**summary(table, grid, noise, base), "evaluation_pairs": _json_safe(pairs),
+              "robustness": _json_safe(noisy)}
     (folder / SUMMARY_FILE).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     figures = factor_plots(table, grid, folder, base)
+    robust = robustness_figure(noisy, grid, folder)
+    if robust:
+        figures.append(robust)
     attention = lambda_attention_figure(rows, table, grid, data, folder) if data else None
     if attention:
         figures.append(attention)

@@ -64,3 +64,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - k) * p))
         adjusted[i] = running
     return adjusted
+
+
+def paired_delta(cell: dict[int, float], centre: dict[int, float]) -> tuple[float, float, int]:
+    """(Δ, its standard error, pairs): Δ is the mean over the seeds both ran of (cell − centre) at the same seed,
+    so what a seed fixes (data order, initialisation) cancels; the standard error comes from the spread of those
+    differences, NaN below two pairs."""
+    diffs = [cell[s] - centre[s] for s in sorted(cell.keys() & centre.keys())]
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return statistics.fmean(diffs), se, len(diffs)

@@ -196,3 +196,17 @@ def test_shuffled_batches_do_not_depend_on_the_cluster_size_the_reader_sees(easy
         remove_placement_group(one_cpu)
     assert len(whole_cluster) == len(in_one_cpu) > 8
     assert all(torch.equal(a, b) for a, b in zip(whole_cluster, in_one_cpu, strict=True))
+
+
+def test_noise_is_added_in_the_mel_power_domain_at_the_snr_asked_and_the_same_for_a_clip_every_time():
+    from pipelines.data.feed import add_noise, noise_log_mel
+
+    rng = np.random.default_rng(0)
+    clip = rng.normal(-5, 2, size=(40, 128)).astype(np.float32)
+    noise = noise_log_mel(40, "clip-7", seed=0)
+    assert noise.shape == (40, 128) and np.array_equal(noise, noise_log_mel(40, "clip-7", seed=0))
+    assert not np.array_equal(noise, noise_log_mel(40, "clip-8", seed=0))
+    for snr in (10.0, 0.0, -5.0):
+        added = np.exp(add_noise(clip, noise, snr).astype(np.float64)) - np.exp(clip.astype(np.float64))
+        ratio = np.exp(clip.astype(np.float64)).sum() / added.sum()
+        assert 10 * np.log10(ratio) == pytest.approx(snr, abs=1e-3)

@@ -134,3 +134,20 @@ def test_a_probe_that_does_not_fit_its_own_training_clips_warns_of_a_collapsed_e
     assert near_chance({"train_accuracy": 0.81}, skewed) is not None  # the line: 0.8 + 0.1 x 0.2 = 0.82
     assert near_chance({"train_accuracy": 0.9}, skewed) is None
     assert near_chance({"train_map": 0.1}, {**card, "multilabel": True}) is None
+
+
+def test_the_probe_scores_the_eval_split_with_noise_by_the_classifier_fitted_on_clean_features(
+        synthetic_prepared, tracking_store):
+    """Noise at 80 dB changes nothing the classifier can see; at -20 dB it buries the clips. Each level is logged
+    beside the clean metric, for every read-out."""
+    from mlflow import MlflowClient
+
+    settings = ProbeSettings(data=str(synthetic_prepared), eval_split="test", max_iter=50, noise_snrs=(80, -20))
+    out = probe(settings, TINY, also=("mean",))
+    assert out["eval_accuracy_snr80"] == out["eval_accuracy"]
+    assert 0.0 <= out["eval_accuracy_snr-20"] <= 1.0 and "eval_map_snr-20" in out
+    assert out["readouts"]["mean"]["eval_accuracy_snr80"] == out["readouts"]["mean"]["eval_accuracy"]
+    logged = MlflowClient().get_run(out["run_id"]).data.metrics
+    assert {"eval_accuracy_snr80", "eval_accuracy_snr-20", "readout_mean/eval_accuracy_snr-20"} <= set(logged)
+    with pytest.raises(ValueError, match=r"noise_snrs=\(5, 5\) is not allowed: expected distinct finite numbers"):
+        ProbeSettings(data="-", noise_snrs=(5, 5))

@@ -379,3 +379,27 @@ def test_each_cell_shows_what_it_cost_beside_its_metric(tmp_path):
     cell = next(c for c in report["summary"]["cells"] if c["value"] == 0.0)
     assert cell["cost"] == pytest.approx({"clips_per_s": 150.0, "clips_per_s_std": 0.0, "peak_rss_mb": 900.5,
                                           "peak_gpu_mb": None, "params": 897_000, "gflops_per_update": 0.987})
+
+
+def test_noise_robustness_is_each_cells_metric_at_each_snr_with_its_delta_paired_by_seed(tmp_path):
+    from sweeps.robustness import levels
+
+    rows = _rows([("centre", "centre", None, {0: 0.70, 1: 0.72}),
+                  ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.68, 1: 0.69})])
+    noisy = {("centre", 0): {"10": 0.60, "-5": 0.30}, ("centre", 1): {"10": 0.62, "-5": 0.34},
+             ("diff_lambda=0.0", 0): {"10": 0.55, "-5": 0.20}, ("diff_lambda=0.0", 1): {"10": 0.59, "-5": 0.22}}
+    for r in rows:
+        r["robustness"] = noisy[(r["cell"], r["seed"])]
+    assert levels(rows) == ["clean", "10", "-5"]
+    report = build_report(rows, load_grid("smoke"), tmp_path / "report")
+    entries = {(e["cell"], e["snr"]): e for e in report["summary"]["robustness"]}
+    low = entries[("diff_lambda=0.0", "-5")]  # differences -0.10 and -0.12
+    assert low["delta"] == pytest.approx(-0.11) and low["se_delta"] == pytest.approx(0.01)
+    assert entries[("diff_lambda=0.0", "clean")]["delta"] == pytest.approx(-0.025)
+    assert entries[("centre", "10")]["mean"] == pytest.approx(0.61) and entries[("centre", "10")]["centre"]
+    text = report["markdown"]
+    assert "| factor | value | clean | 10 dB | -5 dB |" in text
+    assert "| diff_lambda | 0.0 | 0.685 (-0.025 ± 0.005) | 0.570 (-0.040 ± 0.010) | 0.210 (-0.110 ± 0.010) |" in text
+    assert (tmp_path / "report" / "robustness.png").is_file()
+    plain = build_report(_rows([("centre", "centre", None, {0: 0.7})]), load_grid("smoke"), tmp_path / "plain")
+    assert "Noise robustness" not in plain["markdown"] and plain["summary"]["robustness"] == []

@@ -183,15 +183,18 @@ def to_model_batch(
     labels: LabelMode = "index",
     random_crop: bool = False,
     seed: int = 0,
+    noise_snrs: Sequence[float] = (),
 ) -> dict[str, np.ndarray]:
     """Decode float16 fbank rows, crop (random or from the start) or zero-pad to ``target_length``, normalise.
 
     Returns "fbank" (n, target_length, 128) float32, plus "label" (n,) int64 or (n, C) float32 unless
     labels="none", plus "event" (n, 2) seconds (NaN where unknown), "frames" (n,) int64 (the clip's own frames at
-    the start of its row, the rest padding) and "id".
+    the start of its row, the rest padding) and "id". With ``noise_snrs``, also "noisy" (L, n, target_length, 128):
+    each clip with seeded white noise added at each SNR in dB (``add_noise``), cropped, padded and normalised alike.
     """
     n = len(batch["id"])
     fbank = np.zeros((n, target_length, num_mel_bins), dtype=np.float32)  # zeros = padding, before normalising
+    noisy = np.zeros((len(noise_snrs), n, target_length, num_mel_bins), dtype=np.float32)
     own = np.zeros(n, dtype=np.int64)
     for i in range(n):
         frames = int(batch["frames"][i])
@@ -208,8 +211,13 @@ def to_model_batch(
         crop = feats[start:start + target_length]
         fbank[i, : crop.shape[0]] = crop
         own[i] = crop.shape[0]
+        if len(noise_snrs):
+            noise = noise_log_mel(frames, str(batch["id"][i]), seed)
+            for level, snr in enumerate(noise_snrs):
+                noisy[level, i, : crop.shape[0]] = add_noise(feats, noise, snr)[start:start + target_length]
     out: dict[str, Any] = {"fbank": (fbank - mean) / (2 * std), "id": np.asarray(batch["id"], dtype=object),
                            "frames": own,
+                           **({"noisy": (noisy - mean) / (2 * std)} if len(noise_snrs) else {}),
                            "event": np.stack([np.asarray(batch["event_start"], dtype=np.float32),
                                               np.asarray(batch["event_end"], dtype=np.float32)], axis=1)}
     if labels == "index":
@@ -220,6 +228,27 @@ def to_model_batch(
             hot[i, np.asarray(ls, dtype=np.int64)] = 1.0
         out["label"] = hot
     return out
+
+
+def noise_log_mel(frames: int, key: str, seed: int = 0) -> np.ndarray:
+    """(frames, 128) raw log-mel of white Gaussian noise just long enough for ``frames`` Kaldi frames, seeded by
+    ``seed`` and ``key`` (the clip's id): the same noise for a clip at every SNR and in every run."""
+    import torch
+
+    from model.features import kaldi_log_mel
+
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    samples = 160 * (frames - 1) + 400  # Kaldi's frame count: 1 + (samples − 400) // 160
+    return kaldi_log_mel(torch.from_numpy(rng.standard_normal(samples).astype(np.float32)).unsqueeze(0)).numpy()
+
+
+def add_noise(feats: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """The raw log-mel of a clip with noise added at ``snr_db``, in the mel power domain where independent sounds
+    add (in expectation, as their waveforms would): log(P_clip + g·P_noise), g setting the clip's total mel power
+    over the noise's to 10^(snr/10)."""
+    clip, other = np.exp(feats.astype(np.float64)), np.exp(noise.astype(np.float64))
+    gain = clip.sum() / (other.sum() * 10 ** (snr_db / 10))
+    return np.log(clip + gain * other).astype(np.float32)
 
 
 def feed_dataset(

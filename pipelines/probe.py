@@ -41,6 +41,7 @@ class ProbeSettings:
     # also score the eval split with seeded white noise at these SNRs (dB), by the classifier fitted on clean
     # features (``<metric>_snr<dB>``; not with cv_folds)
     noise_snrs: tuple[float, ...] = ()
+    task: str | None = None  # a sweep's task of this name: params and metrics logged under it (task_<name>/...)
     features: str | None = None  # the older name of readout ("utterance", "utterance+mean"), read with a warning
     l2: float = 1e-3  # weight of the L2 penalty on the classifier weights
     max_iter: int = 300
@@ -265,11 +266,15 @@ def _log(settings: ProbeSettings, metrics: dict[str, float], eval_split: str, co
     experiment_id = tracking.setup(settings.experiment)
     client = MlflowClient()
     run_id = settings.run_id
-    params = {f"{tracking.PARAM_PROBE}{k}": str(v) for k, v in dataclasses.asdict(settings).items()
-              if k not in ("run_id", "parent_run_id", "name", "features")}
-    params[tracking.PARAM_PROBE_EVAL_SPLIT] = eval_split
-    params[tracking.PARAM_PROBE + tracking.PARAM_DATA_TARGET_LENGTH] = str(length)
-    params.update({tracking.PARAM_PROBE + k: v for k, v in padding.items()})
+    # A task's probe logs into another run beside its main probe: its params and metrics under the task's name.
+    prefix = f"{tracking.PARAM_TASK}{settings.task}." if settings.task else tracking.PARAM_PROBE
+    params = {f"{prefix}{k}": str(v) for k, v in dataclasses.asdict(settings).items()
+              if k not in ("run_id", "parent_run_id", "name", "features", "task")}
+    params[f"{prefix}eval_split_resolved"] = eval_split
+    params[prefix + tracking.PARAM_DATA_TARGET_LENGTH] = str(length)
+    params.update({prefix + k: v for k, v in padding.items()})
+    if settings.task:
+        metrics = {f"{tracking.METRIC_TASK}{settings.task}/{k}": v for k, v in metrics.items()}
     if run_id is None:
         tags = {tracking.TAG_KIND: tracking.KIND_PROBE,
                 tracking.TAG_CHECKPOINT: str(settings.checkpoint or "random-init")}

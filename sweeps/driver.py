@@ -48,6 +48,7 @@ class SweepParams:
     asha: bool = False  # trials report intermediate results for ASHA
     probe: ProbeSettings | None = None  # the evaluation: a probe (but its checkpoint, seed and run) ...
     finetune: FinetuneSettings | None = None  # ... or a fine-tuning (but its checkpoint, seed and name)
+    tasks: tuple[tuple[str, str, ProbeSettings], ...] = ()  # (name, metric, probe) of each task of the grid
 
     def __post_init__(self) -> None:
         assert (self.probe is None) != (self.finetune is None), "a sweep evaluates with a probe or a fine-tuning"
@@ -73,9 +74,10 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     result = pretrain(config, settings, tags=tags, report_to_tune=sweep.asha)
     evaluating, evaluating_cpu = time.perf_counter(), time.process_time()
     evaluation, also = _evaluate(sweep, config, trial, result)
+    tasks = {name: _task_probe(probe, trial.seed, result) for name, _, probe in sweep.tasks}
     done = time.perf_counter()
     pretrained = result["metrics"]
-    metrics = {**evaluation, "also": also, **_event_shares(result["run_id"]),
+    metrics = {**evaluation, "also": also, "tasks": tasks, **_event_shares(result["run_id"]),
                "pretrain_loss": float(pretrained.get("loss", float("nan"))),
                "checkpoint": result["checkpoint"], "run_id": result["run_id"],
                "collapse": result["collapse"],  # where its collapse guard tripped, or None
@@ -147,6 +149,18 @@ def _evaluate(sweep: SweepParams, config: ASDAConfig, trial: Trial,
     return own, found
 
 
+def _task_probe(probe: ProbeSettings, seed: int, pretrained: dict[str, Any] | None,
+                config: ASDAConfig | None = None) -> dict[str, float]:
+    """A task's probe of the trial's encoder (``pretrained``) or, without one, of a random-init encoder of
+    ``config`` (the baseline); its metrics go to the trial's run under the task's name."""
+    from pipelines.probe import probe as run_probe
+
+    if pretrained is None:
+        return _scores(run_probe(dataclasses.replace(probe, checkpoint=None, seed=seed), config=config))
+    return _scores(run_probe(dataclasses.replace(probe, checkpoint=pretrained["checkpoint"], seed=seed,
+                                                 run_id=pretrained["run_id"])))
+
+
 def _scores(out: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if k.startswith(("eval_", "train_")) and isinstance(v, float)}
 
@@ -166,7 +180,8 @@ def run_baseline(grid: Grid, sweep: SweepParams, folder: Path) -> list[dict[str,
     torch.set_num_threads(sweep.pretrain.threads_per_worker or SWEEP_THREADS)  # the trials' float sums
     try:
         for seed in grid.seeds:
-            cached = seed in done and not done[seed].get("error")
+            cached = (seed in done and not done[seed].get("error")
+                      and set(done[seed].get("tasks") or {}) >= {name for name, _, _ in sweep.tasks})
             if not cached:
                 done[seed] = _baseline_seed(sweep, config, seed)
                 path.write_text(json.dumps(list(done.values()), indent=2, default=str))
@@ -213,13 +228,16 @@ def _baseline_seed(sweep: SweepParams, config: ASDAConfig, seed: int) -> dict[st
                        tracking.TAG_FACTOR: BASELINE, tracking.TAG_SEED: str(seed)}.items():
         client.set_tag(out["run_id"], key, value)
     value = out.get(sweep.metric)
+    tasks = {task: _task_probe(dataclasses.replace(probe, name=f"{name}-{task}",
+                                                   parent_run_id=sweep.pretrain.parent_run_id), seed, None, config)
+             .get(metric) for task, metric, probe in sweep.tasks}
     row.update(metric_value=float(value) if isinstance(value, int | float) else None, run_id=out["run_id"],
-               timing={"eval_s": time.perf_counter() - started})
+               timing={"eval_s": time.perf_counter() - started}, tasks=tasks)
     return row
 
 
 def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment: str, cpus_per_worker: float,
-                  threads: int, asha: bool) -> SweepParams:
+                  threads: int, asha: bool, tasks_data: dict[str, Path] | None = None) -> SweepParams:
     """Every trial's settings, built (and so validated) here on the driver."""
     from pipelines.finetune import FinetuneSettings
     from pipelines.probe import ProbeSettings
@@ -241,9 +259,12 @@ def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment:
     else:
         finetune = FinetuneSettings(data=eval_data, storage=str(folder / "runs"), **common,
                                     **{**(evaluation.get("settings") or {}), **grid.centre_evaluation})
+    tasks_data = tasks_data or {}
+    tasks = tuple((t["name"], t["metric"], ProbeSettings(data=str(tasks_data[t["name"]]), experiment=experiment,
+                                                         task=t["name"], **t["settings"])) for t in grid.tasks)
     return SweepParams(sweep_id=state["sweep_id"], tracking_uri=tracking.tracking_uri(), base=grid.base_config(),
                        factor_names=tuple(grid.factors), pretrain=pretrain, metric=grid.metric, asha=asha,
-                       probe=probe, finetune=finetune)
+                       probe=probe, finetune=finetune, tasks=tasks)
 
 
 def sweep_dir(grid: Grid, storage: Path = SWEEPS_ROOT) -> Path:
@@ -252,11 +273,21 @@ def sweep_dir(grid: Grid, storage: Path = SWEEPS_ROOT) -> Path:
 
 def prepared_data(grid: Grid) -> Path:
     """The grid's prepared folder; the synthetic default is generated and prepared on first use."""
-    data = grid.data
+    return _prepared(grid.data, f"grid {grid.path}: data")
+
+
+def task_data(grid: Grid) -> dict[str, Path]:
+    """Each task's prepared folder (prepared on first use, as the grid's own data)."""
+    return {t["name"]: _prepared(t["data"], f"grid {grid.path}: task {t['name']}: data") for t in grid.tasks}
+
+
+def _prepared(data: dict[str, Any], where: str) -> Path:
+    """The prepared folder a grid's data section names (``prepared``), or the one it generates and prepares on
+    first use (``dataset`` with ``options``, from ``source`` unless synthetic)."""
     if "prepared" in data:
         path = Path(data["prepared"]).expanduser().resolve()
         if not (path / "dataset.json").is_file():
-            raise ValueError(f"grid {grid.path}: data.prepared {path} is not a prepared data set; run asda prepare")
+            raise ValueError(f"{where}.prepared {path} is not a prepared data set; run asda prepare")
         return path
     dataset = data.get("dataset", "synthetic")
     options = data.get("options") or {}
@@ -264,7 +295,7 @@ def prepared_data(grid: Grid) -> Path:
     path = DATA_ROOT / "prepared" / f"{dataset}{suffix}"
     if not (path / "dataset.json").is_file():
         if dataset != "synthetic" and "source" not in data:
-            raise ValueError(f"grid {grid.path}: data needs 'prepared' (a folder) or 'source' for {dataset}")
+            raise ValueError(f"{where} needs 'prepared' (a folder) or 'source' for {dataset}")
         from pipelines.data.prepare import prepare
 
         source = Path(data.get("source") or DATA_ROOT / "raw" / f"{dataset}{suffix}")
@@ -342,12 +373,13 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     for cell, risk in collapse_risks(grid, trials).items():
         print(f"warning: cell {cell}: {risk}", flush=True)
     data = prepared_data(grid)  # a bad data section fails here, before the sweep has a folder
+    tasks_data = task_data(grid)
     folder, state = _open_sweep(grid, storage, fresh, sweep_id)
     ensure_ray()
     state["parent_run_id"] = _parent_run(grid, state, experiment)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
-    sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha)
+    sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
     _header(state, grid, trials, concurrent, folder, sweep)
     orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
     if orphans:
@@ -533,6 +565,8 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
                "attn_event_share_uniform": metrics.get("attn_event_share_uniform"),
                "attention": {k: v for k, v in metrics.items() if k.startswith("attn_")},
                "robustness": robustness(metrics, grid.metric),
+               "tasks": {name: (metrics.get("tasks") or {}).get(name, {}).get(metric)
+                         for name, metric in ((t["name"], t["metric"]) for t in grid.tasks)},
                "collapse": metrics.get("collapse"), "alpha": metrics.get("alpha"), "cost": metrics.get("cost"),
                "alpha_effective": metrics.get("alpha_effective"),
                "error": str(result.error).splitlines()[0] if result.error else None}
@@ -540,6 +574,6 @@ def _collect(results, grid: Grid) -> list[dict[str, Any]]:
         scored = metrics.get("also") or {}
         for other in also:
             found = scored.get(other["cell"]) or {}
-            rows.append({**row, **other, "shares_pretraining_of": trial["cell"],
+            rows.append({**row, **other, "shares_pretraining_of": trial["cell"], "tasks": {},
                          "metric_value": found.get(grid.metric), "robustness": robustness(found, grid.metric)})
     return sorted(rows, key=lambda r: (r["factor"] != "centre", r["factor"], str(r["value"]), r["seed"]))

@@ -22,7 +22,8 @@ EVALUATIONS = {"probe": ("eval_accuracy", "eval_map"), "finetune": ("eval_accura
 # reads a clip's vector (the probe's pipelines.inference.ENCODER_READOUTS, fine-tuning's model.READOUTS).
 EVAL_FACTORS = ("readout",)
 _KEYS = {"name", "description", "design", "data", "model", "train", "evaluation", "seeds", "centre_seeds",
-         "centre", "factors"}
+         "centre", "factors", "tasks"}
+_TASK_KEYS = {"name", "data", "metric", "settings"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class Grid:
     centre: dict[str, Any]
     factors: dict[str, list[Any]]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    # further evaluations of every trial's encoder: probes on other data, each {"name", "data", "metric",
+    # "settings"}; the report gives one table per task and which value of each factor is best on which
+    tasks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def metric(self) -> str:
@@ -188,7 +192,8 @@ def load_grid(name_or_path: str | Path) -> Grid:
                              f"({', '.join(EVAL_FACTORS)}); allowed: {sorted(fields)}")
     grid = Grid(name=str(raw["name"]), path=str(path), description=str(raw.get("description", "")), design=design,
                 data=dict(raw["data"]), model=dict(raw.get("model") or {}), train=dict(raw["train"]),
-                evaluation=evaluation, seeds=_paired_seeds(raw, where), centre=centre, factors=factors, raw=raw)
+                evaluation=evaluation, seeds=_paired_seeds(raw, where), centre=centre, factors=factors, raw=raw,
+                tasks=_tasks(raw, where))
     unknown = sorted(set(grid.model) - {"preset", "overrides", "hold_alpha_effective"})
     if unknown:
         raise ValueError(f"{where}: unknown model key(s) {unknown}; allowed: hold_alpha_effective, overrides, preset")
@@ -208,6 +213,41 @@ def load_grid(name_or_path: str | Path) -> Grid:
     _check_train_keys(grid, where)
     _check_readouts(grid, where)
     return grid
+
+
+def _tasks(raw: dict, where: str) -> list[dict[str, Any]]:
+    """The grid's ``tasks``: a list of {name, data, metric (eval_accuracy or eval_map), settings (the probe's)},
+    names distinct and usable in metric names; each checked before any cluster starts."""
+    from pipelines.probe import ProbeSettings
+
+    tasks = raw.get("tasks") or []
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise ValueError(f"{where}: tasks must be a list of mappings with {sorted(_TASK_KEYS)}")
+    found = []
+    for i, task in enumerate(tasks):
+        unknown = sorted(set(task) - _TASK_KEYS)
+        name = str(task.get("name", ""))
+        if unknown or not name.replace("-", "").replace("_", "").isalnum() or not isinstance(task.get("data"), dict):
+            raise ValueError(f"{where}: tasks[{i}] needs a name (letters, digits, - and _) and a data mapping, and "
+                             f"takes only {sorted(_TASK_KEYS)}; it has {sorted(task)}")
+        metric = task.get("metric", "eval_accuracy")
+        if metric not in EVALUATIONS["probe"]:
+            raise ValueError(f"{where}: tasks[{i}].metric={metric!r} is not allowed: expected one of "
+                             f"{EVALUATIONS['probe']}")
+        settings = dict(task.get("settings") or {})
+        reserved = sorted(set(settings) & {"data", "checkpoint", "name", "experiment", "run_id", "parent_run_id",
+                                           "seed", "task"})
+        if reserved:
+            raise ValueError(f"{where}: tasks[{i}].settings {reserved} are set by the sweep")
+        try:
+            ProbeSettings(data="-", **settings)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: tasks[{i}].settings: {exc}") from None
+        found.append({"name": name, "data": dict(task["data"]), "metric": metric, "settings": settings})
+    names = [t["name"] for t in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: task names repeat: {names}")
+    return found
 
 
 def _paired_seeds(raw: dict, where: str) -> list[int]:

@@ -459,6 +459,68 @@ def pairs_markdown(pairs: list[dict[str, Any]], metric: str) -> list[str]:
     return lines
 
 
+def task_reports(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], grid: Grid) -> dict[str, Any]:
+    """Each of the grid's tasks (``Grid.tasks``) as a table of its own: the trials' scores on the task read as
+    their metric (read-out cells have none), with the task's random-init baseline, judged as the main table."""
+    out = {}
+    for task in grid.tasks:
+        name = task["name"]
+        scored = [{**r, "metric_value": (r.get("tasks") or {}).get(name), "robustness": {}} for r in rows
+                  if name in (r.get("tasks") or {})]
+        base = [{**r, "metric_value": (r.get("tasks") or {}).get(name)} for r in baseline]
+        noise = noises(scored)
+        table = [r for r in ablation_table(scored, grid, noise) if r["n"] or r["centre"]]
+        out[name] = {"metric": task["metric"], "table": table, "noise": noise,
+                     "baseline": baseline_row(base, scored, task["metric"], noise)}
+    return out
+
+
+def best_by_task(reports: dict[str, Any], main: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
+    """Which value of each factor scores best on which task (the main evaluation first): its mean, and its Δ vs
+    the centre paired by seed ± SE with the Holm-corrected p of that task's table."""
+    found = []
+    for task, table in [("main", main), *((n, r["table"]) for n, r in reports.items())]:
+        for factor in dict.fromkeys(r["factor"] for r in table):
+            cells = [r for r in table if r["factor"] == factor and math.isfinite(_finite(r["mean"]))]
+            if not cells:
+                continue
+            best = max(cells, key=lambda r: r["mean"])
+            found.append({"task": task, "factor": factor, "best": best["value"], "mean": best["mean"],
+                          "delta": best["delta"], "se_delta": best["se_delta"], "p_holm": best.get("p_holm"),
+                          "is_centre": best["centre"]})
+    return found
+
+
+def tasks_markdown(reports: dict[str, Any], best: list[dict[str, Any]], grid: Grid) -> list[str]:
+    """One table per task, then the task × factor summary; nothing for a grid without tasks."""
+    if not reports:
+        return []
+    lines = []
+    for name, report in reports.items():
+        metric, sigma = report["metric"], report["noise"].sigma_seed
+        lines += ["", f"## Task {name}: `{metric}` (probe of every trial's encoder on its own data)", "",
+                  f"**Baseline (random-init encoder): {_summary_value(report['baseline'])}; σ_seed = "
+                  f"{_fmt(sigma)}.**", "", f"| factor | value | {metric} | n | Δ vs centre | p (Holm) | clear |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(_line(r).split(" | ")[:7]) + " |"
+                  for r in ([report["baseline"]] if report["baseline"] else []) + report["table"]]
+    lines += ["", "## Best value of each factor on each task", "", "Δ vs the centre on that task, paired by seed, ± "
+              "its standard error, and its Holm-corrected p (the centre itself when no other value beats it).", "",
+              "| factor | " + " | ".join(["main", *reports]) + " |", "|---|" + "---|" * (1 + len(reports))]
+    for factor in dict.fromkeys(b["factor"] for b in best):
+        cells = []
+        for task in ["main", *reports]:
+            b = next((x for x in best if x["task"] == task and x["factor"] == factor), None)
+            if b is None:
+                cells.append("—")
+                continue
+            delta = "centre" if b["is_centre"] else (f"{b['delta']:+.3f}" + (
+                f" ± {b['se_delta']:.3f}" if math.isfinite(_finite(b["se_delta"])) else "") + f", p {_p(b['p_holm'])}")
+            cells.append(f"{b['best']} ({_fmt(b['mean'])}; {delta})")
+        lines.append(f"| {factor} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def alpha_moves(table: list[dict[str, Any]]) -> bool:
     """Whether the utterance term's effective weight moves with something other than α between the cells (under
     the release's sums: the student count, the batch per device): its ratio to α differs between cells."""
@@ -643,11 +705,16 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
     uniform = _stats([r.get("attn_event_share_uniform") for r in rows])[0]
     pairs = evaluation_pairs(rows, grid)
     noisy = robustness_table(rows, table)
+    tasks = task_reports(rows, _baseline_rows(folder, baseline), grid)
+    best = best_by_task(tasks, table, grid) if tasks else []
     text = markdown(table, grid, noise, base, uniform) + "\n".join(
-        pairs_markdown(pairs, grid.metric) + robustness_markdown(noisy, grid.metric) + [""])
+        pairs_markdown(pairs, grid.metric) + robustness_markdown(noisy, grid.metric)
+        + tasks_markdown(tasks, best, grid) + [""])
     (folder / "report.md").write_text(text)
     result = {**summary(table, grid, noise, base), "evaluation_pairs": _json_safe(pairs),
-              "robustness": _json_safe(noisy)}
+              "robustness": _json_safe(noisy), "best_by_task": _json_safe(best),
+              "tasks": {n: summary(r["table"], grid, r["noise"], r["baseline"]) | {"metric": r["metric"]}
+                        for n, r in tasks.items()}}
     (folder / SUMMARY_FILE).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     figures = factor_plots(table, grid, folder, base)
     robust = robustness_figure(noisy, grid, folder)

@@ -286,7 +286,7 @@ def test_the_baseline_is_cached_in_the_sweep_folder_and_not_redone_on_resume(tmp
                 "metric_value": 0.1 * seed, "error": "OSError: disk" if seed == 1 and len(calls) == 2 else None}
 
     monkeypatch.setattr(driver, "_baseline_seed", fake)
-    sweep = SimpleNamespace(base=ASDAConfig.tiny(), pretrain=SimpleNamespace(data=str(data), target_length=None,
+    sweep = SimpleNamespace(base=ASDAConfig.tiny(), tasks=(), pretrain=SimpleNamespace(data=str(data), target_length=None,
                                                                        threads_per_worker=1))
     assert [r["seed"] for r in driver.run_baseline(grid, sweep, tmp_path)] == [0, 1] and calls == [0, 1]
     assert json.loads((tmp_path / BASELINE_FILE).read_text())[1]["error"] == "OSError: disk"
@@ -403,3 +403,27 @@ def test_noise_robustness_is_each_cells_metric_at_each_snr_with_its_delta_paired
     assert (tmp_path / "report" / "robustness.png").is_file()
     plain = build_report(_rows([("centre", "centre", None, {0: 0.7})]), load_grid("smoke"), tmp_path / "plain")
     assert "Noise robustness" not in plain["markdown"] and plain["summary"]["robustness"] == []
+
+
+def test_each_task_gets_its_own_table_and_the_best_value_of_each_factor_on_each_task(tmp_path):
+    """The main metric prefers the centre's λ 0.3; the task prefers λ 0: each table is the trials' scores on its
+    own data, paired by seed, and the summary says which value wins where."""
+    grid = load_grid("smoke")  # one task, "short"
+    rows = _rows([("centre", "centre", None, {0: 0.70, 1: 0.72}),
+                  ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.60, 1: 0.64})])
+    task = {("centre", 0): 0.40, ("centre", 1): 0.42, ("diff_lambda=0.0", 0): 0.50, ("diff_lambda=0.0", 1): 0.53}
+    for r in rows:
+        r["tasks"] = {"short": task[(r["cell"], r["seed"])]}
+    baseline = [{**b, "tasks": {"short": 0.2}} for b in _baseline({0: 0.3, 1: 0.32})]
+    report = build_report(rows, grid, tmp_path / "report", baseline=baseline)
+    short = report["summary"]["tasks"]["short"]
+    zero = next(c for c in short["cells"] if c["value"] == 0.0)
+    assert zero["mean"] == pytest.approx(0.515) and zero["delta"] == pytest.approx(0.105)
+    assert short["baseline_random_init"]["mean"] == pytest.approx(0.2) and short["metric"] == "eval_accuracy"
+    best = {(b["task"], b["factor"]): b for b in report["summary"]["best_by_task"]}
+    assert best[("main", "diff_lambda")]["best"] == 0.3 and best[("main", "diff_lambda")]["is_centre"]
+    assert best[("short", "diff_lambda")]["best"] == 0.0 and best[("short", "diff_lambda")]["delta"] == pytest.approx(
+        0.105)
+    text = report["markdown"]
+    assert "## Task short: `eval_accuracy`" in text and "| diff_lambda | 0.0 | 0.515 ± 0.021 | 2 | +0.105" in text
+    assert "| diff_lambda | 0.3 (0.710; centre) | 0.0 (0.515; +0.105" in text

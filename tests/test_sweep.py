@@ -41,7 +41,8 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     trial_runs = [c for c in children if c.data.tags.get("asda.kind") == "sweep-trial"]
     baseline_runs = [c for c in children if c.data.tags.get("asda.cell") == "baseline"]
     assert len(trial_runs) == len(trials) and len(baseline_runs) == len(grid.seeds)
-    assert len(children) == len(trials) + len(grid.seeds)
+    assert len(children) == len(trials) + len(grid.seeds) * (1 + len(grid.tasks))  # a baseline probe per task too
+    _check_tasks(result, grid, trial_runs)
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     for child in trial_runs:
         assert child.data.params["train.in_process"] == str(in_process)  # the training path the trial took
@@ -67,6 +68,21 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     assert all(c["cost"]["clips_per_s"] > 0 and c["cost"]["gflops_per_update"] > 0 and c["cost"]["params"] > 0
                and c["cost"]["peak_rss_mb"] > 100 for c in summary["cells"])
     return children
+
+
+def _check_tasks(result, grid, trial_runs) -> None:
+    """Every trial's encoder is probed on each task: its run carries task_<name>/<metric>, its row the score, and
+    the report a table per task and the best value of each factor on each."""
+    for task in grid.tasks:
+        name, metric = task["name"], task["metric"]
+        for child in trial_runs:
+            assert 0.0 <= child.data.metrics[f"task_{name}/{metric}"] <= 1.0
+            assert child.data.params[f"task.{name}.readout"] == "cls"
+        pretrained = [r for r in result["trials"] if not r.get("shares_pretraining_of")]
+        assert all(0.0 <= r["tasks"][name] <= 1.0 for r in pretrained)
+        assert all(0.0 <= r["tasks"][name] <= 1.0 for r in result["baseline"])
+        assert f"## Task {name}: `{metric}`" in result["report"]["markdown"]
+        assert {b["task"] for b in result["report"]["summary"]["best_by_task"]} == {"main", name}
 
 
 def _check_readout_rows(result, grid) -> None:

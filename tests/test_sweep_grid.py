@@ -9,7 +9,7 @@ from sweeps.grid import load_grid
 from sweeps.report import ablation_table, build_report, seed_noise
 
 
-@pytest.mark.parametrize("name", ["ablation", "factorial", "smoke", "paper"])
+@pytest.mark.parametrize("name", ["ablation", "factorial", "smoke", "paper", "multitask"])
 def test_every_shipped_grid_loads_and_builds_every_cell(name):
     grid = load_grid(name)
     trials = grid.trials()
@@ -19,7 +19,7 @@ def test_every_shipped_grid_loads_and_builds_every_cell(name):
         grid.config_for(trial)
 
 
-@pytest.mark.parametrize("name", ["ablation", "factorial", "smoke", "paper"])
+@pytest.mark.parametrize("name", ["ablation", "factorial", "smoke", "paper", "multitask"])
 def test_every_cell_runs_exactly_the_centres_seeds_so_each_delta_is_paired(name):
     grid = load_grid(name)
     seeds: dict[str, list[int]] = {}
@@ -240,3 +240,16 @@ def test_a_factorial_grid_scores_every_model_cell_with_every_readout(tmp_path):
 def test_a_readout_the_evaluation_does_not_have_is_refused_before_anything_runs(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         load_grid(_write(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ("events", r"tasks must be a list of mappings"),
+    ([{"name": "a b", "data": {}}], r"tasks\[0\] needs a name \(letters, digits, - and _\) and a data mapping"),
+    ([{"name": "a", "data": {}, "metric": "loss"}], r"tasks\[0\].metric='loss' is not allowed"),
+    ([{"name": "a", "data": {}, "settings": {"seed": 1}}], r"tasks\[0\].settings \['seed'\] are set by the sweep"),
+    ([{"name": "a", "data": {}, "settings": {"readout": "max"}}], r"tasks\[0\].settings: readout='max'"),
+    ([{"name": "a", "data": {}}, {"name": "a", "data": {}}], r"task names repeat: \['a', 'a'\]"),
+])
+def test_a_bad_task_is_refused_naming_it_before_anything_runs(tmp_path, tasks, message):
+    with pytest.raises(ValueError, match=message):
+        load_grid(_write(tmp_path, tasks=tasks))

@@ -46,22 +46,49 @@ def encoder_parameters(config: ASDAConfig) -> int:
 
 
 class PeakMemory:
-    """The largest resident memory of this process seen at the samples (``sample``, once per update), and the
-    GPU's peak allocation since the loop started; ``as_metrics`` in MB."""
+    """What a training loop needs in memory. On a GPU the peak allocation since the loop started
+    (``peak_gpu_mb``). On a CPU the growth of this process's resident memory over the loop (``loop_rss_mb``: its
+    largest resident size at the samples, ``sample`` once per update, less the size when the loop started, after
+    handing freed heap back to the system, so that what an earlier trial of a reused process left behind does not
+    count), and that largest size itself (``peak_rss_mb``)."""
 
     def __init__(self, device: torch.device | None = None):
-        import psutil
-
-        self.process, self.device, self.rss = psutil.Process(), device, 0
+        self.device = device
         if device is not None and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        _release_free_heap()
+        self.start = self.rss = resident_bytes()
 
     def sample(self) -> None:
-        self.rss = max(self.rss, self.process.memory_info().rss)
+        self.rss = max(self.rss, resident_bytes())
 
     def as_metrics(self) -> dict[str, Any]:
         self.sample()
-        out = {"peak_rss_mb": self.rss / 2**20}
+        out = {"peak_rss_mb": self.rss / 2**20, "loop_rss_mb": (self.rss - self.start) / 2**20}
         if self.device is not None and self.device.type == "cuda":
             out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now: /proc/self/statm on Linux, else psutil's."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def _release_free_heap() -> None:
+    """glibc's malloc_trim(0): freed heap goes back to the system (elsewhere: nothing)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

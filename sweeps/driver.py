@@ -102,7 +102,8 @@ def _cost(config: ASDAConfig, settings: PretrainSettings, pretrained: dict[str, 
 
     length = feed_length(load_card(settings.data), settings.target_length, settings.data, config.patch_size)
     return {"clips_per_s": pretrained.get("train_loop_clips_per_s"), "peak_rss_mb": pretrained.get("peak_rss_mb"),
-            "peak_gpu_mb": pretrained.get("peak_gpu_mb"), "params": encoder_parameters(config),
+            "loop_rss_mb": pretrained.get("loop_rss_mb"), "peak_gpu_mb": pretrained.get("peak_gpu_mb"),
+            "params": encoder_parameters(config),
             "gflops_per_update": pretrain_flops(config, settings.batch_size, length) / 1e9}
 
 

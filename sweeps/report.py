@@ -217,7 +217,7 @@ def attention_stats(members: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-COSTS = ("clips_per_s", "peak_rss_mb", "peak_gpu_mb", "params", "gflops_per_update")
+COSTS = ("clips_per_s", "loop_rss_mb", "peak_rss_mb", "peak_gpu_mb", "params", "gflops_per_update")
 
 
 def cost_stats(members: list[dict[str, Any]]) -> dict[str, float]:
@@ -337,7 +337,7 @@ def _cost_cells(cost: dict[str, Any]) -> str:
     rate, std = _finite(cost.get("clips_per_s")), _finite(cost.get("clips_per_s_std"))
     shown = "—" if not math.isfinite(rate) else f"{rate:.0f}" + (f" ± {std:.0f}" if math.isfinite(std) else "")
     memory = _finite(cost.get("peak_gpu_mb"))
-    memory = memory if math.isfinite(memory) else _finite(cost.get("peak_rss_mb"))
+    memory = memory if math.isfinite(memory) else _finite(cost.get("loop_rss_mb"))
     flops = _finite(cost.get("gflops_per_update"))
     return (f"{shown} | {'—' if not math.isfinite(memory) else f'{memory:.0f}'} | "
             f"{'—' if not math.isfinite(flops) else f'{flops:.3g}'}")
@@ -366,10 +366,11 @@ def significance_text(table: list[dict[str, Any]]) -> str:
     return text + "."
 
 
-COST_TEXT = ("Cost: clips per second over the training loop (mean ± std over seeds), the training process's peak "
-             "memory (the GPU's peak allocation where it trained on one; on a CPU the resident memory of the trial's "
-             "process, Ray's own included) and the FLOPs of one pretraining update at the frames fed (torch's "
-             "counter); the encoder's parameters are in summary.json.")
+COST_TEXT = ("Cost: clips per second over the training loop (mean ± std over seeds), the memory the loop needed "
+             "(the GPU's peak allocation where it trained on one; on a CPU the growth of the training process's "
+             "resident memory over the loop, from where it stood once freed heap was handed back) and the FLOPs of "
+             "one pretraining update at the frames fed (torch's counter); the encoder's parameters and the "
+             "process's whole peak resident memory are in summary.json.")
 
 
 def attention_text(table: list[dict[str, Any]], chance: str) -> str:

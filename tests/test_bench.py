@@ -142,3 +142,16 @@ def test_a_cells_flops_per_update_are_its_batchs_counted_by_torch_and_its_parame
     assert pretrain_flops(config, 3, 96) == direct > 0
     assert pretrain_flops(config, 3, 192) > 1.9 * direct  # twice the frames, about twice the work
     assert encoder_parameters(config) == sum(p.numel() for p in ASDAEncoder(config).parameters())
+
+
+def test_the_loops_memory_is_what_it_allocates_beyond_where_it_started():
+    import torch
+
+    from pipelines.cost import PeakMemory
+
+    memory = PeakMemory()
+    held = torch.ones(50 * 2**20)  # 200 MB, touched
+    memory.sample()
+    del held
+    got = memory.as_metrics()
+    assert 190 <= got["loop_rss_mb"] <= got["peak_rss_mb"] and "peak_gpu_mb" not in got

@@ -369,7 +369,7 @@ def test_each_cell_shows_what_it_cost_beside_its_metric(tmp_path):
                   ("diff_lambda=0.0", "diff_lambda", 0.0, {0: 0.40, 1: 0.44})])
     costs = {("centre", 0): 100.0, ("centre", 1): 110.0, ("diff_lambda=0.0", 0): 150.0, ("diff_lambda=0.0", 1): 150.0}
     for r in rows:
-        r["cost"] = {"clips_per_s": costs[(r["cell"], r["seed"])], "peak_rss_mb": 900.0 + r["seed"],
+        r["cost"] = {"clips_per_s": costs[(r["cell"], r["seed"])], "peak_rss_mb": 1900.0, "loop_rss_mb": 900.0 + r["seed"],
                      "params": 897_000, "gflops_per_update": 1.234 if r["cell"] == "centre" else 0.987}
     rows[0]["cost"]["peak_gpu_mb"] = rows[1]["cost"]["peak_gpu_mb"] = 2048.0
     report = build_report(rows, load_grid("smoke"), tmp_path / "report")
@@ -377,7 +377,8 @@ def test_each_cell_shows_what_it_cost_beside_its_metric(tmp_path):
     assert next(x for x in lines if x.startswith("| diff_lambda | 0.3 |")).endswith("| 105 ± 7 | 2048 | 1.23 |")
     assert next(x for x in lines if x.startswith("| diff_lambda | 0.0 |")).endswith("| 150 ± 0 | 900 | 0.987 |")
     cell = next(c for c in report["summary"]["cells"] if c["value"] == 0.0)
-    assert cell["cost"] == pytest.approx({"clips_per_s": 150.0, "clips_per_s_std": 0.0, "peak_rss_mb": 900.5,
+    assert cell["cost"] == pytest.approx({"clips_per_s": 150.0, "clips_per_s_std": 0.0, "loop_rss_mb": 900.5,
+                                          "peak_rss_mb": 1900.0,
                                           "peak_gpu_mb": None, "params": 897_000, "gflops_per_update": 0.987})
 
 

@@ -66,7 +66,7 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     # measured on every clip of the test split (32: fewer than 512), and what each cell cost
     assert all(c["attn_clips"] == 32 and len(c["attn_layers"]) == 2 for c in summary["cells"])
     assert all(c["cost"]["clips_per_s"] > 0 and c["cost"]["gflops_per_update"] > 0 and c["cost"]["params"] > 0
-               and c["cost"]["peak_rss_mb"] > 100 for c in summary["cells"])
+               and c["cost"]["peak_rss_mb"] > 100 and c["cost"]["loop_rss_mb"] >= 0 for c in summary["cells"])
     return children
 
 

@@ -25,6 +25,7 @@ from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
 
 from .grid import EVAL_FACTORS, Grid, Trial, load_grid
+from .lock import sweep_lock
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
@@ -373,37 +374,39 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     trials = grid.trials()
     for cell, risk in collapse_risks(grid, trials).items():
         print(f"warning: cell {cell}: {risk}", flush=True)
-    data = prepared_data(grid)  # a bad data section fails here, before the sweep has a folder
-    tasks_data = task_data(grid)
     folder, state = _open_sweep(grid, storage, fresh, sweep_id)
-    ensure_ray()
-    state["parent_run_id"] = _parent_run(grid, state, experiment)
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
-    concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
-    sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
-    _header(state, grid, trials, concurrent, folder, sweep)
-    orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
-    if orphans:
-        print(f"  closed     {len(orphans)} run(s) an earlier driver left RUNNING (marked KILLED; the trials "
-              f"start again): {', '.join(orphans)}")
-    with stop_signals(sigterm_as_sigint=True) as received:  # Tune's SIGINT handler stops the trials
-        results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
-    rows = _collect(results, grid)
-    unfinished = [r for r in rows if r["metric_value"] is None and not r["error"]]
-    if received or unfinished:
-        _interrupted(received.get("signum", signal.SIGINT), state, folder, rows, unfinished, grid.metric)
-    (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
-    baseline = run_baseline(grid, sweep, folder)
-    report = build_report(rows, grid, folder / "report", baseline=baseline, parent_run_id=state["parent_run_id"],
-                          data=str(data))
-    failed = [r for r in rows + baseline if r.get("error")]
-    tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
-    (folder / STATE_FILE).write_text(json.dumps({**state, "finished": True}, indent=2))
-    print_report(report)
-    print(f"report: {folder / 'report'}")
-    print(f"MLflow: {tracking.run_url(state['parent_run_id'])}")
-    return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "baseline": baseline,
-            "report": report}
+    with sweep_lock(folder):  # a second sweep of this folder refuses here, before any data or Ray work
+        data = prepared_data(grid)  # a bad data section fails here, before the sweep has a folder
+        tasks_data = task_data(grid)
+        folder.mkdir(parents=True, exist_ok=True)
+        ensure_ray()
+        state["parent_run_id"] = _parent_run(grid, state, experiment)
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+        concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
+        sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
+        _header(state, grid, trials, concurrent, folder, sweep)
+        orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
+        if orphans:
+            print(f"  closed     {len(orphans)} run(s) an earlier driver left RUNNING (marked KILLED; the trials "
+                  f"start again): {', '.join(orphans)}")
+        with stop_signals(sigterm_as_sigint=True) as received:  # Tune's SIGINT handler stops the trials
+            results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
+        rows = _collect(results, grid)
+        unfinished = [r for r in rows if r["metric_value"] is None and not r["error"]]
+        if received or unfinished:
+            _interrupted(received.get("signum", signal.SIGINT), state, folder, rows, unfinished, grid.metric)
+        (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
+        baseline = run_baseline(grid, sweep, folder)
+        report = build_report(rows, grid, folder / "report", baseline=baseline,
+                              parent_run_id=state["parent_run_id"], data=str(data))
+        failed = [r for r in rows + baseline if r.get("error")]
+        tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
+        (folder / STATE_FILE).write_text(json.dumps({**state, "finished": True}, indent=2))
+        print_report(report)
+        print(f"report: {folder / 'report'}")
+        print(f"MLflow: {tracking.run_url(state['parent_run_id'])}")
+        return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "baseline": baseline,
+                "report": report}
 
 
 class SweepInterrupted(Exception):
@@ -467,9 +470,9 @@ def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folde
 
 def _open_sweep(grid: Grid, storage: str | Path, fresh: bool,
                 sweep_id: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """The sweep's folder and its state. ``sweep_id``: that sweep of this grid; else the newest unfinished sweep of
-    this grid (an interrupted or killed one, ``--fresh`` ones included), else the grid's folder (resumed when it
-    exists); ``fresh``: a new sweep in a folder of its own."""
+    """The sweep's folder (not created here) and its state. ``sweep_id``: that sweep of this grid; else the newest
+    unfinished sweep of this grid (an interrupted or killed one, ``--fresh`` ones included), else the grid's folder
+    (resumed when it exists); ``fresh``: a new sweep in a folder of its own."""
     base = sweep_dir(grid, storage)
     folders = sorted((f for f in base.parent.glob(f"{base.name}*") if (f / STATE_FILE).is_file()),
                      key=lambda f: f.stat().st_mtime)
@@ -483,7 +486,6 @@ def _open_sweep(grid: Grid, storage: str | Path, fresh: bool,
         folder = base.with_name(f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}") if base.exists() else base
     else:
         folder = next((f for f in reversed(folders) if not states[f].get("finished")), base)
-    folder.mkdir(parents=True, exist_ok=True)
     state = states.get(folder) or {"sweep_id": f"{grid.name}-{time.strftime('%m%d-%H%M%S')}", "grid": grid.path,
                                    "fingerprint": grid.fingerprint()}
     return folder, state

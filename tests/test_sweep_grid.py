@@ -154,9 +154,11 @@ def test_a_plain_run_resumes_the_newest_unfinished_sweep_of_the_grid_and_sweep_i
 
     grid = load_grid("smoke")
     first, state = _open_sweep(grid, tmp_path, fresh=False)
+    first.mkdir()  # as run_sweep makes it
     (first / STATE_FILE).write_text(json.dumps({**state, "sweep_id": "first", "finished": True}))
     fresh, _ = _open_sweep(grid, tmp_path, fresh=True)  # --fresh: a folder of its own beside the first
     assert fresh != first and fresh.name.startswith(first.name)
+    fresh.mkdir()
     (fresh / STATE_FILE).write_text(json.dumps({**state, "sweep_id": "fresh"}))  # killed before it finished
     os.utime(first / STATE_FILE, (1, 1))
     assert _open_sweep(grid, tmp_path, fresh=False)[0] == fresh  # not the older, finished one
@@ -253,3 +255,41 @@ def test_a_readout_the_evaluation_does_not_have_is_refused_before_anything_runs(
 def test_a_bad_task_is_refused_naming_it_before_anything_runs(tmp_path, tasks, message):
     with pytest.raises(ValueError, match=message):
         load_grid(_write(tmp_path, tasks=tasks))
+
+
+def test_a_second_sweep_of_the_same_folder_refuses_at_once_naming_the_first(tmp_path):
+    """While one sweep holds the grid's folder, the same command refuses before Ray starts, naming its pid and
+    command; once that process is gone its lock is taken over, saying whose it was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sweeps.driver import run_sweep, sweep_dir
+    from sweeps.lock import SweepBusy, sweep_lock
+
+    grid = load_grid("smoke")
+    folder = sweep_dir(grid, tmp_path)
+    lock = folder.with_name(folder.name + ".lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from sweeps.lock import sweep_lock\n"
+         f"with sweep_lock(Path({str(folder)!r})):\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SweepBusy, match=rf"in use by a running sweep \(pid {holder.pid}: -c\).*--fresh"):
+            run_sweep("smoke", storage=tmp_path)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert not folder.exists()  # refused before the sweep made its folder or touched any data
+    folder.mkdir()
+    lock.write_text(f"pid {holder.pid}: asda sweep --grid smoke")  # as a sweep killed outright leaves it
+    import io
+    from contextlib import redirect_stdout
+
+    shown = io.StringIO()
+    with redirect_stdout(shown), sweep_lock(folder):
+        assert lock.read_text().startswith(f"pid {os.getpid()}:")
+    assert f"taking over {lock.name} from pid {holder.pid}: asda sweep --grid smoke" in shown.getvalue()
+    assert lock.read_text() == ""  # a sweep that ends leaves nothing to take over

@@ -503,7 +503,7 @@ def tasks_markdown(reports: dict[str, Any], best: list[dict[str, Any]], grid: Gr
                   f"**Baseline (random-init encoder): {_summary_value(report['baseline'])}; σ_seed = "
                   f"{_fmt(sigma)}.**", "", f"| factor | value | {metric} | n | Δ vs centre | p (Holm) | clear |",
                   "|---|---|---|---|---|---|---|"]
-        lines += ["| " + " | ".join(_line(r).split(" | ")[:7]) + " |"
+        lines += [" | ".join(_line(r).split(" | ")[:7]) + " |"  # the main table's first seven columns
                   for r in ([report["baseline"]] if report["baseline"] else []) + report["table"]]
     lines += ["", "## Best value of each factor on each task", "", "Δ vs the centre on that task, paired by seed, ± "
               "its standard error, and its Holm-corrected p (the centre itself when no other value beats it).", "",

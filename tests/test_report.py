@@ -426,5 +426,6 @@ def test_each_task_gets_its_own_table_and_the_best_value_of_each_factor_on_each_
     assert best[("short", "diff_lambda")]["best"] == 0.0 and best[("short", "diff_lambda")]["delta"] == pytest.approx(
         0.105)
     text = report["markdown"]
-    assert "## Task short: `eval_accuracy`" in text and "| diff_lambda | 0.0 | 0.515 ± 0.021 | 2 | +0.105" in text
+    assert "## Task short: `eval_accuracy`" in text
+    assert "\n| diff_lambda | 0.0 | 0.515 ± 0.021 | 2 | +0.105 ± 0.005 | 0.030 | yes |\n" in text
     assert "| diff_lambda | 0.3 (0.710; centre) | 0.0 (0.515; +0.105" in text

@@ -91,6 +91,9 @@ def ensure_ray(num_cpus: int | None = None):
     set_verbose(is_verbose())  # quiet unless asked: set before any Ray process starts, so they all inherit it
     address = os.environ.get("RAY_ADDRESS")
     if not address and RUNNING_CLUSTER_FILE.is_file():
+        check_answers(RUNNING_CLUSTER_FILE.read_text().strip(), f"{RUNNING_CLUSTER_FILE} (written by `make ray-up`)",
+                      "start that cluster again (make ray-up), or remove the file (rm "
+                      f"{RUNNING_CLUSTER_FILE}) to run on a Ray instance of this command's own")
         try:
             _remember(ray.init(address="auto", log_to_driver=is_verbose(),
                                logging_level=logging.INFO if is_verbose() else logging.WARNING))
@@ -101,6 +104,8 @@ def ensure_ray(num_cpus: int | None = None):
     # Workers run with the driver's interpreter and the project installed editable, so they import the same code;
     # the working directory is not shipped (it holds data and the venv).
     if address:
+        check_answers(address, "RAY_ADDRESS", "start the cluster, correct RAY_ADDRESS, or unset it to run on a "
+                                              "local Ray instance")
         log.info("connecting to the Ray cluster at %s", address)
         _remember(ray.init(address=address, log_to_driver=is_verbose(),
                            logging_level=logging.INFO if is_verbose() else logging.WARNING))
@@ -120,6 +125,29 @@ def ensure_ray(num_cpus: int | None = None):
                            logging_level=logging.INFO if is_verbose() else logging.WARNING))
     _private_token()
     return ray
+
+
+class ClusterUnreachable(ValueError):
+    """The Ray cluster an address names does not answer (a ValueError: the command refuses it, exit status 2)."""
+
+
+CONNECT_TIMEOUT_S = 3.0  # how long an address's port may take to accept a connection before it counts as gone
+
+
+def check_answers(address: str, named_by: str, how: str) -> None:
+    """ClusterUnreachable, naming ``address``, who named it and ``how`` to go on, unless its GCS port accepts a TCP
+    connection within CONNECT_TIMEOUT_S; left to Ray are addresses that are no host:port (``auto``, ``ray://``):
+    ray.init would otherwise wait for a stale cluster for good."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterUnreachable(f"the Ray cluster at {address} (named by {named_by}) does not answer "
+                                 f"({exc.strerror or exc}): {how}") from None
 
 
 @contextlib.contextmanager

@@ -113,3 +113,26 @@ def test_ray_job_submit_runs_a_sweep_across_two_nodes_and_asda_sweep_joins_the_s
     assert direct.returncode == 0, direct.stdout[-3000:] + direct.stderr[-3000:]
     assert "resuming" in direct.stdout and "| diff_lambda | 0.3 |" in direct.stdout
     assert len(trial_runs()) == 1
+
+
+def test_a_cluster_that_does_not_answer_is_refused_within_seconds_naming_its_address_and_how_to_go_on(tmp_path):
+    """A stale /tmp/ray/ray_current_cluster (a `make ray-up` head that died) or a RAY_ADDRESS that answers nothing:
+    the command stops within seconds, saying which address and what to do, instead of waiting in ray.init for good."""
+    port = free_port()  # nothing listens there
+    stale = tmp_path / "ray_current_cluster"
+    stale.write_text(f"127.0.0.1:{port}\n")
+    code = ("from pathlib import Path\nimport pipelines.runtime as runtime\n"
+            f"runtime.RUNNING_CLUSTER_FILE = Path({str(stale)!r})\nruntime.ensure_ray()")
+    started = time.monotonic()
+    found = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 30
+    assert found.returncode != 0 and "ClusterUnreachable" in found.stderr
+    assert f"the Ray cluster at 127.0.0.1:{port} (named by {stale} (written by `make ray-up`)) does not answer" in \
+        found.stderr and f"remove the file (rm {stale})" in found.stderr
+
+    started = time.monotonic()
+    cli = subprocess.run([sys.executable, "-m", "pipelines.cli", "probe", "--random-init"], cwd=tmp_path,
+                         env=_clean_env(RAY_ADDRESS=f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 60
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert f"the Ray cluster at 127.0.0.1:{port} (named by RAY_ADDRESS) does not answer" in cli.stderr

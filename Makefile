@@ -66,24 +66,29 @@ RAY_PORT    ?= 6379
 RAY_DASHBOARD_PORT ?= 8265
 RAY_AGENT_PORT ?= 52365
 RAY_TEMP_DIR ?=
+RAY_TEMP     = $(or $(RAY_TEMP_DIR),/tmp/ray)
+# Every process of the cluster inherits this mark from `ray start`: ray-down stops the processes that carry it.
+RAY_UP_MARK  = $(RAY_TEMP)/ray-up-$(RAY_PORT)
 # Token authentication, explicitly: every node and client of this user shares the token in ~/.ray/auth_token,
 # made here the first time. Nodes on one machine each need their own dashboard-agent port (node i: base + i).
 ray-up: setup
 	test -s $(HOME)/.ray/auth_token || (umask 077 && $(BIN)/ray get-auth-token --generate >/dev/null)
 	chmod 600 $(HOME)/.ray/auth_token
-	RAY_AUTH_MODE=token $(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --node-ip-address=127.0.0.1 \
+	ASDA_RAY_UP=$(RAY_UP_MARK) RAY_AUTH_MODE=token $(BIN)/ray start --head --num-cpus=$(RAY_CPUS) --node-ip-address=127.0.0.1 \
 		--port=$(RAY_PORT) --dashboard-host=127.0.0.1 --dashboard-port=$(RAY_DASHBOARD_PORT) \
 		--dashboard-agent-listen-port=$(RAY_AGENT_PORT) --disable-usage-stats \
 		$(if $(RAY_TEMP_DIR),--temp-dir=$(RAY_TEMP_DIR))
 	for i in $$(seq 1 $(WORKERS)); do \
-		RAY_AUTH_MODE=token $(BIN)/ray start --address=127.0.0.1:$(RAY_PORT) --node-ip-address=127.0.0.1 \
+		ASDA_RAY_UP=$(RAY_UP_MARK) RAY_AUTH_MODE=token $(BIN)/ray start --address=127.0.0.1:$(RAY_PORT) --node-ip-address=127.0.0.1 \
 			--num-cpus=$(WORKER_CPUS) --dashboard-agent-listen-port=$$(( $(RAY_AGENT_PORT) + i )) \
 			--disable-usage-stats || exit 1; \
 	done
+	echo $(RAY_UP_MARK) > $(RAY_UP_MARK).record
 	@echo "cluster: RAY_ADDRESS=127.0.0.1:$(RAY_PORT), dashboard and job API http://127.0.0.1:$(RAY_DASHBOARD_PORT)"
 
+# Stops the processes of the cluster ray-up started (those that carry its mark), not every Ray process of the machine.
 ray-down: setup
-	$(BIN)/ray stop
+	$(BIN)/python -m pipelines.local_cluster stop $(RAY_UP_MARK).record
 
 ## mlflow-ui: the repository's tracking store on http://127.0.0.1:5000
 mlflow-ui: setup

@@ -136,3 +136,54 @@ def test_a_cluster_that_does_not_answer_is_refused_within_seconds_naming_its_add
     assert time.monotonic() - started < 60
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert f"the Ray cluster at 127.0.0.1:{port} (named by RAY_ADDRESS) does not answer" in cli.stderr
+
+
+def _ray_head(temp_dir: str, *command: str) -> subprocess.Popen:
+    port, dashboard, agent = free_port(), free_port(), free_port()
+    return subprocess.Popen(
+        [*command, f"RAY_PORT={port}", f"RAY_DASHBOARD_PORT={dashboard}", f"RAY_AGENT_PORT={agent}", "RAY_CPUS=2",
+         f"RAY_TEMP_DIR={temp_dir}"],
+        env=_clean_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    from pipelines.local_cluster import _alive as alive
+
+    return [p for p in pids if alive(p)]
+
+
+def test_make_ray_down_stops_the_cluster_make_ray_up_started_and_no_other_ray_on_the_machine():
+    """Another local Ray instance on the machine (another user's, here one more `make ray-up` on other ports and
+    another temp folder) keeps running when `make ray-down` stops ours; ours is gone, its record and cluster file
+    with it."""
+    ours_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    other_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ours = _ray_head(ours_dir, "make", "-C", str(REPO), "ray-up")
+    other = _ray_head(other_dir, "make", "-C", str(REPO), "ray-up")
+    try:
+        for proc in (ours, other):
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out
+        ours_pids, other_pids = session_members(ours.pid), session_members(other.pid)
+        assert _alive(ours_pids) and _alive(other_pids)
+        port = next(a for a in ours.args if a.startswith("RAY_PORT=")).split("=")[1]
+        record = Path(ours_dir) / f"ray-up-{port}.record"
+        assert record.is_file()
+        down = subprocess.run(["make", "-C", str(REPO), "ray-down", f"RAY_PORT={port}", f"RAY_TEMP_DIR={ours_dir}"],
+                              env=_clean_env(), capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "other Ray processes left running" in down.stdout
+        assert _alive(ours_pids) == [] and sorted(_alive(other_pids)) == sorted(other_pids)
+        assert not record.exists()
+        again = subprocess.run(["make", "-C", str(REPO), "ray-down", f"RAY_PORT={port}", f"RAY_TEMP_DIR={ours_dir}"],
+                               env=_clean_env(), capture_output=True, text=True, timeout=120)
+        assert again.returncode != 0 and "nothing stopped" in again.stderr
+    finally:
+        for proc in (ours, other):
+            for pid in session_members(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(ours_dir, ignore_errors=True)
+        shutil.rmtree(other_dir, ignore_errors=True)

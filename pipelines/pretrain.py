@@ -167,14 +167,15 @@ class PretrainJob:
 
 
 def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, str] | None = None,
-             report_to_tune: bool = False) -> dict[str, Any]:
+             report_to_tune: bool = False, end_run: bool = True) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns {"run_id", "checkpoint", "metrics", "run_dir", "name"}.
 
     The encoder is fed, and its ``target_length`` set to, the data set's length unless ``settings.target_length``
     says otherwise.
 
     ``tags`` go on the MLflow run; ``report_to_tune``: each checkpoint's metrics also reach the Tune trial this
-    runs in (a sweep with ASHA).
+    runs in (a sweep with ASHA); ``end_run`` False leaves the MLflow run RUNNING for the caller, who evaluates into
+    it and ends it.
     """
     from .analysis import log_pretraining_artifacts
     from .data.card import feed_length
@@ -207,7 +208,8 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     collapse = tracking.mark_collapse(run_id)
     if collapse and not console.shows_progress():  # a progress bar has printed it as it happened
         print(console.collapse_line(collapse, settings.name), flush=True)
-    tracking.end_run(run_id, "FINISHED")
+    if end_run:  # else the caller evaluates into the run and ends it (a sweep's trial: FINISHED with its metric)
+        tracking.end_run(run_id, "FINISHED")
     return {"run_id": run_id, "checkpoint": str(final), "ray_checkpoint": result.checkpoint.path,
             "metrics": dict(result.metrics or {}), "run_dir": str(run_dir), "name": settings.name,
             "collapse": collapse}

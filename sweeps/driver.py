@@ -57,6 +57,7 @@ class SweepParams:
 
 def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     """Tune function trainable: pretrain one cell with one seed, then evaluate it; reports the grid's metric."""
+    from mlflow import MlflowClient
     from ray import tune
 
     from pipelines.pretrain import pretrain
@@ -72,10 +73,15 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
         tags[tracking.TAG_FACTOR_PREFIX + name] = str(value)
     if trial.factor not in ("centre", "factorial"):
         tags[tracking.TAG_FACTOR_VALUE] = str(trial.value)
-    result = pretrain(config, settings, tags=tags, report_to_tune=sweep.asha)
+    result = pretrain(config, settings, tags=tags, report_to_tune=sweep.asha, end_run=False)
+    MlflowClient().set_tag(result["run_id"], "mlflow.runName", f"{trial.cell} · seed {trial.seed}")
     evaluating, evaluating_cpu = time.perf_counter(), time.process_time()
-    evaluation, also = _evaluate(sweep, config, trial, result)
-    tasks = {name: _task_probe(probe, trial.seed, result) for name, _, probe in sweep.tasks}
+    try:  # the run is FINISHED once its evaluation is in it, FAILED if the evaluation fails
+        evaluation, also = _evaluate(sweep, config, trial, result)
+        tasks = {name: _task_probe(probe, trial.seed, result) for name, _, probe in sweep.tasks}
+    except Exception:
+        tracking.end_run(result["run_id"], "FAILED")
+        raise
     done = time.perf_counter()
     pretrained = result["metrics"]
     metrics = {**evaluation, "also": also, "tasks": tasks, **_event_shares(result["run_id"]),
@@ -89,6 +95,7 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
                           "eval_cpu_s": time.process_time() - evaluating_cpu,
                           "train_loop_s": pretrained.get("train_loop_s"),
                           "train_loop_cpu_s": pretrained.get("train_loop_cpu_s")}}
+    tracking.end_run(result["run_id"], "FINISHED")
     tune.report(metrics)
     return metrics
 
@@ -349,7 +356,7 @@ def _parent_run(grid: Grid, state: dict, experiment: str) -> str:
             return state["parent_run_id"]
         except Exception:  # the tracking store was reset: start a new parent
             pass
-    run = client.create_run(experiment_id, run_name=f"sweep-{state['sweep_id']}",
+    run = client.create_run(experiment_id, run_name=f"{grid.name} · {state['sweep_id']}",
                             tags={tracking.TAG_KIND: tracking.KIND_SWEEP, tracking.TAG_SWEEP: state["sweep_id"],
                                   tracking.TAG_GRID: grid.name, tracking.TAG_CODE_VERSION: code_version()})
     run_id = run.info.run_id

@@ -44,7 +44,11 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     assert len(children) == len(trials) + len(grid.seeds) * (1 + len(grid.tasks))  # a baseline probe per task too
     _check_tasks(result, grid, trial_runs)
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name == f"{grid_name} · {parent.data.tags['asda.sweep']}"
     for child in trial_runs:
+        # named by cell and seed, and FINISHED only with its evaluation in it
+        assert child.info.run_name == f"{child.data.tags['asda.cell']} · seed {child.data.tags['asda.seed']}"
+        assert child.info.status == "FINISHED" and grid.metric in child.data.metrics
         assert child.data.params["train.in_process"] == str(in_process)  # the training path the trial took
         assert child.data.params["model.diff_lambda"] in ("0.0", "0.3")
         assert child.data.tags["factor.diff_lambda"] == child.data.params["model.diff_lambda"]

@@ -481,7 +481,7 @@ def _open_sweep(grid: Grid, storage: str | Path, fresh: bool,
     unfinished sweep of this grid (an interrupted or killed one, ``--fresh`` ones included), else the grid's folder
     (resumed when it exists); ``fresh``: a new sweep in a folder of its own."""
     base = sweep_dir(grid, storage)
-    folders = sorted((f for f in base.parent.glob(f"{base.name}*") if (f / STATE_FILE).is_file()),
+    folders = sorted((f for f in base.parent.glob(f"{base.name}*") if f.is_dir() and (f / STATE_FILE).is_file()),
                      key=lambda f: f.stat().st_mtime)
     states = {f: json.loads((f / STATE_FILE).read_text()) for f in folders}
     if sweep_id:

@@ -176,7 +176,7 @@ def _stopped_by(signum: int, proc: subprocess.Popen, out: str, storage: Path) ->
     assert proc.returncode == 128 + signum, out[-3000:]
     name = signal.Signals(signum).name
     assert f"stopped by {name}: 0 of 1 trials finished" in out and "resume it with: asda sweep --grid" in out
-    folder = next(storage.iterdir())
+    folder = next(p for p in storage.iterdir() if p.is_dir())  # beside it: the sweep's lock
     assert json.loads((folder / "trials.json").read_text()) == []  # nothing unfinished passes for a result
     state = json.loads((folder / "sweep.json").read_text())
     client = MlflowClient()
@@ -222,7 +222,7 @@ def test_a_sweep_whose_driver_was_killed_outright_closes_its_orphaned_runs_and_r
         proc.communicate(timeout=60)
     finally:
         stop_group(proc, signal.SIGKILL)
-    folder = next(storage.iterdir())
+    folder = next(p for p in storage.iterdir() if p.is_dir())  # beside it: the sweep's lock
     state = json.loads((folder / "sweep.json").read_text())
     client = MlflowClient()
     experiment = [client.get_run(state["parent_run_id"]).info.experiment_id]
@@ -369,10 +369,12 @@ def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_res
         request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body,
                                          headers={"Content-Type": "application/json"})
         runs = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
-        assert len(runs) == len(load_grid("smoke").trials()) + len(load_grid("smoke").seeds)  # and the baseline
+        grid = load_grid("smoke")  # the trials, and the baseline's probe with each seed, on the grid and each task
+        assert len(runs) == len(grid.trials()) + len(grid.seeds) * (1 + len(grid.tasks))
         for run in runs:
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-            assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+            scored = [v for k, v in metrics.items() if k.endswith("eval_accuracy")]  # a task's: task_<name>/...
+            assert scored and all(0.0 <= v <= 1.0 for v in scored)
             assert secret not in json.dumps(run["data"])  # params and tags
     session = Path(ray_local._private.worker._global_node.get_session_dir_path())
     holding = [str(f) for folder in (tmp_path / "sweeps", session) for f in folder.rglob("*")

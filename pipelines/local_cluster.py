@@ -23,19 +23,28 @@ MARK = "ASDA_RAY_UP"
 
 def marked_processes(mark: str) -> list[int]:
     """The pids (not this process) started with ``ASDA_RAY_UP=<mark>`` in their environment (only this user's
-    processes can be read, so only this user's are found)."""
+    processes can be read, so only this user's are found), and their descendants: a child that renames itself
+    (the dashboard's modules set their process title, which overwrites the environment /proc shows) is still the
+    cluster's."""
     wanted = f"{MARK}={mark}".encode()
-    found = []
+    marked, parents = set(), {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
+        pid = int(entry.name)
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
+            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                marked.add(pid)
+        except (OSError, ValueError, IndexError):
             continue
-        if wanted in environ:
-            found.append(int(entry.name))
-    return found
+    found = set(marked)
+    grew = True
+    while grew:  # every process whose parent is the cluster's
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return sorted(found)
 
 
 def stop(record: Path) -> list[int]:

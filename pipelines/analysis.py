@@ -233,14 +233,15 @@ def log_pretraining_artifacts(run_id: str, config: ASDAConfig, settings, checkpo
     client.log_figure(run_id, fig, "figures/loss_curves.png")
     plt.close(fig)
     results: dict[str, Any] = {}
+    if not (settings.figure_clips or settings.attention_clips):
+        return results
+    encoder = load_encoder(checkpoint, "student").eval()  # once, for the figure and the measurements
     if settings.figure_clips:
-        encoder = load_encoder(checkpoint, "student").eval()
         clips = figure_clips(settings.data, settings.figure_split, settings.figure_clips, config.target_length)
         fig = attention_figure(encoder, clips, title=f"{settings.name}: utterance-query attention, last layer")
         client.log_figure(run_id, fig, "figures/attention.png")
         plt.close(fig)
     if settings.attention_clips:
-        encoder = load_encoder(checkpoint, "student").eval()
         clips = evidence_clips(settings.data, settings.figure_split, settings.attention_clips, config.target_length)
         results = attention_evidence(encoder, clips)
         for key, value in results.items():

@@ -21,6 +21,7 @@ PRECISIONS = ("bf16", "fp32")  # pipelines.update.PRECISIONS
 ENCODER_READOUTS = ("cls", "mean", "cls+mean")  # pipelines.inference.ENCODER_READOUTS
 FINETUNE_READOUTS = ("cls", "mean")  # model.READOUTS
 RECIPES = ("auto", "as20k", "as2m", "esc50", "spc2", "none")  # pipelines.recipes.RECIPE_CHOICES
+OLDER_READOUT_NAMES = {"utterance": "cls", "utterance+mean": "cls+mean"}  # pipelines.inference.READOUT_ALIASES
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -564,7 +565,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _older_features(value: str) -> str:
     """``--features``, the probe's older name of ``--readout``: utterance -> cls, utterance+mean -> cls+mean."""
-    older = {"utterance": "cls", "utterance+mean": "cls+mean"}
+    older = OLDER_READOUT_NAMES
     if value not in older:
         raise argparse.ArgumentTypeError(f"{value!r} is not allowed: expected one of {list(older)} (the older "
                                          f"names of --readout {', '.join(older.values())})")

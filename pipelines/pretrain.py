@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,9 +220,16 @@ def pretrain_flops(config: ASDAConfig, batch_size: int, target_length: int) -> f
     """FLOPs of one pretraining update of ``batch_size`` clips of ``target_length`` frames, counted on one clip
     on this process's CPU and scaled by the batch (every FLOP of an update is some clip's: the teacher's, its
     clones', the decoder's)."""
+    return _clip_flops(dataclasses.replace(config, target_length=target_length)) * batch_size
+
+
+@functools.lru_cache(maxsize=32)
+def _clip_flops(config: ASDAConfig) -> float:
+    """One clip's share of an update's FLOPs, counted once per config and process (a reused trial process
+    counts each cell's model once, not once per seed)."""
     from .cost import update_flops
 
-    config = dataclasses.replace(config, target_length=target_length)
+    target_length = config.target_length
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(0)
@@ -229,4 +237,4 @@ def pretrain_flops(config: ASDAConfig, batch_size: int, target_length: int) -> f
         flops = update_flops(update, torch.randn(1, target_length, config.num_mel_bins))
     finally:
         torch.random.set_rng_state(state)
-    return float(flops) * batch_size
+    return float(flops)

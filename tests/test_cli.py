@@ -54,9 +54,11 @@ def test_parser_choices_match_the_presets_and_adapters_they_name():
     assert DATASETS == tuple(sorted(ADAPTERS))
     assert CLI_PRECISIONS == PRECISIONS
     assert CLI_READOUTS == ENCODER_READOUTS and FINETUNE_READOUTS == READOUTS
+    from pipelines.cli import OLDER_READOUT_NAMES
+    from pipelines.inference import READOUT_ALIASES
     from pipelines.recipes import RECIPE_CHOICES
 
-    assert RECIPES == RECIPE_CHOICES
+    assert RECIPES == RECIPE_CHOICES and OLDER_READOUT_NAMES == READOUT_ALIASES
 
 
 def test_pretrain_takes_compile_and_precision_and_refuses_an_unknown_precision(capsys):

@@ -81,6 +81,11 @@ def load_encoder(path: str | Path, which: str = "student", map_location: str | t
     if which not in ("student", "teacher"):
         raise ValueError(f"which={which!r} is not allowed: expected 'student' or 'teacher'")
     state, config = load_checkpoint(path, map_location)
+    return encoder_from_state(state, config, which, path)
+
+
+def encoder_from_state(state: dict, config: ASDAConfig, which: str, path: str | Path) -> ASDAEncoder:
+    """``load_encoder`` from a checkpoint's contents already read (``load_checkpoint``)."""
     weights = state["model"]
     for prefix in (f"{which}.", "encoder.", ""):
         sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}

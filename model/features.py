@@ -53,6 +53,12 @@ def kaldi_log_mel(wav: torch.Tensor) -> torch.Tensor:
     # kaldi.fbank needs at least one 25 ms window; report that instead of its terse assertion.
     if wav.shape[-1] < SAMPLE_RATE * FEATURE_SETTINGS["frame_length"] // 1000:
         raise ValueError(f"clip too short for one 25 ms frame: {wav.shape[-1]} samples at 16 kHz")
+    return filterbank(wav)
+
+
+def filterbank(wav: torch.Tensor) -> torch.Tensor:
+    """The Kaldi filterbank (SPEC §1) of (1, samples) mono 16 kHz audio as it is (``kaldi_log_mel`` removes the
+    clip's DC offset first). Each frame depends on its own 25 ms window only."""
     return torchaudio.compliance.kaldi.fbank(wav, **FEATURE_SETTINGS)
 
 

@@ -204,7 +204,11 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     state = read_state(Path(result.checkpoint.path) / worker.CHECKPOINT_FILE)
     model = ASDA(config)
     model.load_state_dict(state["model"])
-    final = save_checkpoint(run_dir / worker.FINAL_FILE, model, config, step=state["step"])
+    # What turns audio into this encoder's input (asda embed, the HEAR module, asda export read it back).
+    feeding = {"mean": float(card["normalisation"]["mean"]), "std": float(card["normalisation"]["std"]),
+               "chunk_frames": config.target_length}
+    final = save_checkpoint(run_dir / worker.FINAL_FILE, model, config, step=state["step"], feeding=feeding,
+                            data={"name": card["name"], "path": str(settings.data)}, seed=settings.seed)
     log_pretraining_artifacts(run_id, config, settings, final)
     collapse = tracking.mark_collapse(run_id)
     if collapse and not console.shows_progress():  # a progress bar has printed it as it happened

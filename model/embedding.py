@@ -215,4 +215,4 @@ def load_embedder(path: str | Path, which: str = "student",
     if recorded:
         return encoder, Feeding(**recorded), f"{path} (recorded at pretraining)"
     return encoder, Feeding(chunk_frames=config.target_length), (
-        f"AudioSet's normalisation, {config.target_length} frames per chunk (assumed: {path} records none)")
+        f"the release's default, AudioSet's normalisation: {path} records none")

@@ -704,10 +704,45 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_import_weights)
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from .embed import EmbedSettings, embed
+
+    out = embed(EmbedSettings(inputs=tuple(args.inputs), checkpoint=args.checkpoint, out=args.out,
+                              readout=args.readout, timestamps=args.timestamps, batch_size=args.batch_size,
+                              device=args.device, which=args.which, ray=args.ray, split=args.split,
+                              force=args.force))
+    print(f"{out['clips']} clip(s) embedded into {out['out']} in {out['seconds']:.1f} s ({out['engine']})"
+          + (f"; {len(out['rejected'])} file(s) skipped" if out["rejected"] else ""))
+    return 0
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="audio files, folders or a prepared set -> embeddings (Parquet or .npy)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="audio files and folders (searched recursively), or one prepared folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file, a run folder (its final.pt) or an exported folder (asda export)")
+    p.add_argument("--out", required=True, help="file to write: .parquet (id, path, embedding, ...) or .npy")
+    p.add_argument("--readout", choices=ENCODER_READOUTS, default="cls",
+                   help="the scene embedding: cls (utterance vector, default), mean, or cls+mean")
+    p.add_argument("--timestamps", action="store_true",
+                   help="also one embedding per 160 ms patch column with its time in ms (Parquet only)")
+    p.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass (default 8)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="in process: where the encoder runs (default: cuda where there is one)")
+    p.add_argument("--which", choices=("student", "teacher"), default="student",
+                   help="a pretraining checkpoint's student (default) or EMA teacher")
+    p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=None,
+                   help="on Ray Data (--ray) or in this process (--no-ray); default: Ray for more than 64 inputs")
+    p.add_argument("--split", help="a prepared set's split (default: every clip)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_embed)
+
+
 # The functions above that add each command's subparser, in the order `asda --help` lists them.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_model, _add_prepare, _add_verify, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report,
-    _add_import, _add_bench]
+    _add_import, _add_embed, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -724,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "verbose", False):
         set_verbose(True)
-    show_progress(args.command in ("pretrain", "probe", "finetune"))
+    show_progress(args.command in ("pretrain", "probe", "finetune", "embed"))
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:  # user errors: bad config, bad path, bad data

@@ -419,33 +419,11 @@ def read_clips(
     """The same arrays as the feed (first crop, no shuffle), read on this process with pyarrow: for a few clips
     (``limit``: read in small batches, stopping there) or small sets; evaluation runs on Ray Data instead."""
     import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     prepared = storage.normalise(prepared)
     card = load_card(prepared)
-    splits = check_splits(card, split)
     check_labels(card, labels)
-    batches = []
-    remaining = limit
-    for shard in verify_shards(prepared, card):
-        try:
-            for batch in pq.ParquetFile(shard, page_checksum_verification=True).iter_batches(
-                    batch_size=64, columns=_READ_COLUMNS):
-                keep = pc.is_in(batch["split"], value_set=pa.array(splits))
-                if folds is not None:
-                    keep = pc.and_(keep, pc.is_in(batch["fold"], value_set=pa.array([int(f) for f in folds])))
-                batch = batch.filter(keep)
-                if remaining is not None:
-                    batch = batch.slice(0, remaining)
-                    remaining -= batch.num_rows
-                batches.append(batch)
-                if remaining == 0:
-                    break
-        except OSError as exc:  # a page whose checksum does not match
-            raise ValueError(f"corrupt shard {shard}: {exc}; re-run `asda prepare --force` for {prepared}") from None
-        if remaining == 0:
-            break
+    batches = list(raw_batches(prepared, split, limit=limit, folds=folds, card=card))
     data = pa.Table.from_batches(batches).to_pydict() if batches else {c: [] for c in _READ_COLUMNS}
     norm = card["normalisation"]
     return to_model_batch(
@@ -453,3 +431,35 @@ def read_clips(
         mean=norm["mean"], std=norm["std"], target_length=target_length or card["target_length"],
         num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"], labels=labels,
     )
+
+
+def raw_batches(prepared: str | Path, split: str | Sequence[str], *, limit: int | None = None,
+                folds: Iterable[int] | None = None, columns: Sequence[str] = tuple(_READ_COLUMNS),
+                card: dict | None = None):
+    """The stored rows (pyarrow record batches of ``columns``) of ``split`` (and ``folds``) in shard order, read
+    on this process, at most ``limit`` rows; a shard whose page checksums fail is named with the fix."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    prepared = storage.normalise(prepared)
+    card = card or load_card(prepared)
+    splits = check_splits(card, split)
+    remaining = limit
+    wanted = list(dict.fromkeys([*columns, "split", "fold"]))
+    for shard in verify_shards(prepared, card):
+        try:
+            for batch in pq.ParquetFile(shard, page_checksum_verification=True).iter_batches(
+                    batch_size=64, columns=wanted):
+                keep = pc.is_in(batch["split"], value_set=pa.array(splits))
+                if folds is not None:
+                    keep = pc.and_(keep, pc.is_in(batch["fold"], value_set=pa.array([int(f) for f in folds])))
+                batch = batch.filter(keep)
+                if remaining is not None:
+                    batch = batch.slice(0, remaining)
+                    remaining -= batch.num_rows
+                yield batch.select(list(columns))
+                if remaining == 0:
+                    return
+        except OSError as exc:  # a page whose checksum does not match
+            raise ValueError(f"corrupt shard {shard}: {exc}; re-run `asda prepare --force` for {prepared}") from None

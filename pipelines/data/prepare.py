@@ -90,10 +90,32 @@ def clip_features(path: str, timings: dict[str, float] | None = None) -> tuple[n
     Raises RejectedClip with a reason for anything a data set should not contain. ``timings`` (stage -> seconds)
     accumulates the time spent decoding, resampling and computing the filterbank.
     """
+    from model.features import kaldi_log_mel
+
+    timings = timings if timings is not None else defaultdict(float)
+    wav, rate, seconds = decode(path, timings)
+    started = time.perf_counter()
+    try:
+        feats = kaldi_log_mel(wav)
+    except ValueError as exc:  # e.g. shorter than one 25 ms frame
+        raise RejectedClip(str(exc)) from None
+    finally:
+        timings["fbank"] += time.perf_counter() - started
+    if feats.shape[0] == 0:
+        raise RejectedClip("no feature frames")
+    feats = feats.numpy()
+    if not np.isfinite(feats).all():
+        raise RejectedClip("non-finite features")
+    return feats, rate, seconds
+
+
+def decode(path: str, timings: dict[str, float] | None = None):
+    """One file's audio as (1, samples) mono 16 kHz float32 torch, its sample rate and its seconds; RejectedClip
+    with the reason for a file that cannot be opened or decoded, is empty or holds NaN or inf."""
     import soundfile as sf
     import torch
 
-    from model.features import kaldi_log_mel, mono_16k
+    from model.features import mono_16k
 
     timings = timings if timings is not None else defaultdict(float)
     start = time.perf_counter()
@@ -111,20 +133,8 @@ def clip_features(path: str, timings: dict[str, float] | None = None) -> tuple[n
     decoded = time.perf_counter()
     timings["decode"] += decoded - start
     wav = mono_16k(torch.from_numpy(np.ascontiguousarray(data.T)), rate)
-    resampled = time.perf_counter()
-    timings["resample"] += resampled - decoded
-    try:
-        feats = kaldi_log_mel(wav)
-    except ValueError as exc:  # e.g. shorter than one 25 ms frame
-        raise RejectedClip(str(exc)) from None
-    finally:
-        timings["fbank"] += time.perf_counter() - resampled
-    if feats.shape[0] == 0:
-        raise RejectedClip("no feature frames")
-    feats = feats.numpy()
-    if not np.isfinite(feats).all():
-        raise RejectedClip("non-finite features")
-    return feats, int(rate), data.shape[0] / rate
+    timings["resample"] += time.perf_counter() - decoded
+    return wav, int(rate), data.shape[0] / rate
 
 
 def _unopenable(path: str) -> str | None:

@@ -231,7 +231,8 @@ def gather_facts(path: Path, state: dict[str, Any], config: ASDAConfig, weights:
     run_id = next((r.get("run_id") for r in (facts.sweep or {}).get("matches", []) if r.get("run_id")), None)
     if weights.kind != "imported release":
         facts.run = tracked_run(run_id, *_run_name(path, facts.settings), facts.notes)
-    data = (facts.settings or {}).get("data") or ((facts.run or {}).get("params") or {}).get(f"{tracking.PARAM_TRAIN}data")
+    params = (facts.run or {}).get("params") or {}
+    data = (facts.settings or {}).get("data") or params.get(f"{tracking.PARAM_TRAIN}data")
     if data:
         facts.data_path = str(data)
         facts.data = _data_card(str(data), facts.notes)

@@ -704,6 +704,32 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_import_weights)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export, format_summary
+
+    card = export(args.checkpoint, args.out, which=args.which, sweep=args.sweep, force=args.force)
+    print(format_summary(card))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="portable weights: a checkpoint's encoder as safetensors, with its config and "
+                                      "model card (model.load_pretrained reads it)")
+    p.add_argument("checkpoint", type=Path,
+                   help="a pretraining run's final.pt (or its run folder), a checkpoint folder's model.pt (a "
+                   "fine-tuned classifier exports its head too), or what asda import wrote")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder to write: model.safetensors, config.json, card.json and README.md")
+    p.add_argument("--which", choices=("student", "teacher"), default=None,
+                   help="student (default) or the EMA teacher of a pretraining checkpoint; a fine-tuned or imported "
+                   "checkpoint has one encoder")
+    p.add_argument("--sweep", type=Path,
+                   help="the sweep folder whose trials.json scored the checkpoint, for the card's evaluation "
+                   "(default: the sweep folder the checkpoint lies in, if any)")
+    p.add_argument("--force", action="store_true", help="replace --out if it is an earlier export")
+    p.set_defaults(func=_export)
+
+
 def _embed(args: argparse.Namespace) -> int:
     from .embed import EmbedSettings, embed
 
@@ -742,7 +768,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 # The functions above that add each command's subparser, in the order `asda --help` lists them.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_model, _add_prepare, _add_verify, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report,
-    _add_import, _add_embed, _add_bench]
+    _add_import, _add_export, _add_embed, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

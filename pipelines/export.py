@@ -77,6 +77,7 @@ class Facts:
     run: dict[str, Any] | None = None  # the MLflow run: {"run_id", "params", "tags", "metrics"}
     data: dict[str, Any] | None = None  # the prepared data's card
     data_path: str | None = None
+    feeding: dict[str, Any] | None = None  # what a pretraining run's final.pt records of its input
     notes: list[str] = field(default_factory=list)
 
 
@@ -223,7 +224,7 @@ def _fill_encoder(tensors: dict[str, torch.Tensor], config: ASDAConfig, path: Pa
 def gather_facts(path: Path, state: dict[str, Any], config: ASDAConfig, weights: Weights,
                  sweep: str | Path | None) -> Facts:
     """Everything that says how the checkpoint was made: its settings, its sweep, its MLflow run, its data."""
-    facts = Facts()
+    facts = Facts(feeding=state.get("feeding") if isinstance(state.get("feeding"), dict) else None)
     facts.settings, where = training_settings(path, state, config)
     if facts.settings is None and weights.kind != "imported release":
         facts.notes.append(f"no training settings found (checked {where})")
@@ -429,6 +430,10 @@ def feature_facts(config: ASDAConfig, weights: Weights, facts: Facts) -> dict[st
         norm = facts.data["normalisation"]
         mean, std = float(norm["mean"]), float(norm["std"])
         source = f"the prepared data's card ({facts.data_path}: {norm.get('source', 'its statistics')})"
+    elif facts.feeding:
+        mean, std = float(facts.feeding["mean"]), float(facts.feeding["std"])
+        length, length_source = int(facts.feeding["chunk_frames"]), "the checkpoint's record of its input"
+        source = "the checkpoint's record of its training data's normalisation (the data itself is gone)"
     else:
         mean, std = SPEC_MEAN, SPEC_STD
         source = ("SPEC defaults (model.fbank's: AudioSet's statistics), because the training data is unknown; "

@@ -208,7 +208,7 @@ def pretrain(config: ASDAConfig, settings: PretrainSettings, *, tags: dict[str, 
     feeding = {"mean": float(card["normalisation"]["mean"]), "std": float(card["normalisation"]["std"]),
                "chunk_frames": config.target_length}
     final = save_checkpoint(run_dir / worker.FINAL_FILE, model, config, step=state["step"], feeding=feeding,
-                            data={"name": card["name"], "path": str(settings.data)}, seed=settings.seed)
+                            settings=dataclasses.asdict(settings))
     log_pretraining_artifacts(run_id, config, settings, final)
     collapse = tracking.mark_collapse(run_id)
     if collapse and not console.shows_progress():  # a progress bar has printed it as it happened

@@ -13,6 +13,7 @@ import torch
 from mlflow import MlflowClient
 
 from model import ASDA, ASDAConfig, load_checkpoint
+from pipelines.data.card import load_card
 from pipelines.pretrain import PretrainSettings, pretrain
 from pipelines.probe import ProbeSettings, probe
 from pipelines.training import NonFiniteLossError
@@ -47,8 +48,12 @@ def test_two_worker_ddp_pretraining_checkpoints_and_tracks(pretrained):
     state = torch.load(last / "model.pt", weights_only=True)
     assert state["step"] == 6 and {"optimizer", "scheduler", "epoch", "settings", "config"} <= set(state)
     assert any(k.startswith("teacher.") for k in state["model"]) and any(k.startswith("decoder.") for k in state["model"])
-    _, config = load_checkpoint(run_dir / "final.pt")
+    final, config = load_checkpoint(run_dir / "final.pt")
     assert config == TINY.for_run(6)  # the teacher's anneal sized to the run's 6 updates
+    # what turns audio into this encoder's input, for asda embed, the HEAR module and asda export
+    norm = load_card(final["settings"]["data"])["normalisation"]
+    assert final["feeding"] == {"mean": norm["mean"], "std": norm["std"], "chunk_frames": config.target_length}
+    assert final["settings"]["seed"] == 0 and final["settings"]["workers"] == 2
 
     client = MlflowClient()
     run = client.get_run(result["run_id"])

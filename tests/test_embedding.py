@@ -153,3 +153,18 @@ def test_the_hear_validator_accepts_the_module(encoder, tmp_path):
                                    "needs tensorflow) is not installed here")
     path = save_checkpoint(tmp_path / "final.pt", encoder, CONFIG)
     validate.ValidateModel("model.hear", str(path), device="cpu")()
+
+
+def test_an_exported_folder_gives_the_embeddings_of_its_checkpoint(encoder, tmp_path, monkeypatch):
+    from pipelines.export import export
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}")
+    path = save_checkpoint(tmp_path / "run" / "final.pt", encoder, CONFIG,
+                           feeding={"mean": -5.0, "std": 3.0, "chunk_frames": 256})
+    export(path, tmp_path / "exported")
+    from_export, from_checkpoint = load_model(str(tmp_path / "exported")), load_model(str(path))
+    assert from_export.feeding == from_checkpoint.feeding == FEEDING  # the recorded normalisation travels
+    audio = torch.stack([_audio(3.0, seed=1)[0], _audio(3.0, seed=2)[0]])
+    assert torch.equal(get_scene_embeddings(audio, from_export), get_scene_embeddings(audio, from_checkpoint))
+    assert torch.equal(get_timestamp_embeddings(audio, from_export)[0],
+                       get_timestamp_embeddings(audio, from_checkpoint)[0])

@@ -110,6 +110,24 @@ def _bench_profile(args: argparse.Namespace, config) -> int:
     return 0
 
 
+def _bench_embed(args: argparse.Namespace) -> int:
+    from bench.embed import bench_embed
+
+    r = bench_embed(presets=tuple(args.presets), clip_seconds=tuple(args.clip_seconds),
+                    total_seconds=args.total_seconds, batch_size=args.batch, long_minutes=args.long_minutes,
+                    threads=args.threads)
+    print(f"asda embed in one process ({r['threads']} threads, {r['batch_size']} chunks per pass, CPU unless "
+          f"torch says otherwise); random-init encoders")
+    for row in r["results"]:
+        print(f"{row['preset']:>5}  clips of {row['clip_s']:6.1f} s: {row['realtime_x']:8.1f}x real time, "
+              f"{row['clips_per_s']:7.1f} clips/s ({row['clips']} clips, chunks of {row['chunk_frames']} frames)")
+    for row in r["peak"]:
+        print(f"{row['preset']:>5}  one {row['minutes']:g}-minute clip: peak memory +{row['growth_mb']:.0f} MB over "
+              f"{row['before_mb']:.0f} MB")
+    _write_json(args.json, r)
+    return 0
+
+
 def _bench_attention(args: argparse.Namespace) -> int:
 
     from bench.attention import bench_attention
@@ -247,6 +265,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                       help="also time each stage in one process and list cProfile's busiest functions")
     data.add_argument("--json", help="also write the results to this JSON file")
     data.set_defaults(func=_bench_data)
+    emb = which.add_parser("embed", help="asda embed's real-time factor per preset and clip length, and its "
+                           "peak memory on one long clip")
+    emb.add_argument("--presets", nargs="+", choices=PRESETS, default=["tiny", "base"])
+    emb.add_argument("--clip-seconds", type=float, nargs="+", default=[1.0, 10.0, 60.0])
+    emb.add_argument("--total-seconds", type=float, default=120.0, help="audio per clip length (default: 120)")
+    emb.add_argument("--batch", type=int, default=8, help="chunks per forward pass (default: 8)")
+    emb.add_argument("--long-minutes", type=float, default=20.0, help="the long clip's length (default: 20)")
+    emb.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    emb.add_argument("--json", help="also write the results to this JSON file")
+    emb.set_defaults(func=_bench_embed)
     sweep = which.add_parser("sweep", help="a grid from scratch: per trial wall, training-loop and overhead time")
     sweep.add_argument("--grid", default="smoke", help="grid name or YAML file (default: smoke)")
     sweep.add_argument("--path", choices=("auto", "in_process", "distributed"), default="auto",

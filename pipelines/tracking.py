@@ -28,7 +28,8 @@ EXPERIMENT_KIND = "custom_model_development"
 UI_MODEL_TRAINING = "workflowType=machine_learning"
 
 # --- the names of every tag and param the platform writes (filters in the UI and in tests use these)
-TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under a sweep's run
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: nests a run under a sweep's run (sweep -> cell -> seed)
+TAG_NOTE = "mlflow.note.content"  # MLflow's own: the run's description (markdown) on its page
 TAG_RUN_NAME = "asda.run_name"  # a training run's name: the same name again resumes the run
 TAG_KIND = "asda.kind"  # one of the KIND_* values
 TAG_CODE_VERSION = "asda.code_version"
@@ -46,6 +47,7 @@ TAG_FACTOR_PREFIX = "factor."  # factor.<ASDAConfig field>: that factor's value 
 
 KIND_PRETRAIN, KIND_FINETUNE, KIND_PROBE = "pretrain", "finetune", "probe"
 KIND_SWEEP, KIND_TRIAL = "sweep", "sweep-trial"
+KIND_CELL = "cell"  # a sweep's cell: its seed runs nest under it, and it carries their mean, spread and Δ
 
 PARAM_MODEL = "model."  # + an ASDAConfig field
 PARAM_TRAIN = "train."  # + a training settings field
@@ -60,6 +62,11 @@ METRIC_TASK = "task_"  # + the task's name + "/" + a probe metric
 PARAM_FINETUNE_LOSS = "finetune.loss"
 PARAM_FINETUNE_EVAL_SPLIT = "finetune.eval_split"
 PARAM_CODE_VERSION = "code_version"
+PARAM_FACTOR = "factor."  # + a factor's name: a cell run's value of it
+# A cell run's metrics: <metric> + one of these, over its seeds (the report's numbers; unknown ones not logged)
+METRIC_MEAN, METRIC_STD, METRIC_N = "_mean", "_std", "_n"  # the sample standard deviation
+METRIC_DELTA, METRIC_DELTA_SE, METRIC_P = "_delta_vs_centre", "_delta_vs_centre_se", "_p_holm"
+NOTE_LIMIT = 5000  # characters of a run's description that every MLflow server takes (3.x takes 8000)
 
 
 def tracking_uri() -> str:
@@ -140,6 +147,18 @@ def log_params(client, run_id: str, params: dict[str, str]) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
+    """Log metrics at step 0 in batches (the REST API caps a batch at 1000)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i:i + 1000])
 
 
 def find_run(experiment: str, name: str) -> str | None:

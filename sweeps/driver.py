@@ -1,9 +1,10 @@
 """`asda sweep`: every trial of a grid as pretrain -> probe (or fine-tune) in a Ray Tune function trainable.
 
 Each trial runs ``TorchTrainer(...).fit()`` (Ray Train V2) with ``TuneReportCallback`` and a run name unique to
-the sweep; MLflow gets one parent run per sweep and one child per trial. The sweep's folder is named after the
-grid and its fingerprint, so running the same grid again resumes it (finished trials are not redone) and a changed
-grid starts a new sweep.
+the sweep; MLflow gets one parent run per sweep, one run per cell of the grid under it (the random-init baseline's
+too) and each trial's run under its cell's, so that the UI compares cells with their spread over seeds. The
+sweep's folder is named after the grid and its fingerprint, so running the same grid again resumes it (finished
+trials are not redone) and a changed grid starts a new sweep.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
 
 from .grid import EVAL_FACTORS, Grid, Trial, load_grid
 from .lock import sweep_lock
-from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE
+from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
-STATE_FILE = "sweep.json"
 TRIALS_FILE = "trials.json"
 TRIAL_CPU = 0.25  # the trial's own process mostly waits on its Train run
 ASHA_METRIC = "loss_frame"
+BASELINE_RUN_NAME = "random init"  # the random-init baseline's cell run
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class SweepParams:
     probe: ProbeSettings | None = None  # the evaluation: a probe (but its checkpoint, seed and run) ...
     finetune: FinetuneSettings | None = None  # ... or a fine-tuning (but its checkpoint, seed and name)
     tasks: tuple[tuple[str, str, ProbeSettings], ...] = ()  # (name, metric, probe) of each task of the grid
+    # cell -> its MLflow run (the baseline's under BASELINE), made by the driver before any trial starts: a trial,
+    # in another process, nests its runs under its cell's run
+    cell_runs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert (self.probe is None) != (self.finetune is None), "a sweep evaluates with a probe or a fine-tuning"
@@ -64,6 +68,7 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
 
     started = time.perf_counter()
     os.environ["MLFLOW_TRACKING_URI"] = sweep.tracking_uri
+    sweep = _under_cell(sweep, trial.cell)
     config = sweep.base.with_overrides(trial.overrides)
     settings = dataclasses.replace(sweep.pretrain, name=f"{sweep.sweep_id}-{trial.slug()}", seed=trial.seed)
     tags = {tracking.TAG_SWEEP: sweep.sweep_id, tracking.TAG_CELL: trial.cell, tracking.TAG_FACTOR: trial.factor,
@@ -98,6 +103,17 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     tracking.end_run(result["run_id"], "FINISHED")
     tune.report(metrics)
     return metrics
+
+
+def _under_cell(sweep: SweepParams, cell: str) -> SweepParams:
+    """``sweep`` with the runs its trials of ``cell`` create (the pretraining, a fine-tuning) nested under the cell's
+    run; unchanged for a sweep without cell runs, whose runs nest under the parent."""
+    run_id = sweep.cell_runs.get(cell)
+    if not run_id:
+        return sweep
+    finetune = sweep.finetune and dataclasses.replace(sweep.finetune, parent_run_id=run_id)
+    return dataclasses.replace(sweep, pretrain=dataclasses.replace(sweep.pretrain, parent_run_id=run_id),
+                               finetune=finetune)
 
 
 def _cost(config: ASDAConfig, settings: PretrainSettings, pretrained: dict[str, Any]) -> dict[str, Any]:
@@ -176,8 +192,9 @@ def _scores(out: dict[str, Any]) -> dict[str, float]:
 
 def run_baseline(grid: Grid, sweep: SweepParams, folder: Path) -> list[dict[str, Any]]:
     """The random-init baseline: the centre's model initialised at random with each of the grid's seeds and
-    evaluated as the trials are (the probe, or fine-tuning from scratch), nested under the sweep's parent run.
-    Cached in the sweep's folder (baseline.json), so a resumed sweep does not redo it; a failed seed is run again."""
+    evaluated as the trials are (the probe, or fine-tuning from scratch), its runs nested under the baseline's cell
+    run. Cached in the sweep's folder (baseline.json), so a resumed sweep does not redo it; a failed seed is run
+    again."""
     from .console import baseline_line
 
     path = folder / BASELINE_FILE
@@ -215,6 +232,7 @@ def _baseline_seed(sweep: SweepParams, config: ASDAConfig, seed: int) -> dict[st
     """One random-init encoder, scored like a trial; a failure is kept in the row (with its reason), not raised."""
     from mlflow import MlflowClient
 
+    sweep = _under_cell(sweep, BASELINE)
     started = time.perf_counter()
     name = f"{sweep.sweep_id}-{BASELINE}-s{seed}"
     row = {"cell": BASELINE, "factor": BASELINE, "value": BASELINE_VALUE, "seed": seed, "metric": sweep.metric,
@@ -273,7 +291,7 @@ def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment:
                                                          task=t["name"], **t["settings"])) for t in grid.tasks)
     return SweepParams(sweep_id=state["sweep_id"], tracking_uri=tracking.tracking_uri(), base=grid.base_config(),
                        factor_names=tuple(grid.factors), pretrain=pretrain, metric=grid.metric, asha=asha,
-                       probe=probe, finetune=finetune, tasks=tasks)
+                       probe=probe, finetune=finetune, tasks=tasks, cell_runs=dict(state.get("cell_runs") or {}))
 
 
 def sweep_dir(grid: Grid, storage: Path = SWEEPS_ROOT) -> Path:
@@ -345,6 +363,7 @@ def _concurrency(grid: Grid, n_trials: int, requested: int | None) -> tuple[int,
 
 
 def _parent_run(grid: Grid, state: dict, experiment: str) -> str:
+    """The sweep's parent run: the one in ``state``, set RUNNING again, while the tracking store has it; else new."""
     from mlflow import MlflowClient
 
     experiment_id = tracking.setup(experiment)  # before the client: it reads the tracking URI when created
@@ -368,6 +387,70 @@ def _parent_run(grid: Grid, state: dict, experiment: str) -> str:
     return run_id
 
 
+def grid_cells(grid: Grid) -> list[dict[str, Any]]:
+    """Every cell of the grid once: each trial's own cell, the read-out cells it also scores, and last the random-init
+    baseline (the centre's model and evaluation); each {"cell", "factor", "value", "values": factor -> its value}."""
+    found: dict[str, dict[str, Any]] = {}
+    for trial in grid.trials():
+        config = grid.config_for(trial)
+        own = {"cell": trial.cell, "factor": trial.factor, "value": trial.value, "evaluation": trial.evaluation}
+        for cell in (own, *trial.also):
+            values = {n: cell["evaluation"][n] if n in EVAL_FACTORS else getattr(config, n) for n in grid.factors}
+            found.setdefault(cell["cell"], {k: cell[k] for k in ("cell", "factor", "value")} | {"values": values})
+    centre = grid.base_config().with_overrides(grid.model_centre)
+    values = {n: grid.centre_evaluation[n] if n in EVAL_FACTORS else getattr(centre, n) for n in grid.factors}
+    return [*found.values(), {"cell": BASELINE, "factor": BASELINE, "value": BASELINE_VALUE, "values": values}]
+
+
+def _cell_runs(grid: Grid, state: dict) -> dict[str, str]:
+    """cell -> its run under the sweep's parent run (``grid_cells``), made before any trial starts so that the
+    trials' runs nest under them as they are created. A resumed sweep keeps the runs ``state`` names (set RUNNING
+    again) and makes only those the tracking store no longer has."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(state["parent_run_id"])
+    known = state.get("cell_runs") or {}
+    runs = {}
+    for cell in grid_cells(grid):
+        run_id = known.get(cell["cell"])
+        if not (run_id and _reopened(client, run_id, parent.info.run_id)):
+            run_id = _new_cell_run(client, parent, grid, cell)
+        runs[cell["cell"]] = run_id
+    return runs
+
+
+def _reopened(client, run_id: str, parent_run_id: str) -> bool:
+    """Whether the cell run ``run_id`` is still in the store under ``parent_run_id``; if so it is set RUNNING."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # the tracking store was reset
+        return False
+    if run.info.lifecycle_stage != "active" or run.data.tags.get(tracking.TAG_PARENT) != parent_run_id:
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
+
+
+def _new_cell_run(client, parent, grid: Grid, cell: dict[str, Any]) -> str:
+    """A cell's run under the sweep's ``parent`` run: named by the cell, tagged as the cell's trials are (sweep,
+    cell, factor, factor.<name>) with the kind ``cell``, its factors' values as params."""
+    tags = {tracking.TAG_PARENT: parent.info.run_id, tracking.TAG_KIND: tracking.KIND_CELL,
+            tracking.TAG_SWEEP: parent.data.tags.get(tracking.TAG_SWEEP, ""), tracking.TAG_GRID: grid.name,
+            tracking.TAG_CELL: cell["cell"], tracking.TAG_FACTOR: cell["factor"], tracking.TAG_CODE_VERSION:
+            code_version(), **{tracking.TAG_FACTOR_PREFIX + n: str(v) for n, v in cell["values"].items()}}
+    if cell["factor"] not in ("centre", "factorial", BASELINE):
+        tags[tracking.TAG_FACTOR_VALUE] = str(cell["value"])
+    if cell["cell"] == BASELINE:
+        tags[tracking.TAG_CHECKPOINT] = BASELINE_VALUE
+    name = BASELINE_RUN_NAME if cell["cell"] == BASELINE else cell["cell"]
+    run_id = client.create_run(parent.info.experiment_id, run_name=name, tags=tags).info.run_id
+    tracking.log_params(client, run_id, {tracking.PARAM_FACTOR + n: str(v) for n, v in cell["values"].items()})
+    return run_id
+
+
 def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROOT, fresh: bool = False,
               max_concurrent: int | None = None, asha: bool = False,
               experiment: str = tracking.DEFAULT_EXPERIMENT, sweep_id: str | None = None) -> dict[str, Any]:
@@ -388,6 +471,7 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
         folder.mkdir(parents=True, exist_ok=True)
         ensure_ray()
         state["parent_run_id"] = _parent_run(grid, state, experiment)
+        state["cell_runs"] = _cell_runs(grid, state)
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
         concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
         sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
@@ -404,8 +488,8 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
             _interrupted(received.get("signum", signal.SIGINT), state, folder, rows, unfinished, grid.metric)
         (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
         baseline = run_baseline(grid, sweep, folder)
-        report = build_report(rows, grid, folder / "report", baseline=baseline,
-                              parent_run_id=state["parent_run_id"], data=str(data))
+        report = build_report(rows, grid, folder / "report", baseline=baseline, parent_run_id=state["parent_run_id"],
+                              cell_runs=state["cell_runs"], data=str(data))
         failed = [r for r in rows + baseline if r.get("error")]
         tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
         (folder / STATE_FILE).write_text(json.dumps({**state, "finished": True}, indent=2))
@@ -425,20 +509,29 @@ class SweepInterrupted(Exception):
         self.signum, self.resume = signum, resume
 
 
-def _close_orphans(parent_run_id: str, metric: str | None = None) -> list[str]:
-    """Mark KILLED the runs under the sweep that are still RUNNING: nothing of this sweep runs yet, so they were
-    left by an interrupted or killed driver (a trial that resumes sets its run RUNNING again). With ``metric``,
-    also every trial run without it: its pretraining may have finished, the trial did not. Returns the names of
-    the runs it closed."""
+def _close_orphans(parent_run_id: str, metric: str | None = None, cells: bool = False) -> list[str]:
+    """Mark KILLED the runs under the sweep (under its parent run and under its cell runs) that are still RUNNING:
+    nothing of this sweep runs yet, so they were left by an interrupted or killed driver (a trial that resumes
+    sets its run RUNNING again). With ``metric``, also every trial run without it: its pretraining may have
+    finished, the trial did not. The cell runs themselves only with ``cells`` (a resumed sweep has set them RUNNING
+    again). Returns the names of the runs it closed."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    parent = client.get_run(parent_run_id)
+    experiment = [client.get_run(parent_run_id).info.experiment_id]
+
+    def under(run_id: str) -> list:
+        return client.search_runs(experiment, filter_string=f"tags.`{tracking.TAG_PARENT}` = '{run_id}'")
+
+    children = under(parent_run_id)
+    runs = children + [r for c in children if c.data.tags.get(tracking.TAG_KIND) == tracking.KIND_CELL
+                       for r in under(c.info.run_id)]
     closed = []
-    for run in client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}'"):
-        unevaluated = (metric is not None and run.data.tags.get(tracking.TAG_KIND) == tracking.KIND_TRIAL
-                       and metric not in run.data.metrics)
+    for run in runs:
+        kind = run.data.tags.get(tracking.TAG_KIND)
+        if kind == tracking.KIND_CELL and not cells:
+            continue
+        unevaluated = metric is not None and kind == tracking.KIND_TRIAL and metric not in run.data.metrics
         if run.info.status == "RUNNING" or (unevaluated and run.info.status != "KILLED"):
             client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_name or run.info.run_id)
@@ -448,10 +541,11 @@ def _close_orphans(parent_run_id: str, metric: str | None = None) -> list[str]:
 def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfinished: list[dict],
                  metric: str) -> None:
     """Record an interrupted sweep as such: finished trials only in trials.json, every run still RUNNING under
-    the parent and the parent itself KILLED, and the command that resumes it."""
+    the parent (the cell runs and their seeds' runs) and the parent itself KILLED, and the command that resumes
+    it."""
     done = [r for r in rows if r not in unfinished]
     (folder / TRIALS_FILE).write_text(json.dumps(done, indent=2, default=str))
-    _close_orphans(state["parent_run_id"], metric)
+    _close_orphans(state["parent_run_id"], metric, cells=True)
     tracking.end_run(state["parent_run_id"], "KILLED")
     resume = f"asda sweep --grid {state['grid']} --storage {folder.parent} --sweep-id {state['sweep_id']}"
     raise SweepInterrupted(signum, f"sweep {state['sweep_id']} stopped by {signal.Signals(signum).name}: "

@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pipelines import tracking
+
 from .grid import Grid
 from .robustness import robustness_figure, robustness_markdown, robustness_table
 from .significance import LEVEL, holm, paired_delta, seeds_for, sign_flip_floor, sign_flip_p, t_p_value
@@ -24,6 +26,7 @@ BASELINE = "baseline"  # cell and factor of the random-init rows
 BASELINE_VALUE = "random-init"
 BASELINE_FILE = "baseline.json"  # in the sweep's folder: the random-init rows, one per seed
 SUMMARY_FILE = "summary.json"
+STATE_FILE = "sweep.json"  # in the sweep's folder: its id, grid, MLflow parent and cell runs, whether it finished
 
 
 def _finite(x: Any) -> float:
@@ -407,7 +410,6 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
                 f"per seed, evaluated each way): their Δ pairs two evaluations of one encoder, is judged against "
                 f"its own paired spread and is left out of σ_seed and σ_diff")
     chance = f" (a uniform map gives {_fmt(uniform_share, 2)})" if math.isfinite(_finite(uniform_share)) else ""
-    alpha_column = alpha_moves(table)
     lines = [f"# Ablation report: {grid.name}", "",
              f"Metric: `{grid.metric}` ({grid.evaluation['kind']}); mean ± standard deviation over seeds (n; no ± "
              f"for one seed). Δ vs centre: the mean over seeds of (cell − centre) at the same seed, ± its standard "
@@ -415,16 +417,22 @@ def markdown(table: list[dict[str, Any]], grid: Grid, noise: Noise, baseline: di
              f"where no cell has two seeds, √2·σ_seed). {how}.", "", significance_text(table), "",
              attention_text(table, chance), "", COST_TEXT, "",
              f"**Baseline (random-init encoder): {_summary_value(baseline)}; σ_seed = {_fmt(sigma)}.**", "",
-             f"| factor | value | {grid.metric} | n | Δ vs centre | p (Holm) | clear | sign-flip p | attention on "
-             f"event | negative off event | clips/s | peak MB | GFLOPs/update |" + (" α effective |" if alpha_column
-                                                                                  else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if alpha_column else "")]
-    if alpha_column:
+             *table_lines(table, grid.metric, baseline)]
+    if alpha_moves(table):
         lines[2:2] = ["α effective: the utterance term's weight per element relative to the frame term (under the "
                       "release's sums α × clips × clones per device); it differs between cells here, so a cell "
                       "that changes the student count or the batch also changes it.", ""]
-    lines += [_line(row, alpha_column) for row in ([baseline] if baseline else []) + table]
     return "\n".join(lines) + "\n"
+
+
+def table_lines(table: list[dict[str, Any]], metric: str, baseline: dict[str, Any] | None = None) -> list[str]:
+    """The main table in markdown: its header, then the random-init baseline's line and one line per row."""
+    alpha_column = alpha_moves(table)
+    return [f"| factor | value | {metric} | n | Δ vs centre | p (Holm) | clear | sign-flip p | attention on "
+            f"event | negative off event | clips/s | peak MB | GFLOPs/update |" + (" α effective |" if alpha_column
+                                                                                 else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if alpha_column else ""),
+            *(_line(row, alpha_column) for row in ([baseline] if baseline else []) + table)]
 
 
 def evaluation_pairs(rows: list[dict[str, Any]], grid: Grid) -> list[dict[str, Any]]:
@@ -503,7 +511,7 @@ def tasks_markdown(reports: dict[str, Any], best: list[dict[str, Any]], grid: Gr
                   f"**Baseline (random-init encoder): {_summary_value(report['baseline'])}; σ_seed = "
                   f"{_fmt(sigma)}.**", "", f"| factor | value | {metric} | n | Δ vs centre | p (Holm) | clear |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [" | ".join(_line(r).split(" | ")[:7]) + " |"  # the main table's first seven columns
+        lines += [_seven(_line(r))  # the main table's first seven columns
                   for r in ([report["baseline"]] if report["baseline"] else []) + report["table"]]
     lines += ["", "## Best value of each factor on each task", "", "Δ vs the centre on that task, paired by seed, ± "
               "its standard error, and its Holm-corrected p (the centre itself when no other value beats it).", "",
@@ -691,9 +699,12 @@ def _baseline_rows(folder: Path, baseline: list[dict[str, Any]] | None) -> list[
 
 
 def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseline: list[dict[str, Any]] | None = None,
-                 parent_run_id: str | None = None, data: str | None = None) -> dict[str, Any]:
+                 parent_run_id: str | None = None, cell_runs: dict[str, str] | None = None,
+                 data: str | None = None) -> dict[str, Any]:
     """Write report.csv, report.md, summary.json, one PNG per factor and the λ attention figure; log them to the
-    parent run. ``baseline``: the random-init rows (default: the sweep folder's baseline.json)."""
+    parent run and each cell's numbers to its cell run (``cell_runs``: cell -> run id). ``baseline``: the
+    random-init rows (default: the sweep folder's baseline.json). Without run ids, those of the finished sweep
+    whose folder holds ``folder`` (its sweep.json), so that rebuilding a report refreshes its runs."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     noise = noises(rows)
@@ -724,18 +735,54 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
     attention = lambda_attention_figure(rows, table, grid, data, folder) if data else None
     if attention:
         figures.append(attention)
-    if parent_run_id:
-        _log_report(parent_run_id, folder, figures, result)
-    return {"table": table, "baseline": base, "markdown": text, "noise": noise.sigma_seed, "summary": result,
-            "folder": str(folder), "figures": [str(p) for p in figures]}
+    report = {"table": table, "baseline": base, "markdown": text, "noise": noise.sigma_seed, "summary": result,
+              "folder": str(folder), "figures": [str(p) for p in figures]}
+    if parent_run_id is None and cell_runs is None:
+        parent_run_id, cell_runs = _sweep_runs(folder)
+    if parent_run_id or cell_runs:
+        _log_runs(report, tasks, rows + _baseline_rows(folder, baseline), grid, parent_run_id, cell_runs or {})
+    return report
 
 
-def _log_report(run_id: str, folder: Path, figures: list[Path], result: dict[str, Any]) -> None:
-    """The report's files into the sweep's parent run, and its headline numbers as metrics (none for an unknown
-    value: a placeholder number would read as a measurement)."""
+def _sweep_runs(folder: Path) -> tuple[str | None, dict[str, str]]:
+    """The parent and cell runs of the finished sweep whose report folder is ``folder``, as its sweep.json names
+    them; none for a folder of no sweep, an unfinished sweep (its runs are KILLED, its report partial) or a local
+    tracking store that has no database (the runs cannot be there)."""
+    path = folder.parent / STATE_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    no_store = tracking.is_local_store(tracking.tracking_uri()) and not (tracking.LOCAL_STORE / "mlflow.db").is_file()
+    if not state.get("finished") or no_store:
+        return None, {}
+    return state.get("parent_run_id"), state.get("cell_runs") or {}
+
+
+def _log_runs(report: dict[str, Any], tasks: dict[str, Any], rows: list[dict[str, Any]], grid: Grid,
+              parent_run_id: str | None, cell_runs: dict[str, str]) -> None:
+    """The report into MLflow: its files, headline numbers and main table (as the run's description) into the
+    parent run; each cell's numbers, line and status into its cell run (``log_cells``). MLflow refusing any of it
+    is a warning, not an error: the report's files and the sweep's results stand, and rebuilding the report
+    (``asda report --sweep``) logs them again."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(tracking.tracking_uri())
+    doing = "the parent run"
+    try:
+        if parent_run_id:
+            _log_report(client, parent_run_id, Path(report["folder"]), report["figures"], report["summary"])
+            client.set_tag(parent_run_id, tracking.TAG_NOTE, parent_note(report, grid))
+        doing = "the cell runs"
+        numbers = cell_metrics(report["table"], report["baseline"], tasks, grid.metric)
+        log_cells(client, cell_runs, numbers, cell_notes(report, grid.metric), rows, grid.metric)
+    except Exception as exc:  # a tracking-server fault: the sweep's results are on disk
+        reason = (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0][:300]
+        print(f"warning: MLflow refused the report for {doing} ({reason}); the report in {report['folder']} and "
+              f"the sweep's results stand: `asda report --sweep {Path(report['folder']).parent}` logs it again",
+              flush=True)
+
+
+def _log_report(client, run_id: str, folder: Path, figures: list[str], result: dict[str, Any]) -> None:
+    """The report's files into the sweep's parent run, and its headline numbers as metrics (none for an unknown
+    value: a placeholder number would read as a measurement)."""
     for path in [folder / "report.csv", folder / "report.md", folder / SUMMARY_FILE, *figures]:
         client.log_artifact(run_id, str(path), "report")
     baseline = result["baseline_random_init"] or {}
@@ -744,6 +791,94 @@ def _log_report(run_id: str, folder: Path, figures: list[Path], result: dict[str
     for key, value in headline.items():
         if value is not None:
             client.log_metric(run_id, key, value)
+
+
+def parent_note(report: dict[str, Any], grid: Grid) -> str:
+    """The parent run's description: what the table measures, then the main table's first seven columns (factor,
+    value, metric, n, Δ vs centre, p, clear), cut to whole lines that fit ``tracking.NOTE_LIMIT``; report.md has
+    the rest."""
+    head = [f"**Ablation {grid.name}**: `{grid.metric}` ({grid.evaluation['kind']}), mean ± std over seeds; Δ vs "
+            f"the centre paired by seed ± its standard error; random-init baseline "
+            f"{_summary_value(report['baseline'])}; σ_seed = {_fmt(report['noise'])}. Each cell's run below carries "
+            f"its numbers; the whole report (report.md), its figures and summary.json are in the artifacts "
+            f"(report/).", ""]
+    lines = _short_table(report["table"], grid.metric, report["baseline"])
+    kept = len(lines)
+    while kept > 2 and len("\n".join(head + lines[:kept])) > tracking.NOTE_LIMIT - 80:
+        kept -= 1
+    rest = ["", f"… {len(lines) - kept} more rows in report/report.md"] if kept < len(lines) else []
+    return "\n".join(head + lines[:kept] + rest)
+
+
+def cell_notes(report: dict[str, Any], metric: str) -> dict[str, str]:
+    """cell -> its cell run's description: its line of the main table (first seven columns) under the header."""
+    rows = {}
+    for row in ([report["baseline"]] if report["baseline"] else []) + report["table"]:
+        rows.setdefault(row["cell"], row)  # the centre's line is the same in every factor's block
+    return {cell: "\n".join(_short_table([row], metric)) for cell, row in rows.items()}
+
+
+def _short_table(table: list[dict[str, Any]], metric: str, baseline: dict[str, Any] | None = None) -> list[str]:
+    """``table_lines`` cut to their first seven columns, short enough for a run's description."""
+    header, _, *rows = table_lines(table, metric, baseline)
+    return [_seven(header), "|---|---|---|---|---|---|---|", *map(_seven, rows)]
+
+
+def _seven(line: str) -> str:
+    return " | ".join(line.split(" | ")[:7]) + " |"
+
+
+def cell_metrics(table: list[dict[str, Any]], baseline: dict[str, Any] | None, tasks: dict[str, Any],
+                 metric: str) -> dict[str, dict[str, float]]:
+    """cell -> the report's numbers of it as cell-run metrics: ``<metric>_mean``, ``_std`` (over seeds), ``_n``,
+    ``_delta_vs_centre`` (0 for the centre), its ``_se`` and ``_p_holm``; the same for each task
+    (``task_<name>/<metric>_mean``...). The random-init baseline's under BASELINE. Unknown values are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for name, rows in [(metric, [baseline] if baseline else []), (metric, table),
+                       *((f"{tracking.METRIC_TASK}{t}/{r['metric']}", ([r["baseline"]] if r["baseline"] else [])
+                          + r["table"]) for t, r in tasks.items())]:
+        for row in rows:
+            values = {tracking.METRIC_MEAN: row["mean"], tracking.METRIC_STD: row["std"], tracking.METRIC_N: row["n"],
+                      tracking.METRIC_DELTA: row["delta"], tracking.METRIC_DELTA_SE: row["se_delta"],
+                      tracking.METRIC_P: row["p_holm"]}
+            out.setdefault(row["cell"], {}).update({name + k: float(v) for k, v in values.items()
+                                                    if math.isfinite(_finite(v))})
+    return out
+
+
+def seed_metrics(client, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean, standard deviation and count over a cell's seeds (``rows``) of every eval_* metric its seeds' runs
+    logged: a trial's own, or for a read-out cell (an evaluation of another cell's pretraining, whose run it
+    shares) that run's readout_<r>/eval_* ones. A failed seed's run is left out, as the report leaves it out."""
+    values: dict[str, list[float]] = {}
+    for row in (r for r in rows if r.get("run_id") and not r.get("error")):
+        readout = (row.get("evaluation") or {}).get("readout")
+        prefix = f"readout_{readout}/" if row.get("shares_pretraining_of") else ""
+        for key, value in client.get_run(row["run_id"]).data.metrics.items():
+            if key.startswith(prefix + "eval_"):
+                values.setdefault(key[len(prefix):], []).append(value)
+    out = {}
+    for key, found in values.items():
+        stats = zip((tracking.METRIC_MEAN, tracking.METRIC_STD, tracking.METRIC_N), _stats(found), strict=True)
+        out |= {key + suffix: float(v) for suffix, v in stats if math.isfinite(_finite(v))}
+    return out
+
+
+def log_cells(client, cell_runs: dict[str, str], numbers: dict[str, dict[str, float]], notes: dict[str, str],
+              rows: list[dict[str, Any]], metric: str) -> None:
+    """Each cell run gets its seeds' eval_* metrics (``seed_metrics``) and the report's numbers (``cell_metrics``,
+    the only ones for the grid's ``metric``), its line of the table as its description (``notes``), and ends FAILED
+    when one of its seeds failed, else FINISHED. A cell without rows (its seeds never ran) keeps its status."""
+    reported = {metric + s for s in (tracking.METRIC_MEAN, tracking.METRIC_STD, tracking.METRIC_N)}
+    for cell, run_id in cell_runs.items():
+        members = [r for r in rows if r["cell"] == cell]
+        scores = {k: v for k, v in seed_metrics(client, members).items() if k not in reported}
+        tracking.log_metrics(client, run_id, {**scores, **numbers.get(cell, {})})
+        if cell in notes:
+            client.set_tag(run_id, tracking.TAG_NOTE, notes[cell])
+        if members:
+            failed = any(r.get("error") for r in members)
+            client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -36,8 +36,8 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     client = MlflowClient()
     parent = client.get_run(result["parent_run_id"])
     assert parent.data.params["grid.name"] == grid_name and parent.data.params["code_version"]
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    cells, children = _tree(client, parent.info.run_id)
+    _check_cells(result, grid, cells, children)
     trial_runs = [c for c in children if c.data.tags.get("asda.kind") == "sweep-trial"]
     baseline_runs = [c for c in children if c.data.tags.get("asda.cell") == "baseline"]
     assert len(trial_runs) == len(trials) and len(baseline_runs) == len(grid.seeds)
@@ -61,6 +61,7 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.csv", "report/report.md", "report/summary.json", "report/factor_diff_lambda.png",
             "report/attention_lambda.png"} <= report
+    assert "| diff_lambda | 0.0 |" in parent.data.tags["mlflow.note.content"]  # the main table on its page
     text = result["report"]["markdown"]
     assert "| diff_lambda | 0.0 |" in text and "| baseline | random-init |" in text and "σ_seed" in text
     summary = json.loads((Path(result["report"]["folder"]) / "summary.json").read_text())
@@ -71,7 +72,45 @@ def _check_sweep(result, grid_name="smoke", in_process=True):
     assert all(c["attn_clips"] == 32 and len(c["attn_layers"]) == 2 for c in summary["cells"])
     assert all(c["cost"]["clips_per_s"] > 0 and c["cost"]["gflops_per_update"] > 0 and c["cost"]["params"] > 0
                and c["cost"]["peak_rss_mb"] > 100 and c["cost"]["loop_rss_mb"] >= 0 for c in summary["cells"])
-    return children
+    return cells + children
+
+
+def _tree(client, parent_run_id: str) -> tuple[list, list]:
+    """A sweep's cell runs (under its parent run) and its seeds' runs (under the cell runs)."""
+    experiment = [client.get_run(parent_run_id).info.experiment_id]
+
+    def under(run_id: str) -> list:
+        return client.search_runs(experiment, filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+
+    cells = under(parent_run_id)
+    return cells, [run for cell in cells for run in under(cell.info.run_id)]
+
+
+def _check_cells(result, grid, cells, seeds) -> None:
+    """One run per cell of the grid and one for the random-init baseline, between the parent and the seeds' runs:
+    a trial's run under its own cell's, the baseline's probes under "random init", none under a read-out cell
+    (its seeds are the centre's runs, whose readout_<r>/eval_* it aggregates); each FINISHED with the report's
+    mean and count of the grid's metric."""
+    by_cell = {c.data.tags["asda.cell"]: c for c in cells}
+    names = {t.cell for t in grid.trials()} | {a["cell"] for t in grid.trials() for a in t.also}
+    assert set(by_cell) == names | {"baseline"} and len(cells) == len(names) + 1
+    assert by_cell["baseline"].info.run_name == "random init" and by_cell["centre"].info.run_name == "centre"
+    table = {r["cell"]: r for r in result["report"]["table"]} | {"baseline": result["report"]["baseline"]}
+    for cell, run in by_cell.items():
+        assert run.info.status == "FINISHED" and run.data.tags["asda.kind"] == "cell", cell
+        assert run.data.metrics[f"{grid.metric}_mean"] == pytest.approx(table[cell]["mean"])
+        assert run.data.metrics[f"{grid.metric}_n"] == table[cell]["n"] == len(grid.seeds)
+        under = [s for s in seeds if s.data.tags["mlflow.parentRunId"] == run.info.run_id]
+        shared = any(r.get("shares_pretraining_of") for r in result["trials"] if r["cell"] == cell)
+        expected = 0 if shared else len(grid.seeds) * (1 + len(grid.tasks)) if cell == "baseline" else len(grid.seeds)
+        assert len(under) == expected and all(s.data.tags.get("asda.cell", cell) == cell for s in under), cell
+        assert shared or run.data.metrics["eval_map_mean"] == pytest.approx(
+            sum(s.data.metrics["eval_map"] for s in under if "eval_map" in s.data.metrics) / len(grid.seeds))
+    for value in grid.factors.get("readout", []):
+        if value != grid.centre_evaluation["readout"]:  # the read-out's own eval_map, from the centre's runs
+            centre = [s for s in seeds if s.data.tags.get("asda.cell") == "centre"]
+            assert by_cell[f"readout={value}"].data.metrics["eval_map_mean"] == pytest.approx(
+                sum(s.data.metrics[f"readout_{value}/eval_map"] for s in centre) / len(centre))
 
 
 def _check_tasks(result, grid, trial_runs) -> None:
@@ -172,7 +211,8 @@ def test_a_killed_in_process_trial_is_retried_by_tune_and_resumes_from_its_check
 
 def _stopped_by(signum: int, proc: subprocess.Popen, out: str, storage: Path) -> tuple[Path, dict]:
     """What a one-trial sweep stopped mid-trial by ``signum`` must leave: exit 128 + signum, the printed resume
-    command, no result for the trial, the trial's run and the parent KILLED. Returns its folder and state."""
+    command, no result for the trial, the trial's run, the cell runs and the parent KILLED. Returns its folder and
+    state."""
     assert proc.returncode == 128 + signum, out[-3000:]
     name = signal.Signals(signum).name
     assert f"stopped by {name}: 0 of 1 trials finished" in out and "resume it with: asda sweep --grid" in out
@@ -181,9 +221,11 @@ def _stopped_by(signum: int, proc: subprocess.Popen, out: str, storage: Path) ->
     state = json.loads((folder / "sweep.json").read_text())
     client = MlflowClient()
     assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
-    children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
-    assert children and {c.info.status for c in children} == {"KILLED"}
+    cells, seeds = _tree(client, state["parent_run_id"])
+    assert {c.info.run_id for c in cells} == set(state["cell_runs"].values()) == {
+        state["cell_runs"]["centre"], state["cell_runs"]["baseline"]}  # the one cell, and the baseline's
+    assert {c.info.status for c in cells + seeds} == {"KILLED"}
+    assert [s.data.tags["asda.cell"] for s in seeds] == ["centre"]  # the trial's run, under its cell's
     return folder, state
 
 
@@ -206,6 +248,12 @@ def test_a_stopped_sweep_is_marked_killed_and_the_plain_command_resumes_it(ray_l
     assert again["dir"] == str(folder) and again["parent_run_id"] == state["parent_run_id"]
     assert again["trials"][0]["metric_value"] is not None
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+    # the same cell runs, FINISHED with the resumed trial's numbers; the trial's run still under its cell's
+    assert json.loads((folder / "sweep.json").read_text())["cell_runs"] == state["cell_runs"]
+    cells, seeds = _tree(client, state["parent_run_id"])
+    assert {c.info.status for c in cells} == {"FINISHED"} and len(cells) == 2
+    centre = client.get_run(state["cell_runs"]["centre"]).data.metrics
+    assert centre["eval_accuracy_mean"] == again["trials"][0]["metric_value"] and centre["eval_accuracy_n"] == 1
 
 
 def test_a_sweep_whose_driver_was_killed_outright_closes_its_orphaned_runs_and_resumes(
@@ -226,19 +274,22 @@ def test_a_sweep_whose_driver_was_killed_outright_closes_its_orphaned_runs_and_r
     state = json.loads((folder / "sweep.json").read_text())
     client = MlflowClient()
     experiment = [client.get_run(state["parent_run_id"]).info.experiment_id]
-    under = f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
-    orphans = client.search_runs(experiment, filter_string=under)
+    trials = f"tags.`asda.sweep` = '{state['sweep_id']}' and tags.`asda.kind` = 'sweep-trial'"
+    orphans = client.search_runs(experiment, filter_string=trials)
     assert [r.info.status for r in orphans] == ["RUNNING"] and not state.get("finished")
+    cells, _ = _tree(client, state["parent_run_id"])
+    assert {c.info.status for c in cells} == {"RUNNING"} and len(cells) == 2  # the centre's and the baseline's
     again = run_sweep(grid, storage=storage)
     out = capsys.readouterr().out
     assert f"closed     1 run(s) an earlier driver left RUNNING (marked KILLED; the trials start again): " \
            f"{orphans[0].info.run_name}" in out, out[-3000:]
     assert again["dir"] == str(folder) and again["parent_run_id"] == state["parent_run_id"]
     assert again["trials"][0]["metric_value"] is not None
-    runs = client.search_runs(experiment, filter_string=under)
+    cells, runs = _tree(client, state["parent_run_id"])
     trial_runs = [r for r in runs if r.data.tags.get("asda.kind") == "sweep-trial"]
     assert [r.info.run_id for r in trial_runs] == [orphans[0].info.run_id]  # the trial resumed its own run
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {c.info.run_id for c in cells} == set(state["cell_runs"].values())  # and the cells theirs
+    assert {r.info.status for r in cells + runs} == {"FINISHED"}
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
 
 
@@ -275,10 +326,8 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     again = run_sweep("smoke", storage=tmp_path)
     assert again["parent_run_id"] == result["parent_run_id"]
     assert [r["run_id"] for r in again["baseline"]] == [r["run_id"] for r in result["baseline"]]  # cached
-    client = MlflowClient()
-    after = client.search_runs([children[0].info.experiment_id],
-                               filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
-    assert len(after) == len(children)
+    cells, seeds = _tree(MlflowClient(), result["parent_run_id"])
+    assert {r.info.run_id for r in cells + seeds} == {r.info.run_id for r in children}
     # The same grid from scratch, one trial at a time instead of two: the same numbers to the bit (each trial's
     # torch thread count is the grid's, not a share of the cores).
     alone = run_sweep("smoke", storage=tmp_path / "alone", max_concurrent=1)
@@ -362,14 +411,15 @@ def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_res
         printed = capsys.readouterr()
         assert secret not in printed.out + printed.err and printed.out.strip()
         _check_sweep(result)
-        # Read the nested runs back through the REST API itself, not the client library.
+        # Read the nested runs back through the REST API itself, not the client library: parent -> cell -> seed.
         parent = result["parent_run_id"]
-        body = json.dumps({"experiment_ids": [_get(url, f"runs/get?run_id={parent}")["run"]["info"]["experiment_id"]],
-                           "filter": f"tags.mlflow.parentRunId = '{parent}'"}).encode()
-        request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body,
-                                         headers={"Content-Type": "application/json"})
-        runs = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
+        experiment = _get(url, f"runs/get?run_id={parent}")["run"]["info"]["experiment_id"]
+        cells = _search(url, experiment, f"tags.mlflow.parentRunId = '{parent}'")
+        runs = [r for c in cells for r in _search(url, experiment, f"tags.mlflow.parentRunId = '{c['info']['run_id']}'")]
         grid = load_grid("smoke")  # the trials, and the baseline's probe with each seed, on the grid and each task
+        assert len(cells) == 4  # centre, diff_lambda=0.0, readout=mean and the random-init baseline
+        means = [{m["key"]: m["value"] for m in c["data"]["metrics"]}["eval_accuracy_mean"] for c in cells]
+        assert all(0.0 <= v <= 1.0 for v in means) and secret not in json.dumps([c["data"] for c in cells])
         assert len(runs) == len(grid.trials()) + len(grid.seeds) * (1 + len(grid.tasks))
         for run in runs:
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -387,13 +437,20 @@ def test_smoke_grid_logs_to_a_postgresql_backed_mlflow_server_read_back_over_res
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM runs")
-            assert cur.fetchone()[0] == len(runs) + 1  # the trials and their parent
+            assert cur.fetchone()[0] == len(runs) + len(cells) + 1  # the trials, their cells and the parent
     finally:
         conn.close()
 
 
 def _get(url: str, path: str) -> dict:
     return json.load(urllib.request.urlopen(f"{url}/api/2.0/mlflow/{path}", timeout=30))
+
+
+def _search(url: str, experiment_id: str, filter_string: str) -> list[dict]:
+    body = json.dumps({"experiment_ids": [experiment_id], "filter": filter_string}).encode()
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(request, timeout=30)).get("runs", [])  # none: the key is left out
 
 
 def test_a_collapsing_cell_is_warned_of_before_it_starts_and_marked_in_the_console_the_runs_and_the_report(

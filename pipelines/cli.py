@@ -224,6 +224,33 @@ def _bench_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_embed(which: argparse._SubParsersAction) -> None:
+    emb = which.add_parser("embed", help="asda embed's real-time factor per preset and clip length, and its "
+                           "peak memory on one long clip")
+    emb.add_argument("--presets", nargs="+", choices=PRESETS, default=["tiny", "base"])
+    emb.add_argument("--clip-seconds", type=float, nargs="+", default=[1.0, 10.0, 60.0])
+    emb.add_argument("--total-seconds", type=float, default=120.0, help="audio per clip length (default: 120)")
+    emb.add_argument("--batch", type=int, default=8, help="chunks per forward pass (default: 8)")
+    emb.add_argument("--long-minutes", type=float, default=20.0, help="the long clip's length (default: 20)")
+    emb.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    emb.add_argument("--json", help="also write the results to this JSON file")
+    emb.set_defaults(func=_bench_embed)
+
+
+def _add_bench_curve(which: argparse._SubParsersAction) -> None:
+    learn = which.add_parser("curve", help="probe accuracy vs pretraining updates: the tiny preset old and new")
+    learn.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set)")
+    learn.add_argument("--layout", choices=("synthetic", "speechcommands"), default="synthetic",
+                       help="speechcommands: the synthetic classes as 1 s clips in Speech Commands' layout")
+    learn.add_argument("--steps", type=int, default=200, help="pretraining updates (default: 200)")
+    learn.add_argument("--every", type=int, default=50, help="updates between probes (default: 50)")
+    learn.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    learn.add_argument("--presets", nargs="+", choices=("old", "new", "width-aware", "preset"), default=["old", "new"],
+                       help="tiny preset before/after sizing (alpha 0.5), width-aware init, the preset as it is now")
+    learn.add_argument("--json", help="also write the results to this JSON file")
+    learn.set_defaults(func=_bench_curve)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     which = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -265,16 +292,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                       help="also time each stage in one process and list cProfile's busiest functions")
     data.add_argument("--json", help="also write the results to this JSON file")
     data.set_defaults(func=_bench_data)
-    emb = which.add_parser("embed", help="asda embed's real-time factor per preset and clip length, and its "
-                           "peak memory on one long clip")
-    emb.add_argument("--presets", nargs="+", choices=PRESETS, default=["tiny", "base"])
-    emb.add_argument("--clip-seconds", type=float, nargs="+", default=[1.0, 10.0, 60.0])
-    emb.add_argument("--total-seconds", type=float, default=120.0, help="audio per clip length (default: 120)")
-    emb.add_argument("--batch", type=int, default=8, help="chunks per forward pass (default: 8)")
-    emb.add_argument("--long-minutes", type=float, default=20.0, help="the long clip's length (default: 20)")
-    emb.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    emb.add_argument("--json", help="also write the results to this JSON file")
-    emb.set_defaults(func=_bench_embed)
+    _add_bench_embed(which)
     sweep = which.add_parser("sweep", help="a grid from scratch: per trial wall, training-loop and overhead time")
     sweep.add_argument("--grid", default="smoke", help="grid name or YAML file (default: smoke)")
     sweep.add_argument("--path", choices=("auto", "in_process", "distributed"), default="auto",
@@ -283,17 +301,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--max-concurrent", type=int, help="trials at a time (default: the sweep's)")
     sweep.add_argument("--json", help="also write the results to this JSON file")
     sweep.set_defaults(func=_bench_sweep)
-    learn = which.add_parser("curve", help="probe accuracy vs pretraining updates: the tiny preset old and new")
-    learn.add_argument("--data", type=Path, help="prepared folder (default: the synthetic set)")
-    learn.add_argument("--layout", choices=("synthetic", "speechcommands"), default="synthetic",
-                       help="speechcommands: the synthetic classes as 1 s clips in Speech Commands' layout")
-    learn.add_argument("--steps", type=int, default=200, help="pretraining updates (default: 200)")
-    learn.add_argument("--every", type=int, default=50, help="updates between probes (default: 50)")
-    learn.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
-    learn.add_argument("--presets", nargs="+", choices=("old", "new", "width-aware", "preset"), default=["old", "new"],
-                       help="tiny preset before/after sizing (alpha 0.5), width-aware init, the preset as it is now")
-    learn.add_argument("--json", help="also write the results to this JSON file")
-    learn.set_defaults(func=_bench_curve)
+    _add_bench_curve(which)
 
 
 def _location(value: str | Path) -> Path | str:
@@ -708,6 +716,24 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_report)
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from sweeps.reproduce import format_result, parse_trial, reproduce
+
+    cell, seed = parse_trial(args.trial)
+    result = reproduce(args.sweep, cell, seed, experiment=args.experiment)
+    print(format_result(result))
+    return 0 if result["matched"] else 1
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="rerun one trial of a finished sweep standalone and compare it to the bit "
+                                         "(exit 1 where it differs)")
+    p.add_argument("--sweep", type=Path, required=True, help="the sweep's folder (results/sweeps/<grid>-<id>)")
+    p.add_argument("--trial", required=True, metavar="CELL/SEED", help="e.g. centre/0 or diff_lambda=0.5/1")
+    p.add_argument("--experiment", default="asda", help="MLflow experiment of the rerun's runs (default: asda)")
+    p.set_defaults(func=_reproduce)
+
+
 def _import_weights(args: argparse.Namespace) -> int:
     from model.fairseq import format_report, import_fairseq
 
@@ -796,7 +822,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 # The functions above that add each command's subparser, in the order `asda --help` lists them.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_model, _add_prepare, _add_verify, _add_pretrain, _add_probe, _add_finetune, _add_sweep, _add_report,
-    _add_import, _add_export, _add_embed, _add_bench]
+    _add_reproduce, _add_import, _add_export, _add_embed, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

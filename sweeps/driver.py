@@ -61,8 +61,17 @@ class SweepParams:
 
 def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
     """Tune function trainable: pretrain one cell with one seed, then evaluate it; reports the grid's metric."""
-    from mlflow import MlflowClient
     from ray import tune
+
+    metrics = trial_metrics(trial, sweep)
+    tune.report(metrics)
+    return metrics
+
+
+def trial_metrics(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
+    """One trial's pretraining and evaluation, and everything the sweep records of it: what a Tune trial reports
+    (``run_trial``) and what ``asda reproduce`` compares."""
+    from mlflow import MlflowClient
 
     from pipelines.pretrain import pretrain
 
@@ -101,7 +110,6 @@ def run_trial(trial: Trial, sweep: SweepParams) -> dict[str, Any]:
                           "train_loop_s": pretrained.get("train_loop_s"),
                           "train_loop_cpu_s": pretrained.get("train_loop_cpu_s")}}
     tracking.end_run(result["run_id"], "FINISHED")
-    tune.report(metrics)
     return metrics
 
 

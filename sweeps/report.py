@@ -653,6 +653,18 @@ def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, An
     return path
 
 
+def reproduce_markdown(rows: list[dict[str, Any]], sweep: Path) -> list[str]:
+    """The command that reruns each trial standalone and compares it with this sweep to the bit."""
+    from .reproduce import command
+
+    trials = sorted({(r["cell"], r["seed"]) for r in rows if not r.get("shares_pretraining_of")},
+                    key=lambda t: (t[0] != "centre", t))
+    return ["", "## Reproducing a trial", "",
+            "Each trial's pretraining and evaluation again, as a standalone run, compared with this sweep's numbers "
+            "to the bit (a read-out cell is its centre trial's):", "", "```bash",
+            *(command(sweep, cell, seed) for cell, seed in trials), "```"]
+
+
 def _json_safe(value: Any) -> Any:
     """NaN and infinities as null, so the file is valid JSON."""
     if isinstance(value, float):
@@ -721,7 +733,7 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
     best = best_by_task(tasks, table, grid) if tasks else []
     text = markdown(table, grid, noise, base, uniform) + "\n".join(
         pairs_markdown(pairs, grid.metric) + robustness_markdown(noisy, grid.metric)
-        + tasks_markdown(tasks, best, grid) + [""])
+        + tasks_markdown(tasks, best, grid) + reproduce_markdown(rows, folder.parent) + [""])
     (folder / "report.md").write_text(text)
     result = {**summary(table, grid, noise, base), "evaluation_pairs": _json_safe(pairs),
               "robustness": _json_safe(noisy), "best_by_task": _json_safe(best),

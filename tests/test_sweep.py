@@ -19,6 +19,8 @@ from mlflow import MlflowClient
 
 from sweeps.driver import run_sweep
 from sweeps.grid import load_grid
+from sweeps.reproduce import command as reproduce_command
+from sweeps.reproduce import reproduce
 
 pytestmark = pytest.mark.ray
 
@@ -322,6 +324,13 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     result = run_sweep("smoke", storage=tmp_path)
     children = _check_sweep(result)
     assert auth_token_path().stat().st_mode & 0o777 == 0o600  # the dashboard's token is its owner's alone
+    # One trial again, as the report's command says, standalone: the same weights and numbers to the bit (its
+    # read-out cells included), its runs outside the sweep's tree.
+    assert reproduce_command(result["dir"], "centre", 0) in (Path(result["dir"]) / "report" / "report.md").read_text()
+    rerun = reproduce(result["dir"], "centre", 0)
+    assert rerun["matched"], rerun["compared"]
+    assert {c["what"] for c in rerun["compared"]} >= {"encoder weights", "pretrain_loss", "readout=mean: eval_accuracy"}
+    assert MlflowClient().get_run(rerun["run_id"]).data.tags.get("mlflow.parentRunId") is None
     # Running the same grid again resumes it: nothing is redone.
     again = run_sweep("smoke", storage=tmp_path)
     assert again["parent_run_id"] == result["parent_run_id"]

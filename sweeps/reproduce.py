@@ -101,8 +101,8 @@ def reproduce(folder: str | Path, cell: str, seed: int, experiment: str = "asda"
 def compare(row: dict, shared: list[dict], metrics: dict[str, Any], grid: Grid) -> list[dict[str, Any]]:
     """Each number of the sweep's row (and of the rows scored from the same pretraining) beside the rerun's."""
     metric, task_metric = grid.metric, {t["name"]: t["metric"] for t in grid.tasks}
-    pairs = [("encoder weights", "identical", _same_weights(row["checkpoint"], metrics["checkpoint"])),
-             ("pretrain_loss", row.get("pretrain_loss"), metrics.get("pretrain_loss")),
+    weights = _same_weights(row["checkpoint"], metrics["checkpoint"])
+    pairs = [("pretrain_loss", row.get("pretrain_loss"), metrics.get("pretrain_loss")),
              (metric, row.get("metric_value"), metrics.get(metric))]
     also = metrics.get("also") or {}
     pairs += [(f"{r['cell']}: {metric}", r.get("metric_value"), (also.get(r["cell"]) or {}).get(metric))
@@ -114,7 +114,8 @@ def compare(row: dict, shared: list[dict], metrics: dict[str, Any], grid: Grid) 
     pairs += [(f"{metric} at {snr} dB", value, metrics.get(prefix + snr))
               for snr, value in (row.get("robustness") or {}).items()]
     pairs += [(name, value, metrics.get(name)) for name, value in sorted((row.get("attention") or {}).items())]
-    return [{"what": what, "sweep": a, "rerun": b, "same": _equal(a, b)} for what, a, b in pairs]
+    return [{"what": "encoder weights", "sweep": row["checkpoint"], "rerun": weights, "same": weights == "identical"},
+            *({"what": what, "sweep": a, "rerun": b, "same": _equal(a, b)} for what, a, b in pairs)]
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -660,6 +660,14 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from sweeps.driver import SWEEPS_ROOT, SweepInterrupted, run_sweep
 
+    if args.estimate:  # what the grid costs; nothing runs (no Ray, no MLflow run, no data prepared)
+        from sweeps.estimate import estimate_command
+
+        print(estimate_command(args.grid, storage=args.storage or SWEEPS_ROOT, clips_per_s=args.clips_per_s,
+                               devices=args.devices, concurrent=args.max_concurrent))
+        return 0
+    if args.clips_per_s is not None or args.devices is not None:
+        raise ValueError("--clips-per-s and --devices go with --estimate")
     try:
         result = run_sweep(args.grid, storage=args.storage or SWEEPS_ROOT, fresh=args.fresh,
                            max_concurrent=args.max_concurrent, asha=args.asha, experiment=args.experiment,
@@ -686,6 +694,15 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA on the pretraining loss)")
     p.add_argument("--experiment", default="asda", help="MLflow experiment (default: asda)")
     p.add_argument("--storage", type=Path, help="where sweeps live (default: results/sweeps)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print what the grid costs (trials, evaluations, wall time, device-hours) from a short "
+                        "measured probe of its models on this machine, then exit without running anything")
+    p.add_argument("--clips-per-s", type=float,
+                   help="with --estimate: the centre model's pretraining clips/s per device (e.g. measured on a "
+                        "GPU) instead of measuring here")
+    p.add_argument("--devices", type=int,
+                   help="with --estimate: the GPUs (a GPU grid) or a cluster's CPUs the sweep gets (default: this "
+                        "machine's)")
     _add_verbose(p)
     p.set_defaults(func=_sweep)
 

@@ -25,6 +25,7 @@ from pipelines.pretrain import PretrainSettings
 from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
 
+from .estimate import header_line
 from .grid import EVAL_FACTORS, Grid, Trial, load_grid
 from .lock import sweep_lock
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE
@@ -568,6 +569,7 @@ def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folde
     mode = "in each trial's process" if sweep.pretrain.in_process else f"{sweep.pretrain.workers} Train worker(s)"
     print(f"sweep {state['sweep_id']} (grid {grid.name}): {len(trials)} trials, {concurrent} at a time, "
           f"{sweep.pretrain.steps} updates each, training {mode}")
+    print(f"  estimate   {header_line(grid, concurrent=concurrent, storage=folder.parent)}")
     print(f"  results    {folder}")
     print(f"  MLflow     experiment '{sweep.pretrain.experiment}', parent run {state['parent_run_id']}; "
           f"{tracking.ui_command()}")

@@ -708,19 +708,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import json
+    from sweeps.report import print_report, rebuild_report
 
-    from sweeps.driver import STATE_FILE, TRIALS_FILE
-    from sweeps.grid import load_grid
-    from sweeps.report import build_report, print_report
-
-    folder = args.sweep.resolve()
-    if not (folder / TRIALS_FILE).is_file():
-        raise ValueError(f"{folder} holds no finished sweep ({TRIALS_FILE} missing); run asda sweep first")
-    state = json.loads((folder / STATE_FILE).read_text())
-    grid = load_grid(state["grid"])
-    rows = json.loads((folder / TRIALS_FILE).read_text())
-    report = build_report(rows, grid, folder / "report", data=args.data and str(args.data.resolve()))
+    report = rebuild_report(args.sweep, data=args.data)
     print_report(report)
     print(f"written to {report['folder']}")
     return 0

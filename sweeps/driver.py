@@ -28,11 +28,10 @@ from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
 from .estimate import header_line
 from .grid import EVAL_FACTORS, Grid, Trial, load_grid
 from .lock import sweep_lock
-from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE
+from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE, TRIALS_FILE
+from .resources import LOCAL_MAX_TRIALS, SWEEP_THREADS, TRIAL_CPU
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
-TRIALS_FILE = "trials.json"
-TRIAL_CPU = 0.25  # the trial's own process mostly waits on its Train run
 ASHA_METRIC = "loss_frame"
 BASELINE_RUN_NAME = "random init"  # the random-init baseline's cell run
 
@@ -340,10 +339,8 @@ def _prepared(data: dict[str, Any], where: str) -> Path:
     return path
 
 
-LOCAL_MAX_TRIALS = 4  # concurrent trials on a local instance; each holds ~1-2 GB in a dozen processes
 
 
-SWEEP_THREADS = 1  # torch threads per Train worker of a trial unless the grid says (train.threads_per_worker)
 
 
 def _concurrency(grid: Grid, n_trials: int, requested: int | None) -> tuple[int, float, int]:

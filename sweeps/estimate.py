@@ -244,7 +244,7 @@ def placement(grid: Grid, n_trials: int, concurrent: int | None, devices: int | 
     worth); a CPU grid runs one trial per core on this machine (at most ``LOCAL_MAX_TRIALS``) or, with
     ``devices`` CPUs of a cluster, as many as three quarters of them hold (the rest is Ray Data's).
     ``concurrent`` (``--max-concurrent``) overrides the automatic count, as in the driver."""
-    from .driver import LOCAL_MAX_TRIALS, SWEEP_THREADS, TRIAL_CPU
+    from .resources import LOCAL_MAX_TRIALS, SWEEP_THREADS, TRIAL_CPU
 
     workers = int(grid.train.get("workers", 1))
     if grid.train.get("use_gpu"):

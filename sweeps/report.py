@@ -27,6 +27,7 @@ BASELINE_VALUE = "random-init"
 BASELINE_FILE = "baseline.json"  # in the sweep's folder: the random-init rows, one per seed
 SUMMARY_FILE = "summary.json"
 STATE_FILE = "sweep.json"  # in the sweep's folder: its id, grid, MLflow parent and cell runs, whether it finished
+TRIALS_FILE = "trials.json"  # in the sweep's folder: one row per (cell, seed) once its trials are done
 
 
 def _finite(x: Any) -> float:
@@ -653,16 +654,19 @@ def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, An
     return path
 
 
+def reproduce_command(folder: str | Path, cell: str, seed: int) -> str:
+    """The command that reruns one trial of the sweep in ``folder`` standalone (``sweeps.reproduce``)."""
+    return f"asda reproduce --sweep {folder} --trial '{cell}/{seed}'"
+
+
 def reproduce_markdown(rows: list[dict[str, Any]], sweep: Path) -> list[str]:
     """The command that reruns each trial standalone and compares it with this sweep to the bit."""
-    from .reproduce import command
-
     trials = sorted({(r["cell"], r["seed"]) for r in rows if not r.get("shares_pretraining_of")},
                     key=lambda t: (t[0] != "centre", t))
     return ["", "## Reproducing a trial", "",
             "Each trial's pretraining and evaluation again, as a standalone run, compared with this sweep's numbers "
             "to the bit (a read-out cell is its centre trial's):", "", "```bash",
-            *(command(sweep, cell, seed) for cell, seed in trials), "```"]
+            *(reproduce_command(sweep, cell, seed) for cell, seed in trials), "```"]
 
 
 def _json_safe(value: Any) -> Any:
@@ -754,6 +758,20 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
     if parent_run_id or cell_runs:
         _log_runs(report, tasks, rows + _baseline_rows(folder, baseline), grid, parent_run_id, cell_runs or {})
     return report
+
+
+def rebuild_report(sweep: str | Path, data: str | Path | None = None) -> dict[str, Any]:
+    """``build_report`` again for the finished sweep in the folder ``sweep`` (``asda report``), from its trials and
+    grid, refreshing its MLflow runs; ``data``: a prepared folder for the attention figure."""
+    from .grid import load_grid
+
+    folder = Path(sweep).resolve()
+    if not (folder / TRIALS_FILE).is_file():
+        raise ValueError(f"{folder} holds no finished sweep ({TRIALS_FILE} missing); run asda sweep first")
+    state = json.loads((folder / STATE_FILE).read_text())
+    rows = json.loads((folder / TRIALS_FILE).read_text())
+    return build_report(rows, load_grid(state["grid"]), folder / "report",
+                        data=str(Path(data).resolve()) if data else None)
 
 
 def _sweep_runs(folder: Path) -> tuple[str | None, dict[str, str]]:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .grid import Grid, Trial, load_grid
+from .report import STATE_FILE, TRIALS_FILE
+from .resources import TRIAL_CPU
 
 REPRODUCE_DIR = "reproduce"
 
@@ -33,16 +35,9 @@ def parse_trial(text: str) -> tuple[str, int]:
     return cell, int(seed)
 
 
-def command(folder: str | Path, cell: str, seed: int) -> str:
-    """The command that reproduces one trial of the sweep in ``folder`` (the report prints it per trial)."""
-    return f"asda reproduce --sweep {folder} --trial '{cell}/{seed}'"
-
-
 def find_trial(folder: Path, cell: str, seed: int) -> tuple[Grid, dict, Trial, dict, list[dict]]:
     """(grid, sweep state, the trial that pretrained ``cell`` with ``seed``, its row, the rows of the cells
     scored from the same pretraining) of a finished sweep; an error naming what is wrong otherwise."""
-    from .driver import STATE_FILE, TRIALS_FILE
-
     folder = Path(folder).resolve()
     if not (folder / STATE_FILE).is_file() or not (folder / TRIALS_FILE).is_file():
         raise ValueError(f"{folder} holds no finished sweep ({STATE_FILE} and {TRIALS_FILE} needed); run asda "
@@ -73,7 +68,7 @@ def reproduce(folder: str | Path, cell: str, seed: int, experiment: str = "asda"
 
     from pipelines.runtime import ensure_ray
 
-    from .driver import TRIAL_CPU, _concurrency, _sweep_params, prepared_data, task_data, trial_metrics
+    from .driver import _concurrency, _sweep_params, prepared_data, task_data, trial_metrics
 
     folder = Path(folder).resolve()
     grid, state, trial, row, shared = find_trial(folder, cell, seed)

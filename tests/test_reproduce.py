@@ -7,7 +7,8 @@ import pytest
 
 from pipelines.cli import main
 from sweeps.grid import load_grid
-from sweeps.reproduce import command, find_trial, parse_trial
+from sweeps.report import reproduce_command as command
+from sweeps.reproduce import find_trial, parse_trial
 
 
 def _sweep(tmp_path, fingerprint=None, rows=()):

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from sweeps.driver import run_sweep
 from sweeps.grid import load_grid
-from sweeps.reproduce import command as reproduce_command
+from sweeps.report import reproduce_command
 from sweeps.reproduce import reproduce
 
 pytestmark = pytest.mark.ray

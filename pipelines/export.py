@@ -347,7 +347,9 @@ def sweep_membership(path: Path, sweep: str | Path | None) -> dict[str, Any] | N
     """The sweep the checkpoint belongs to: {"folder", "state", "rows", "matches", "baseline"}, where matches are
     its rows in trials.json (its own cell, and the cells that evaluated the same pretraining another way). A named
     ``sweep`` must hold the checkpoint; a sweep folder found above the checkpoint may not (then None)."""
-    from sweeps.report import BASELINE_FILE, STATE_FILE, TRIALS_FILE
+    from .runtime import SWEEP_BASELINE_FILE as BASELINE_FILE
+    from .runtime import SWEEP_STATE_FILE as STATE_FILE
+    from .runtime import SWEEP_TRIALS_FILE as TRIALS_FILE
 
     if sweep is not None:
         folder = Path(sweep)

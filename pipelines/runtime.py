@@ -12,6 +12,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO_ROOT / "data"
+# The files of a sweep's folder (results/sweeps/<grid>-<fingerprint>): written by the sweeps, read by asda export.
+SWEEP_STATE_FILE = "sweep.json"  # its id, grid, MLflow parent and cell runs, whether it finished
+SWEEP_TRIALS_FILE = "trials.json"  # one row per (cell, seed) once its trials are done
+SWEEP_BASELINE_FILE = "baseline.json"  # the random-init rows, one per seed
 
 log = logging.getLogger(__name__)
 

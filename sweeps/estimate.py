@@ -7,7 +7,7 @@ sweep's concurrency and the device-hours.
     print(format_estimate(est)); print(estimate_line(...))
 
 A trial's time is modelled as the work it does, piece by piece, each at a rate measured for it
-(``bench.rates``): the pretraining updates of its cell's model; the attention measurement over
+(``sweeps.rates``): the pretraining updates of its cell's model; the attention measurement over
 ``attention_clips`` clips; its evaluation (a probe: encoding every clip it reads at the measured forward rate,
 once per Ray Data pass, plus a fit per read-out; fine-tuning: its updates at the measured fine-tuning rate and the
 encoding of the evaluation split); each task's probe; and a fixed overhead. The trials are then laid out as Tune
@@ -321,8 +321,9 @@ def _evaluations(grid: Grid, plan: dict[str, Any]) -> list[dict[str, Any]]:
 def _jobs(grid: Grid, plan: dict[str, Any]) -> list[tuple[str, Any]]:
     """(rate name, RateJob) of every piece of work to time: each distinct model's pretraining update, encoding at
     each evaluation's length, the attention measurement, the probe's fit, a fine-tuning update."""
-    from bench.rates import RateJob
     from pipelines.inference import readout_width
+
+    from .rates import RateJob
 
     centre = plan["centre"]
     jobs = [(f"pretrain|{key}", RateJob("pretrain", g["config"], plan["batch"], precision=plan["precision"],
@@ -352,7 +353,7 @@ def measured_rates(grid: Grid, plan: dict[str, Any], where: dict[str, Any], devi
     update timed in ``where["processes"]`` processes at once, for longer: how much slower a process beside the
     others runs (``slowdown``) divides every rate a trial gets. The baseline runs alone, at the rates as timed.
     Rates are clips/s per worker; a ``fit`` rate is seconds per fit."""
-    from bench.rates import measure
+    from .rates import measure
 
     jobs = _jobs(grid, plan)
     timing = {"warmup": PROBE_WARMUP, "repeats": PROBE_REPEATS, "budget_s": PROBE_BUDGET_S}

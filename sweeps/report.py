@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
+from pipelines.runtime import SWEEP_BASELINE_FILE, SWEEP_STATE_FILE, SWEEP_TRIALS_FILE
 
 from .grid import Grid
 from .robustness import robustness_figure, robustness_markdown, robustness_table
@@ -24,10 +25,8 @@ Z = 2.0  # a difference "stands clear" when |Δ| > Z · its standard error
 HOMOGENEITY_LEVEL = 0.05  # Cochran's test: a cell whose seed spread stands out at this level is "unstable"
 BASELINE = "baseline"  # cell and factor of the random-init rows
 BASELINE_VALUE = "random-init"
-BASELINE_FILE = "baseline.json"  # in the sweep's folder: the random-init rows, one per seed
+BASELINE_FILE, STATE_FILE, TRIALS_FILE = SWEEP_BASELINE_FILE, SWEEP_STATE_FILE, SWEEP_TRIALS_FILE  # the folder's
 SUMMARY_FILE = "summary.json"
-STATE_FILE = "sweep.json"  # in the sweep's folder: its id, grid, MLflow parent and cell runs, whether it finished
-TRIALS_FILE = "trials.json"  # in the sweep's folder: one row per (cell, seed) once its trials are done
 
 
 def _finite(x: Any) -> float:

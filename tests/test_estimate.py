@@ -7,7 +7,7 @@ import math
 import pytest
 import yaml
 
-import bench.rates
+import sweeps.rates as rates
 from model import ASDAConfig
 from pipelines import runtime
 from sweeps import driver
@@ -48,7 +48,7 @@ def _grid(tmp_path, name: str, **changes):
 def _no_measuring(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("measured although a rate was given")
-    monkeypatch.setattr(bench.rates, "measure", refuse)
+    monkeypatch.setattr(rates, "measure", refuse)
 
 
 def test_the_estimate_counts_every_trial_and_evaluation_of_the_grid(monkeypatch):
@@ -109,12 +109,12 @@ def test_cells_that_change_the_models_cost_are_measured_apart_and_the_others_sha
 def test_the_measurement_times_each_distinct_model_once_at_the_grids_batch_and_threads(tmp_path, monkeypatch):
     grid = _grid(tmp_path, "measured")
     calls = []
-    real = bench.rates.measure
+    real = rates.measure
 
     def spy(jobs, **kwargs):
         calls.append((jobs, kwargs))
         return real(jobs, **kwargs)
-    monkeypatch.setattr(bench.rates, "measure", spy)
+    monkeypatch.setattr(rates, "measure", spy)
     est = estimate(grid, concurrent=1)  # one trial at a time: everything timed in this process
     assert len(calls) == 1 and calls[0][1]["processes"] == 1 and calls[0][1]["threads"] == 1
     pretrain = [j for j in calls[0][0] if j.kind == "pretrain"]
@@ -128,8 +128,8 @@ def test_the_measurement_times_each_distinct_model_once_at_the_grids_batch_and_t
 def test_several_processes_time_each_job_together_and_the_mean_of_their_times_is_reported():
     config = ASDAConfig.tiny().with_overrides({"embed_dim": 32, "depth": 1, "num_heads": 2, "average_top_k_layers": 1,
                                              "target_length": 32})
-    job = bench.rates.RateJob("encode", config, 2)
-    found = bench.rates.measure([job, job], processes=2, threads=1, warmup=1, repeats=3, budget_s=0.1)
+    job = rates.RateJob("encode", config, 2)
+    found = rates.measure([job, job], processes=2, threads=1, warmup=1, repeats=3, budget_s=0.1)
     assert found["processes"] == 2 and len(found["seconds"]) == 2
     assert all(s > 0 for s in found["seconds"])
 

@@ -173,7 +173,7 @@ def _start(request: dict) -> subprocess.Popen:
 
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    child = subprocess.Popen([sys.executable, "-c", "from bench.rates import serve; serve()"], env=env,
+    child = subprocess.Popen([sys.executable, "-c", "from sweeps.rates import serve; serve()"], env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=tempfile.TemporaryFile())
     pickle.dump(request, child.stdin)
     child.stdin.flush()

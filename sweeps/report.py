@@ -27,6 +27,7 @@ BASELINE = "baseline"  # cell and factor of the random-init rows
 BASELINE_VALUE = "random-init"
 BASELINE_FILE, STATE_FILE, TRIALS_FILE = SWEEP_BASELINE_FILE, SWEEP_STATE_FILE, SWEEP_TRIALS_FILE  # the folder's
 SUMMARY_FILE = "summary.json"
+REPRODUCE_HEADING = "## Reproducing a trial"  # report.md's last section: a command per trial (not printed)
 
 
 def _finite(x: Any) -> float:
@@ -662,7 +663,7 @@ def reproduce_markdown(rows: list[dict[str, Any]], sweep: Path) -> list[str]:
     """The command that reruns each trial standalone and compares it with this sweep to the bit."""
     trials = sorted({(r["cell"], r["seed"]) for r in rows if not r.get("shares_pretraining_of")},
                     key=lambda t: (t[0] != "centre", t))
-    return ["", "## Reproducing a trial", "",
+    return ["", REPRODUCE_HEADING, "",
             "Each trial's pretraining and evaluation again, as a standalone run, compared with this sweep's numbers "
             "to the bit (a read-out cell is its centre trial's):", "", "```bash",
             *(reproduce_command(sweep, cell, seed) for cell, seed in trials), "```"]
@@ -911,5 +912,9 @@ def log_cells(client, cell_runs: dict[str, str], numbers: dict[str, dict[str, fl
 
 
 def print_report(report: dict[str, Any]) -> None:
+    """The report as report.md has it, but for its list of commands, one per trial (the file keeps them)."""
+    text, _, commands = report["markdown"].partition(REPRODUCE_HEADING)
     print()
-    print(report["markdown"])
+    print(text.rstrip())
+    if commands:
+        print(f"\nThe command that reruns each trial standalone (asda reproduce): {report['folder']}/report.md")

@@ -45,3 +45,18 @@ def test_what_cannot_be_reproduced_is_refused_naming_why(tmp_path, capsys):
         find_trial(_sweep(tmp_path, fingerprint="0000000000"), "centre", 0)
     assert main(["reproduce", "--sweep", str(tmp_path), "--trial", "centre"]) == 2
     assert "expected CELL/SEED" in capsys.readouterr().err
+
+
+def test_the_terminal_report_points_at_the_commands_report_md_lists(capsys):
+    from sweeps.report import REPRODUCE_HEADING, print_report, reproduce_markdown
+
+    rows = [{"cell": "centre", "seed": 0}, {"cell": "readout=mean", "seed": 0, "shares_pretraining_of": "centre"},
+            {"cell": "diff_lambda=0.0", "seed": 1}]
+    lines = reproduce_markdown(rows, "/s")
+    assert lines[1] == REPRODUCE_HEADING
+    assert [line for line in lines if line.startswith("asda")] == [command("/s", "centre", 0),
+                                                                   command("/s", "diff_lambda=0.0", 1)]
+    print_report({"markdown": "# table\n" + "\n".join(lines), "folder": "/s/report"})
+    shown = capsys.readouterr().out
+    assert "# table" in shown and "asda reproduce" in shown and "--trial" not in shown
+    assert "/s/report/report.md" in shown

@@ -128,58 +128,110 @@ def patch_grid_image(weights: torch.Tensor | np.ndarray, grid: tuple[int, int]) 
     return w.reshape(T, F).T  # (T, F) -> (F, T)
 
 
-def draw_logmel(ax, fbank: np.ndarray, event: np.ndarray) -> None:
-    """A (frames, mel) log-mel with time on x and frequency on y, in frame and mel-bin units, the event shaded."""
-    frames, mels = fbank.shape
-    ax.imshow(np.asarray(fbank).T, origin="lower", aspect="auto", cmap="magma", extent=(0, frames, 0, mels))
+EVENT_STYLE = {"color": "white", "linestyle": "-", "linewidth": 1.0}  # outlined in black: seen on every colour
+EVENT_LABEL = "labelled event: start and end"
+LOGMEL_LABEL = "log-mel (normalised, as fed to the encoder)"
+ATTENTION_LABEL = "attention weight of the utterance query (mean over heads)"
+
+
+def _event_style() -> dict[str, Any]:
+    """EVENT_STYLE with the black outline that keeps a white line visible on a light map too."""
+    from matplotlib import patheffects
+
+    return {**EVENT_STYLE, "path_effects": [patheffects.Stroke(linewidth=2.6, foreground="black"), patheffects.Normal()]}
+
+
+def event_handle():
+    """The legend's entry for the event marks that ``draw_logmel`` and ``draw_patch_map`` draw."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], label=EVENT_LABEL, **_event_style())
+
+
+def _mark_event(ax, event: np.ndarray) -> None:
+    """The labelled event's start and end (seconds) as two vertical lines; nothing for a clip without one."""
     if np.all(np.isfinite(event)):
-        ax.axvspan(event[0] * FRAMES_PER_SECOND, event[1] * FRAMES_PER_SECOND, color="cyan", alpha=0.25)
-    ax.set_xticks([])
-    ax.set_yticks([])
+        for edge in event:
+            ax.axvline(float(edge), **_event_style())
+
+
+def draw_logmel(ax, fbank: np.ndarray, event: np.ndarray):
+    """A (frames, mel) log-mel with time on x in seconds and frequency on y in mel bins, the event's start and
+    end marked; returns the image (for a colour bar)."""
+    frames, mels = fbank.shape
+    image = ax.imshow(np.asarray(fbank).T, origin="lower", aspect="auto", cmap="magma",
+                      extent=(0, frames / FRAMES_PER_SECOND, 0, mels), interpolation="nearest")
+    _mark_event(ax, event)
+    return image
 
 
 def draw_patch_map(ax, weights: torch.Tensor, grid: tuple[int, int], patch_size: int, event: np.ndarray, *,
-                   signed: bool, cmap: str = "viridis") -> None:
+                   vmax: float | None = None):
     """An attention map over the patch grid, oriented and scaled like ``draw_logmel`` (a patch covers
-    ``patch_size`` frames and mel bins), so it lines up with the log-mel of the same clip; the event's edges
-    marked. ``signed``: a diverging scale symmetric about 0 (A1 − λ·A2 can be negative)."""
+    ``patch_size`` frames and mel bins), so it lines up with the log-mel of the same clip; the event's start and end
+    marked. A diverging scale symmetric about 0 (A1 − λ·A2 can be negative), ± ``vmax`` (default: the map's own
+    largest magnitude; a figure of several maps passes one for all so that a colour means one weight everywhere).
+    Returns the image (for a colour bar)."""
     T, F = grid
     image = patch_grid_image(weights, grid)
-    vmax = float(np.abs(image).max()) or 1.0
-    ax.imshow(image, origin="lower", aspect="auto", extent=(0, T * patch_size, 0, F * patch_size),
-              cmap="RdBu_r" if signed else cmap, vmin=-vmax if signed else 0, vmax=vmax)
-    if np.all(np.isfinite(event)):
-        for edge in event:
-            ax.axvline(edge * FRAMES_PER_SECOND, color="cyan", linewidth=0.8)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    vmax = vmax or float(np.abs(image).max()) or 1.0
+    drawn = ax.imshow(image, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                      extent=(0, T * patch_size / FRAMES_PER_SECOND, 0, F * patch_size), interpolation="nearest")
+    _mark_event(ax, event)
+    return drawn
+
+
+def attention_grid(clips: dict[str, np.ndarray], panels: list[tuple[str, Any]], grid: tuple[int, int],
+                   patch_size: int):
+    """A figure of one row per clip: its log-mel, then each of ``panels`` ((title, (B, P) weights over the patch
+    grid)) on the log-mel's axes (time in seconds right, mel bin up, ticks on the outer panels). Every map shares
+    one colour scale, symmetric about 0, shown by one colour bar; the log-mel has its own. The event's start and
+    end are marked and named in a legend. The caller titles and captions it."""
+    from pipelines.plotting import plt
+
+    rows = len(clips["fbank"])
+    fig, axes = plt.subplots(rows, 1 + len(panels), figsize=(2.8 * (1 + len(panels)) + 0.4, 1.7 * rows + 1.4),
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")
+    weights = [np.asarray(w.detach().float().cpu() if isinstance(w, torch.Tensor) else w) for _, w in panels]
+    vmax = max(float(np.abs(w).max()) for w in weights) or 1.0
+    for r in range(rows):
+        mel = draw_logmel(axes[r, 0], clips["fbank"][r], clips["event"][r])
+        maps = [draw_patch_map(axes[r, c], w[r], grid, patch_size, clips["event"][r], vmax=vmax)
+                for c, w in enumerate(weights, start=1)]
+        axes[r, 0].set_ylabel(f"clip {r + 1}\nmel bin", fontsize=8)
+    for c, title in enumerate(["log-mel", *(t for t, _ in panels)]):
+        axes[0, c].set_title(title, fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("time (s)", fontsize=8)
+    for ax in axes.flat:
+        ax.tick_params(labelsize=7)
+    fig.colorbar(mel, ax=axes[:, 0], location="bottom", shrink=0.9).set_label(LOGMEL_LABEL, fontsize=8)
+    fig.colorbar(maps[-1], ax=axes[:, 1:], location="bottom", shrink=0.9).set_label(ATTENTION_LABEL, fontsize=8)
+    if np.all(np.isfinite(clips["event"]), axis=1).any():
+        fig.legend(handles=[event_handle()], loc="outside upper right", fontsize=8, frameon=False)
+    return fig
 
 
 def attention_figure(encoder: ASDAEncoder, clips: dict[str, np.ndarray], title: str = ""):
-    """A figure: one row per clip — the spectrogram with the event marked, then the last layer's utterance-query
-    attention over the patch grid (A1, A2, A1 − λA2 for differential attention; A for standard), each panel on
-    the log-mel's axes (time right, frequency up)."""
-    from pipelines.plotting import plt
+    """A figure: one row per clip — the log-mel with the event's start and end marked, then the last layer's
+    utterance-query attention over the patch grid (A1, A2, A1 − λA2 for differential attention; A for standard),
+    each panel on the log-mel's axes and on one colour scale (``attention_grid``), with its caption."""
+    from pipelines.plotting import add_caption
 
     config: ASDAConfig = encoder.config
     fbank = torch.as_tensor(clips["fbank"])
-    layers = attention_summary(encoder.eval(), fbank)
-    last = layers[-1]
+    last = attention_summary(encoder.eval(), fbank)[-1]
     panels = [("A1", "a1"), ("A2", "a2"), ("A1 − λ·A2", "effective")] if "a2" in last else [("A", "a1")]
+    if "lam" in last:
+        panels[-1] = (f"A1 − λ·A2 (λ = {float(last['lam'].mean()):.2f})", "effective")
     grid = (fbank.shape[1] // config.patch_size, config.num_mel_bins // config.patch_size)
-    rows = fbank.shape[0]
-    fig, axes = plt.subplots(rows, 1 + len(panels), figsize=(3.2 * (1 + len(panels)), 2.2 * rows), squeeze=False)
-    for r in range(rows):
-        event = clips["event"][r]
-        draw_logmel(axes[r, 0], clips["fbank"][r], event)
-        axes[r, 0].set_title("log-mel" + (" (event shaded)" if np.all(np.isfinite(event)) else ""), fontsize=8)
-        for c, (label, key) in enumerate(panels, start=1):
-            draw_patch_map(axes[r, c], last[key][r], grid, config.patch_size, event, signed=key == "effective")
-            if key == "effective" and "lam" in last:
-                label += f"  (λ={float(last['lam']):.2f})"
-            axes[r, c].set_title(label, fontsize=8)
+    fig = attention_grid(clips, [(label, last[key]) for label, key in panels], grid, config.patch_size)
     fig.suptitle(title or f"utterance-query attention, last layer ({config.attention})", fontsize=9)
-    fig.tight_layout()
+    add_caption(fig, f"Rows: held-out clips. Left: the clip's log-mel. Then the last layer's attention of the "
+                     f"utterance query over the patch grid, averaged over heads, each cell one patch of "
+                     f"{config.patch_size} frames × {config.patch_size} mel bins on the log-mel's axes; one colour "
+                     f"scale for every map (red positive, blue negative: A1 − λ·A2 can be). White lines outlined in "
+                     f"black: the start and end of the clip's labelled event, where the data knows it.")
     return fig
 
 
@@ -201,37 +253,42 @@ def figure_clips(data: str | Path, split: str | None, limit: int,
     raise ValueError(f"split {split!r} not in {data}; it has {sorted(card['splits'])}")
 
 
+LOSS_LABELS = {"loss": "total: frame + α · utterance", "loss_frame": "frame term", "loss_utterance": "utterance term"}
+
+
 def loss_curve_figure(history: dict[str, list[tuple[int, float]]], title: str = "pretraining losses"):
+    """The pretraining losses against the update (log scale), each named for what it is (``LOSS_LABELS``), the
+    legend beside the axes rather than over the curves."""
     from pipelines.plotting import plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), layout="constrained")
     for key, points in history.items():
         if points:
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=key)
+            ax.plot(steps, values, label=LOSS_LABELS.get(key, key))
     ax.set_xlabel("update")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (log scale)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 def log_pretraining_artifacts(run_id: str, config: ASDAConfig, settings, checkpoint: str | Path) -> dict[str, Any]:
-    """Loss curves, the attention figure and the event-share metrics of a finished run, into its MLflow run."""
+    """Loss curves, the attention figure (each a PNG and an SVG) and the event-share metrics of a finished run,
+    into its MLflow run."""
     from mlflow import MlflowClient
 
     from model import load_encoder
-    from pipelines.plotting import plt
+    from pipelines.plotting import log_figure
 
     client = MlflowClient()
     history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
                for key in ("loss", "loss_frame", "loss_utterance")}
-    fig = loss_curve_figure(history, title=f"{settings.name}: losses")
-    client.log_figure(run_id, fig, "figures/loss_curves.png")
-    plt.close(fig)
+    log_figure(client, run_id, loss_curve_figure(history, title=f"{settings.name}: losses"),
+               "figures/loss_curves.png")
     results: dict[str, Any] = {}
     if not (settings.figure_clips or settings.attention_clips):
         return results
@@ -239,8 +296,7 @@ def log_pretraining_artifacts(run_id: str, config: ASDAConfig, settings, checkpo
     if settings.figure_clips:
         clips = figure_clips(settings.data, settings.figure_split, settings.figure_clips, config.target_length)
         fig = attention_figure(encoder, clips, title=f"{settings.name}: utterance-query attention, last layer")
-        client.log_figure(run_id, fig, "figures/attention.png")
-        plt.close(fig)
+        log_figure(client, run_id, fig, "figures/attention.png")
     if settings.attention_clips:
         clips = evidence_clips(settings.data, settings.figure_split, settings.attention_clips, config.target_length)
         results = attention_evidence(encoder, clips)

@@ -1,7 +1,8 @@
 """The ablation report: the paper's Table 3 shape — factor, value, metric mean ± spread over seeds, Δ vs the centre
 run paired by seed, whether Δ stands clear of the seed-to-seed noise, and the share of attention on the labelled
 event — read against a randomly initialised encoder scored the same way (the random-init baseline). Written as
-CSV, markdown and summary.json, with one plot per factor and the attention of λ = 0 beside the best λ."""
+CSV, markdown and summary.json, with one dot-and-whisker figure per factor and the attention of λ = 0 beside another
+λ (called best only where the report finds it clearly so), each a PNG and a vector copy (``pipelines.plotting``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipelines import tracking
 from pipelines.runtime import SWEEP_BASELINE_FILE, SWEEP_STATE_FILE, SWEEP_TRIALS_FILE
 
 from .grid import Grid
-from .robustness import robustness_figure, robustness_markdown, robustness_table
+from .robustness import CENTRE_COLOUR, robustness_figure, robustness_markdown, robustness_table
 from .significance import LEVEL, holm, paired_delta, seeds_for, sign_flip_floor, sign_flip_p, t_p_value
 
 Z = 2.0  # a difference "stands clear" when |Δ| > Z · its standard error
@@ -547,76 +548,161 @@ def _summary_value(row: dict[str, Any] | None) -> str:
     return f"{_fmt(row['mean'])}{spread} (n = {row['n']})"
 
 
-def bar_panel(ax, rows: list[dict[str, Any]], metric: str, baseline: dict[str, Any] | None = None) -> None:
-    """One factor's bars (the centre orange); error bars (± seed std) only on bars of two runs or more, since one
-    run has no spread to show; the random-init baseline as a dashed line."""
-    x = list(range(len(rows)))
-    means = [r["mean"] for r in rows]
-    ax.bar(x, means, color=["tab:orange" if r["centre"] else "tab:blue" for r in rows], alpha=0.85)
-    spread = [(i, r["mean"], r["std"]) for i, r in enumerate(rows) if math.isfinite(r["std"])]
+VALUE_COLOUR, BASELINE_COLOUR = "tab:blue", "0.35"  # the centre's colour is CENTRE_COLOUR, as on robustness.png
+
+
+def factor_panel(ax, rows: list[dict[str, Any]], metric: str, baseline: dict[str, Any] | None = None) -> None:
+    """One factor's dot-and-whisker panel: each value's mean over seeds (the centre an orange diamond), a whisker of
+    ± one std over seeds only where a value ran two seeds or more (one run has no spread to show), a star over a
+    value whose Δ vs the centre is clear (Holm-corrected), and the random-init baseline as a dashed line in a band
+    of ± its std; the legend beside the axes, off the data. Dots, not bars: a bar's length reads as the quantity,
+    true only from zero, where the differences the seeds allow would be too small to see."""
+    spread = [(i, r["mean"], r["std"]) for i, r in enumerate(rows) if math.isfinite(_finite(r["std"]))]
+    legend = []
     if spread:
         xs, ys, errs = zip(*spread, strict=True)
-        ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="black", capsize=4)
-    levels = [m + (s if math.isfinite(s) else 0.0) * k for m, s in zip(means, [r["std"] for r in rows], strict=True)
-              for k in (-1, 1)]
-    if baseline is not None and math.isfinite(baseline["mean"]):
-        ax.axhline(baseline["mean"], color="grey", linestyle="--", linewidth=1, label=BASELINE_VALUE)
-        ax.legend(fontsize=7, loc="lower right")
-        levels.append(baseline["mean"])
+        legend.append((ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="black", elinewidth=1.2, capsize=4,
+                                   zorder=2), "± 1 std over seeds"))
+    for centre, colour, marker, label in ((False, VALUE_COLOUR, "o", "mean over seeds"),
+                                          (True, CENTRE_COLOUR, "D", "centre (mean)")):
+        points = [(i, r["mean"]) for i, r in enumerate(rows) if bool(r["centre"]) == centre]
+        if points:
+            legend.append((ax.plot(*zip(*points, strict=True), linestyle="none", marker=marker, markersize=7,
+                                   color=colour, markeredgecolor="black", zorder=3)[0], label))
+    for i, r in enumerate(rows):
+        if r.get("clear") and not r["centre"]:
+            ax.annotate("*", (i, r["mean"] + _or_zero(r["std"])), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=12)
+    levels = [r["mean"] + k * _or_zero(r["std"]) for r in rows for k in (-1, 1)]
+    if baseline is not None and math.isfinite(_finite(baseline["mean"])):
+        legend.append((_baseline_reference(ax, baseline), f"{BASELINE_VALUE} encoder (± 1 std)"))
+        levels += [baseline["mean"] + k * _or_zero(baseline.get("std")) for k in (-1, 1)]
     finite = [v for v in levels if math.isfinite(v)]
     if finite:
         low, high = min(finite), max(finite)
-        pad = max(0.02, (high - low) * 0.25)
-        ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad) if high <= 1 else high + pad)
+        pad = max(0.01, (high - low) * 0.12)
+        ax.set_ylim(low - pad, high + 2 * pad)
+    ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_ylabel(metric)
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(*zip(*legend, strict=True), loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+
+
+def _or_zero(x: Any) -> float:
+    """``x`` as a float, 0 when missing or not finite: a spread that was not measured draws no whisker."""
+    value = _finite(x)
+    return value if math.isfinite(value) else 0.0
+
+
+def _baseline_reference(ax, baseline: dict[str, Any]):
+    """The random-init baseline across the panel: its mean as a dashed line in a band of ± its std over seeds
+    (no band for one seed); returns the legend's handle: a tuple of both draws one over the other."""
+    mean, std = baseline["mean"], _finite(baseline.get("std"))
+    line = ax.axhline(mean, color=BASELINE_COLOUR, linestyle="--", linewidth=1.2, zorder=1)
+    if not math.isfinite(std):
+        return line
+    band = ax.axhspan(mean - std, mean + std, color=BASELINE_COLOUR, alpha=0.18, linewidth=0, zorder=0)
+    return (band, line)
+
+
+def _value_label(row: dict[str, Any]) -> str:
+    return f"{row['value']}\n(centre)" if row["centre"] else str(row["value"])
+
+
+def factor_caption(rows: list[dict[str, Any]], baseline: dict[str, Any] | None) -> str:
+    """What a factor figure shows, in words: what the dot and the whisker are, over how many seeds, the centre, the
+    baseline and what a star means."""
+    seeds = sorted({r["n"] for r in rows})
+    n = f"n = {seeds[0]}" if len(seeds) == 1 else f"n = {seeds[0]} to {seeds[-1]}"
+    base = "" if baseline is None else (
+        f" Dashed line and grey band: a randomly initialised encoder scored the same way, mean ± 1 std over its "
+        f"{baseline['n']} seeds.")
+    return (f"Dot: the mean over seeds; whisker: ± 1 standard deviation over seeds ({n} seeds per value; no "
+            f"whisker where a value ran one seed). Orange diamond: the centre, the configuration every other value "
+            f"is compared with.{base} *: the difference from the centre, paired by seed, is clear (Student's t, "
+            f"Holm-corrected across the grid's comparisons, p < {LEVEL:g}).")
+
+
+def factor_figure(rows: list[dict[str, Any]], factor: str, grid: Grid, baseline: dict[str, Any] | None = None):
+    """One factor's figure (``factor_panel``), its axis named by the factor's symbol (``factor_label``), a title
+    and a caption saying what is drawn; returned, not saved."""
+    from pipelines.plotting import add_caption, factor_label, plt
+
+    factorial = factor == "factorial"
+    fig, ax = plt.subplots(figsize=(max(2.6, 0.9 * len(rows) + 1.0) + 2.2, 3.2), layout="constrained")
+    factor_panel(ax, rows, f"{grid.metric} ({grid.evaluation['kind']})", baseline)
+    ax.set_xticks(list(range(len(rows))), [_value_label(r) for r in rows], rotation=30 if factorial else 0,
+                  fontsize=7 if factorial else 9)
+    ax.set_xlabel(factor_label(factor))
+    ax.set_title(f"{grid.name}: {grid.metric} by {factor_label(factor)}", fontsize=10)
+    add_caption(fig, factor_caption(rows, baseline))
+    return fig
 
 
 def factor_plots(table: list[dict[str, Any]], grid: Grid, folder: Path,
                  baseline: dict[str, Any] | None = None) -> list[Path]:
-    from pipelines.plotting import plt
+    """factor_<name>.png (at ``plotting.DPI``) and its vector copy for each factor of the table; the PNGs' paths."""
+    from pipelines.plotting import save_figure
 
-    paths = []
-    for factor in dict.fromkeys(r["factor"] for r in table):
-        rows = [r for r in table if r["factor"] == factor]
-        fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(rows) + 1.5), 3.2))
-        bar_panel(ax, rows, grid.metric, baseline)
-        ax.set_xticks(list(range(len(rows))), [str(r["value"]) for r in rows],
-                      rotation=30 if factor == "factorial" else 0, fontsize=7 if factor == "factorial" else 9)
-        ax.set_xlabel(factor)
-        ax.set_title(f"{grid.name}: {factor} (orange = centre; ± seed std where n ≥ 2)", fontsize=8)
-        fig.tight_layout()
-        path = folder / f"factor_{factor}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return [save_figure(factor_figure([r for r in table if r["factor"] == factor], factor, grid, baseline),
+                        folder / f"factor_{factor}.png")
+            for factor in dict.fromkeys(r["factor"] for r in table)]
+
+
+def with_vector_copies(figures: list[Path]) -> list[Path]:
+    """The figures' PNGs and, after them, the vector copy written beside each (``plotting.save_figure``), so that
+    the run's artifacts hold both."""
+    from pipelines.plotting import VECTOR_SUFFIX
+
+    return [*figures, *(v for p in figures if (v := Path(p).with_suffix(VECTOR_SUFFIX)).is_file())]
+
+
+def lambda_panels(table: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The two λ cells the attention figure draws, with their labels: λ = 0, and beside it the λ of the highest
+    mean where its Δ vs the centre is positive and clear (Holm-corrected): it alone is called "best"; else the
+    centre's λ; else the other λ of the highest mean, called nothing. [] without λ = 0 or another λ. A highest
+    mean that the seeds do not separate from the centre is no finding, and the figure does not name one."""
+    lam = [r for r in table if r["factor"] == "diff_lambda" and math.isfinite(_finite(r["mean"]))]
+    zero = next((r for r in lam if float(r["value"]) == 0.0), None)
+    others = [r for r in lam if float(r["value"]) != 0.0]
+    if zero is None or not others:
+        return []
+    top = max(lam, key=lambda r: r["mean"])
+    best = top if top.get("clear") is True and not top["centre"] and _finite(top["delta"]) > 0 else None
+    if best is not None and best is not zero:
+        other = best
+    else:
+        other = next((r for r in others if r["centre"]), None) or max(others, key=lambda r: r["mean"])
+    return [(_lambda_label(r, r is best), r) for r in (zero, other)]
+
+
+def _lambda_label(row: dict[str, Any], best: bool) -> str:
+    """"λ = 0.3", with "(centre)" for the centre and "(best: Δ ..., p ...)" for the clear best."""
+    tags = ["centre"] if row["centre"] else []
+    if best:
+        tags.append(f"best: Δ {row['delta']:+.3f} vs centre, Holm p {_p(row.get('p_holm'))}")
+    return f"λ = {float(row['value']):g}" + (f" ({'; '.join(tags)})" if tags else "")
 
 
 def _lambda_checkpoints(rows: list[dict[str, Any]], table: list[dict[str, Any]],
                         grid: Grid) -> dict[str, tuple[str, dict[str, Any]]]:
-    """{panel label: (checkpoint, table row)} for λ = 0 and the best other λ (each cell's lowest seed's
-    checkpoint), or {} if either lacks one."""
+    """{panel label: (checkpoint, table row)} for the cells of ``lambda_panels`` (each cell's lowest seed's
+    checkpoint), or {} if one lacks one."""
     if "diff_lambda" not in grid.factors:
-        return {}
-    lam_rows = [r for r in table if r["factor"] == "diff_lambda" and math.isfinite(r["mean"])]
-    zero = next((r for r in lam_rows if float(r["value"]) == 0.0), None)
-    best = max((r for r in lam_rows if float(r["value"]) != 0.0), key=lambda r: r["mean"], default=None)
-    if zero is None or best is None:
         return {}
 
     def checkpoint(cell: str) -> str | None:
         found = sorted((r for r in rows if r["cell"] == cell and r.get("checkpoint")), key=lambda r: r["seed"])
         return found[0]["checkpoint"] if found else None
 
-    paths = {"λ = 0": (checkpoint(zero["cell"]), zero), f"λ = {best['value']} (best)": (checkpoint(best["cell"]), best)}
-    return paths if all(p and Path(p).is_file() for p, _ in paths.values()) else {}
+    paths = {label: (checkpoint(row["cell"]), row) for label, row in lambda_panels(table)}
+    return paths if paths and all(p and Path(p).is_file() for p, _ in paths.values()) else {}
 
 
 def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, Any]], grid: Grid, data: str,
                             folder: Path) -> Path | None:
-    """The last layer's utterance-query attention (A1 − λA2) for λ = 0 beside the best λ, on the same clips at the
-    data set's own length, each map on the axes of the clip's log-mel (time right, frequency up)."""
+    """attention_lambda.png (and its vector copy): the last layer's utterance-query attention (A1 − λA2) of λ = 0
+    beside another λ (``lambda_panels``) on the same clips at the data set's own length, each map on the axes of
+    the clip's log-mel, all on one colour scale (``analysis.attention_grid``)."""
     paths = _lambda_checkpoints(rows, table, grid)
     if not paths:
         return None
@@ -624,7 +710,7 @@ def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, An
 
     from model import load_encoder
     from pipelines import analysis
-    from pipelines.plotting import plt
+    from pipelines.plotting import save_figure
 
     encoders = {label: load_encoder(path).eval() for label, (path, _) in paths.items()}
     config = next(iter(encoders.values())).config
@@ -632,26 +718,31 @@ def lambda_attention_figure(rows: list[dict[str, Any]], table: list[dict[str, An
     clips = analysis.figure_clips(data, None, 4, None if config.pos_embed == "sincos2d" else config.target_length)
     fbank = torch.as_tensor(clips["fbank"])
     patches = (fbank.shape[1] // config.patch_size, config.num_mel_bins // config.patch_size)
-    fig, axes = plt.subplots(len(fbank), 1 + len(encoders), figsize=(10, 2.1 * len(fbank)), squeeze=False)
-    for r in range(len(fbank)):
-        analysis.draw_logmel(axes[r, 0], clips["fbank"][r], clips["event"][r])
-    axes[0, 0].set_title("log-mel (event shaded)", fontsize=8)
-    for c, (label, encoder) in enumerate(encoders.items(), start=1):
-        layers = analysis.attention_summary(encoder, fbank)
-        for r in range(len(fbank)):
-            analysis.draw_patch_map(axes[r, c], layers[-1]["effective"][r], patches, config.patch_size,
-                                    clips["event"][r], signed=True)
-        row = paths[label][1]
-        axes[0, c].set_title(f"{label}\non the event {_spread(row, 'attn_event_share')}, removed off it "
-                             f"{_spread(row, 'attn_negative_off_event')}", fontsize=8)
-    clips_measured = next((r["attn_clips"] for _, r in paths.values() if r.get("attn_clips")), None)
-    fig.suptitle("utterance-query attention A1 − λ·A2, last layer: 4 clips drawn; the numbers are the cell's mean "
-                 f"± std over seeds of {clips_measured or '—'} clips each (padding left out)", fontsize=9)
-    fig.tight_layout()
-    path = folder / "attention_lambda.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    panels = [(f"{label}\non event {_spread(paths[label][1], 'attn_event_share')}; negative off it "
+               f"{_spread(paths[label][1], 'attn_negative_off_event')}",
+               analysis.attention_summary(encoder, fbank)[-1]["effective"]) for label, encoder in encoders.items()]
+    fig = analysis.attention_grid(clips, panels, patches, config.patch_size)
+    fig.suptitle(f"{grid.name}: utterance-query attention A1 − λ·A2, last layer", fontsize=10)
+    seeds = sorted({min(r["seed"] for r in rows if r["cell"] == row["cell"]) for _, row in paths.values()})
+    _lambda_caption(fig, [row for _, row in paths.values()], seeds, config.patch_size)
+    return save_figure(fig, folder / "attention_lambda.png")
+
+
+def _lambda_caption(fig, shown: list[dict[str, Any]], seeds: list[int], patch_size: int) -> None:
+    """The λ attention figure's caption: what each panel is, what the numbers above a column measure, whose
+    encoder is drawn and when a λ is called best."""
+    from pipelines.plotting import add_caption
+
+    clips = next((r["attn_clips"] for r in shown if r.get("attn_clips")), None)
+    add_caption(fig, f"Rows: four held-out clips; left, the clip's log-mel. Each map: the last layer's attention "
+                     f"of the utterance query, averaged over heads, one cell per patch of {patch_size} frames × "
+                     f"{patch_size} mel bins on the log-mel's axes; one colour scale for every map (red positive, "
+                     f"blue negative). White lines outlined in black: the start and end of the clip's labelled event. Maps of each "
+                     f"cell's seed-{'/'.join(map(str, seeds))} encoder. Above a column, the cell's measurements, "
+                     f"mean ± std over its seeds, each over {clips or '—'} clips (padding left out): the share of "
+                     f"the map's positive mass on the event's patches, and the negative mass off the event. A λ is "
+                     f"called best only where its mean is the highest and its difference from the centre is clear "
+                     f"(Holm-corrected p < {LEVEL:g}).")
 
 
 def reproduce_command(folder: str | Path, cell: str, seed: int) -> str:
@@ -717,10 +808,11 @@ def _baseline_rows(folder: Path, baseline: list[dict[str, Any]] | None) -> list[
 def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseline: list[dict[str, Any]] | None = None,
                  parent_run_id: str | None = None, cell_runs: dict[str, str] | None = None,
                  data: str | None = None) -> dict[str, Any]:
-    """Write report.csv, report.md, summary.json, one PNG per factor and the λ attention figure; log them to the
-    parent run and each cell's numbers to its cell run (``cell_runs``: cell -> run id). ``baseline``: the
-    random-init rows (default: the sweep folder's baseline.json). Without run ids, those of the finished sweep
-    whose folder holds ``folder`` (its sweep.json), so that rebuilding a report refreshes its runs."""
+    """Write report.csv, report.md, summary.json, a figure per factor and the λ attention figure (each a PNG and a
+    vector copy); log them to the parent run and each cell's numbers to its cell run (``cell_runs``: cell -> run
+    id). ``baseline``: the random-init rows (default: the sweep folder's baseline.json). Without run ids, those of
+    the finished sweep whose folder holds ``folder`` (its sweep.json), so that rebuilding a report refreshes its
+    runs."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     noise = noises(rows)
@@ -752,7 +844,7 @@ def build_report(rows: list[dict[str, Any]], grid: Grid, folder: Path, *, baseli
     if attention:
         figures.append(attention)
     report = {"table": table, "baseline": base, "markdown": text, "noise": noise.sigma_seed, "summary": result,
-              "folder": str(folder), "figures": [str(p) for p in figures]}
+              "folder": str(folder), "figures": [str(p) for p in with_vector_copies(figures)]}
     if parent_run_id is None and cell_runs is None:
         parent_run_id, cell_runs = _sweep_runs(folder)
     if parent_run_id or cell_runs:

@@ -13,6 +13,7 @@ from .grid import Grid
 from .significance import paired_delta
 
 CLEAN = "clean"
+CENTRE_COLOUR = "tab:orange"  # as on the factor figures (``sweeps.report.factor_panel``)
 
 
 def levels(rows: list[dict[str, Any]]) -> list[str]:
@@ -78,33 +79,59 @@ def robustness_markdown(entries: list[dict[str, Any]], metric: str) -> list[str]
 
 
 def robustness_figure(entries: list[dict[str, Any]], grid: Grid, folder: Path) -> Path | None:
-    """One panel per factor: the metric against the SNR (clean at the right), a line per value, ± std over seeds."""
+    """robustness.png (at ``plotting.DPI``) and its vector copy (``robustness_plot``); None without entries."""
     if not entries:
         return None
-    from pipelines.plotting import plt
+    from pipelines.plotting import save_figure
+
+    return save_figure(robustness_plot(entries, grid), folder / "robustness.png")
+
+
+def robustness_plot(entries: list[dict[str, Any]], grid: Grid):
+    """One panel per factor, on one shared y-axis: the metric against the SNR of the added noise (loudest noise
+    left, clean right), a line per value of the factor, dots at the mean over seeds with ± 1 std whiskers; the
+    factor named by its symbol (``factor_label``), the legend under its panel; a caption saying what is drawn.
+    Returned, not saved."""
+    from pipelines.plotting import add_caption, plt
 
     found = list(dict.fromkeys(e["snr"] for e in entries))
-    order = list(reversed(found[1:])) + [CLEAN]  # loudest noise left, clean right
+    order = list(reversed(found[1:])) + [CLEAN]
     factors = list(dict.fromkeys(e["factor"] for e in entries))
-    fig, axes = plt.subplots(1, len(factors), figsize=(3.6 * len(factors), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(factors), figsize=(2.9 * len(factors) + 0.6, 3.6), sharey=True, squeeze=False,
+                             layout="constrained")
     for ax, factor in zip(axes[0], factors, strict=True):
-        for value in dict.fromkeys(str(e["value"]) for e in entries if e["factor"] == factor):
-            line = [next(e for e in entries if e["factor"] == factor and str(e["value"]) == value and e["snr"] == s)
-                    for s in order]
-            centre = line[0]["centre"]
-            ax.errorbar(range(len(order)), [e["mean"] for e in line],
-                        yerr=[e["std"] if math.isfinite(e["std"]) else 0.0 for e in line],
-                        label=f"{value}{' (centre)' if centre else ''}", marker="o", markersize=3, capsize=2,
-                        linewidth=2 if centre else 1)
-        ax.set_xticks(range(len(order)), [s if s == CLEAN else f"{s} dB" for s in order], fontsize=7)
-        ax.set_title(factor, fontsize=9)
-        ax.set_ylabel(grid.metric, fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("noise robustness: the metric against the SNR of added white noise (mean ± std over seeds)",
-                 fontsize=9)
-    fig.tight_layout()
-    path = folder / "robustness.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        _robustness_panel(ax, entries, factor, order)
+    axes[0, 0].set_ylabel(f"{grid.metric} ({grid.evaluation['kind']})")
+    fig.suptitle(f"{grid.name}: {grid.metric} under added white noise, one panel per factor", fontsize=10)
+    seeds = sorted({e["n"] for e in entries if e["snr"] == CLEAN})
+    n = f"n = {seeds[0]}" if len(seeds) == 1 else f"n = {seeds[0]} to {seeds[-1]}"
+    add_caption(fig, f"{grid.metric} of each cell's probe on its eval split with seeded white noise added at each "
+                     f"signal-to-noise ratio (the classifier the one fitted on clean features); clean: no noise "
+                     f"added. Dot: the mean over seeds; whisker: ± 1 standard deviation over seeds ({n} seeds per "
+                     f"value; none for one seed). Thick orange line with diamonds: the centre. The values of a factor are "
+                     f"drawn side by side at each SNR so that their whiskers do not overlap.")
+    return fig
+
+
+def _robustness_panel(ax, entries: list[dict[str, Any]], factor: str, order: list[str]) -> None:
+    """One factor's lines of ``robustness_plot``: a line per value over the SNR levels in ``order``."""
+    from pipelines.plotting import factor_label
+
+    values = list(dict.fromkeys(str(e["value"]) for e in entries if e["factor"] == factor))
+    colours = iter(["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 4)
+    for k, value in enumerate(values):
+        line = [next(e for e in entries if e["factor"] == factor and str(e["value"]) == value and e["snr"] == s)
+                for s in order]
+        centre = line[0]["centre"]
+        shift = (k - (len(values) - 1) / 2) * 0.08
+        ax.errorbar([i + shift for i in range(len(order))], [e["mean"] for e in line],
+                    yerr=[e["std"] if math.isfinite(e["std"]) else 0.0 for e in line],
+                    label=f"{value} (centre)" if centre else value, marker="D" if centre else "o",
+                    color=CENTRE_COLOUR if centre else next(colours),
+                    markersize=5 if centre else 4, capsize=2, linewidth=2.2 if centre else 1.2)
+    ax.set_xticks(range(len(order)), [s if s == CLEAN else s.replace("-", "−") for s in order], fontsize=8)
+    ax.set_xlabel("SNR of added noise (dB)", fontsize=9)
+    ax.set_title(factor_label(factor), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(title=factor_label(factor), fontsize=7, title_fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.22), frameon=False, ncol=min(3, len(values)))

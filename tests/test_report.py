@@ -156,18 +156,18 @@ def test_a_one_seed_cell_has_no_error_bar_and_is_judged_against_root_two_sigma_s
     assert "σ_seed unknown" in text and "| diff_lambda | 0.0 | 0.300 | 1 | -0.200 | — | — |" in text
 
 
-def test_one_run_bars_get_no_error_bar_in_the_factor_plot():
+def test_a_one_run_value_gets_no_whisker_in_the_factor_plot():
     from pipelines.plotting import plt
 
     rows = [{"value": 0.3, "centre": True, "mean": 0.5, "std": 0.02, "n": 3},
             {"value": 0.0, "centre": False, "mean": 0.4, "std": math.nan, "n": 1},
             {"value": 0.5, "centre": False, "mean": 0.45, "std": 0.01, "n": 2}]
     fig, ax = plt.subplots()
-    rp.bar_panel(ax, rows, "eval_accuracy", {"mean": 0.2})
+    rp.factor_panel(ax, rows, "eval_accuracy", {"mean": 0.2})
     errorbars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
     assert len(errorbars) == 1
     segments = errorbars[0].lines[2][0].get_segments()
-    assert sorted(float(s[0][0]) for s in segments) == [0.0, 2.0]  # bars 0 and 2; none on the one-run bar
+    assert sorted(float(s[0][0]) for s in segments) == [0.0, 2.0]  # values 0 and 2; none on the one-run value
     assert any(line.get_linestyle() == "--" and line.get_ydata()[0] == 0.2 for line in ax.lines)  # the baseline
     plt.close(fig)
 
@@ -243,7 +243,7 @@ def test_patch_grid_image_puts_time_on_x_and_frequency_on_y():
 
 
 def test_attention_panels_line_up_with_the_log_mel_of_their_clip():
-    """Every panel of a row has the log-mel's extent (frames × mel bins) and origin, and the map's peak patch
+    """Every panel of a row has the log-mel's extent (seconds × mel bins) and origin, and the map's peak patch
     lands where that patch's frames and mel bins are."""
     from model import ASDAConfig, ASDAEncoder
     from pipelines.analysis import attention_figure, patch_grid_image
@@ -253,11 +253,11 @@ def test_attention_panels_line_up_with_the_log_mel_of_their_clip():
     clips = {"fbank": np.random.default_rng(0).standard_normal((2, 96, 128)).astype(np.float32),
              "event": np.array([[0.2, 0.5], [np.nan, np.nan]])}
     fig = attention_figure(encoder, clips)
-    axes = np.array(fig.axes).reshape(2, -1)
+    axes = np.array([ax for ax in fig.axes if not hasattr(ax, "_colorbar")]).reshape(2, -1)  # colour bars aside
     for row in axes:
         images = [ax.get_images()[0] for ax in row]
         assert all(im.origin == "lower" for im in images)
-        assert all(im.get_extent() == [0, 96, 0, 128] for im in images)
+        assert all(im.get_extent() == [0, 0.96, 0, 128] for im in images)  # 96 frames of 10 ms
         assert all(im.get_array().shape == (8, 6) for im in images[1:])  # (F, T) of 6 x 8 patches
     plt.close(fig)
     image = patch_grid_image(np.arange(48.0), (6, 8))  # value = t·F + f

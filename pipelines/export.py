@@ -233,7 +233,9 @@ def gather_facts(path: Path, state: dict[str, Any], config: ASDAConfig, weights:
     if weights.kind != "imported release":
         facts.run = tracked_run(run_id, *_run_name(path, facts.settings), facts.notes)
     params = (facts.run or {}).get("params") or {}
-    data = (facts.settings or {}).get("data") or params.get(f"{tracking.PARAM_TRAIN}data")
+    tags = (facts.run or {}).get("tags") or {}
+    data = ((facts.settings or {}).get("data") or tags.get(f"{tracking.PARAM_TRAIN}data")
+            or params.get(f"{tracking.PARAM_TRAIN}data"))  # a param in runs logged before paths became tags
     if data:
         facts.data_path = str(data)
         facts.data = _data_card(str(data), facts.notes)

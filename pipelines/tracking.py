@@ -118,14 +118,42 @@ def shown_uri(uri: str, *, credentials: str = "***") -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # an experiment tag the UI opens as a saved view (?viewStateShareKey=)
+
+
+def sweep_view_url(parent_run_id: str, sweep_id: str, metric: str, runs_expanded: list[str] = ()) -> str:
+    """A link to the runs table of one sweep alone, best ``metric`` first and its columns shown: the cells' mean,
+    spread and n, the cell, seed and kind. Saved as a view of the sweep's experiment (the UI's "share" mechanism:
+    an experiment tag holding the view's state, which the link names), since the table's columns cannot be set
+    through the URL itself; ``runs_expanded``: runs shown with their children (the parent, the cells)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    columns = [f"metrics.`{name}`" for name in (metric, f"{metric}_mean", f"{metric}_std", f"{metric}_n",
+                                                 f"{metric}_delta_vs_centre")]
+    columns += [f"tags.`{name}`" for name in (TAG_CELL, TAG_SEED, TAG_KIND)]
+    state = {"searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep_id}'", "orderByKey": f"metrics.`{metric}`",
+             "orderByAsc": False, "selectedColumns": columns,
+             "runsExpanded": {run_id: True for run_id in [parent_run_id, *runs_expanded]}}
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + sweep_id, json.dumps(state))
+    return f"{_ui_base()}/#/experiments/{experiment_id}/runs?viewStateShareKey={sweep_id}&{UI_MODEL_TRAINING}"
+
+
+def _ui_base() -> str:
+    """The MLflow UI's address: the tracking server's, or where ``ui_command()`` serves a store."""
+    uri = tracking_uri()
+    return shown_uri(uri, credentials="").rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
 def run_url(run_id: str) -> str:
     """Where a run opens in the MLflow UI: on the tracking server, or where ``ui_command()`` serves a store."""
     from mlflow import MlflowClient
 
     experiment_id = MlflowClient().get_run(run_id).info.experiment_id
-    uri = tracking_uri()
-    base = shown_uri(uri, credentials="").rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODEL_TRAINING}"
+    return f"{_ui_base()}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODEL_TRAINING}"
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -140,13 +168,25 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def log_params(client, run_id: str, params: dict[str, str]) -> None:
-    """Log params in batches (the REST API caps a batch at 100)."""
-    from mlflow.entities import Param
+# Settings whose value is a path (``train.data``, ``probe.checkpoint``, ``grid.file``, ...): nobody plots or compares
+# runs by a path, and as params they crowd the compare view and become parallel-coordinates axes. They are logged as
+# tags of the same name instead.
+PATH_SETTINGS = ("data", "storage", "checkpoint", "resume", "file", "source")
 
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+
+def is_path_setting(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in PATH_SETTINGS
+
+
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    """Log params in batches (the REST API caps a batch at 100); a path-valued setting (PATH_SETTINGS) as a tag of
+    the same name."""
+    from mlflow.entities import Param, RunTag
+
+    items = [Param(k, v) for k, v in params.items() if not is_path_setting(k)]
+    tags = [RunTag(k, v) for k, v in params.items() if is_path_setting(k)]
+    for i in range(0, max(len(items), len(tags)), 100):
+        client.log_batch(run_id, params=items[i:i + 100], tags=tags[i:i + 100])
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:

@@ -260,7 +260,8 @@ def _baseline_seed(sweep: SweepParams, config: ASDAConfig, seed: int) -> dict[st
         return row
     client = MlflowClient()
     for key, value in {tracking.TAG_SWEEP: sweep.sweep_id, tracking.TAG_CELL: BASELINE,
-                       tracking.TAG_FACTOR: BASELINE, tracking.TAG_SEED: str(seed)}.items():
+                       tracking.TAG_FACTOR: BASELINE, tracking.TAG_SEED: str(seed),
+                       "mlflow.runName": f"{BASELINE} · seed {seed}"}.items():
         client.set_tag(out["run_id"], key, value)
     value = out.get(sweep.metric)
     tasks = {task: _task_probe(dataclasses.replace(probe, name=f"{name}-{task}",
@@ -475,7 +476,7 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
         data = prepared_data(grid)  # a bad data section fails here, before the sweep has a folder
         tasks_data = task_data(grid)
         folder.mkdir(parents=True, exist_ok=True)
-        ensure_ray()
+        ensure_ray(job_name=f"asda sweep {state['sweep_id']}")  # its name in the dashboard's Jobs list
         state["parent_run_id"] = _parent_run(grid, state, experiment)
         state["cell_runs"] = _cell_runs(grid, state)
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -501,9 +502,22 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
         (folder / STATE_FILE).write_text(json.dumps({**state, "finished": True}, indent=2))
         print_report(report)
         print(f"report: {folder / 'report'}")
-        print(f"MLflow: {tracking.run_url(state['parent_run_id'])}")
+        print("\n".join(sweep_links(state, grid.metric)))
         return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "baseline": baseline,
                 "report": report}
+
+
+def sweep_links(state: dict, metric: str) -> list[str]:
+    """The lines that end a sweep: its parent run's page (the report, the table), then "MLflow: " and the runs
+    table of this sweep alone, best ``metric`` first, the cells' spread shown (``tracking.sweep_view_url``); the
+    parent's page alone where the view cannot be saved."""
+    parent = tracking.run_url(state["parent_run_id"])
+    try:
+        view = tracking.sweep_view_url(state["parent_run_id"], state["sweep_id"], metric,
+                                       list((state.get("cell_runs") or {}).values()))
+    except Exception as exc:  # the tracking server refused the experiment tag: the parent's page still works
+        return [f"MLflow: {parent} (the sweep's runs table could not be saved as a view: {type(exc).__name__})"]
+    return [f"MLflow run of the sweep (its report and table): {parent}", f"MLflow: {view}"]
 
 
 class SweepInterrupted(Exception):
@@ -561,7 +575,7 @@ def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfin
 def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams) -> None:
     """Where everything goes, before the first trial starts."""
     from pipelines.console import is_verbose
-    from pipelines.runtime import dashboard_url, ray_logs, token_hint
+    from pipelines.runtime import dashboard_logs_problem, dashboard_url, job_name, ray_logs, token_hint
 
     mode = "in each trial's process" if sweep.pretrain.in_process else f"{sweep.pretrain.workers} Train worker(s)"
     print(f"sweep {state['sweep_id']} (grid {grid.name}): {len(trials)} trials, {concurrent} at a time, "
@@ -570,8 +584,15 @@ def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folde
     print(f"  results    {folder}")
     print(f"  MLflow     experiment '{sweep.pretrain.experiment}', parent run {state['parent_run_id']}; "
           f"{tracking.ui_command()}")
-    url = dashboard_url()
+    url = dashboard_url()  # the port Ray found free: 8265 unless another instance holds it
     print(f"  Ray        dashboard {url + ' (' + token_hint() + ')' if url else 'not started here'}")
+    if url:
+        job = f"job '{job_name()}'" if job_name() else ("its job has no name there (`ray job submit "
+                                                        "--metadata-json '{\"job_name\": ...}'` names one)")
+        print(f"             {job}; trial actors are named asda_trial(<cell> · seed <seed>)")
+        problem = dashboard_logs_problem()
+        if problem:
+            print(f"  Ray logs   not readable in the dashboard: {problem}; they are in {ray_logs()}")
     if not is_verbose():
         print(f"  logs       Ray's, Ray Data's and the trials' output: {ray_logs()} (--verbose shows it here)")
 
@@ -605,7 +626,7 @@ def _tuner(grid: Grid, trials: list[Trial], sweep: SweepParams, tune_path: Path,
 
     # In process the trial trains itself and holds its worker's CPUs; otherwise it mostly waits on its Train run.
     cpu = sweep.pretrain.cpus_per_worker if sweep.pretrain.in_process else TRIAL_CPU
-    trainable = tune.with_resources(tune.with_parameters(asda_trial, sweep=sweep), {"cpu": cpu})
+    trainable = _trial_actor(tune.with_resources(tune.with_parameters(asda_trial, sweep=sweep), {"cpu": cpu}))
     if tune.Tuner.can_restore(str(tune_path)):
         print("  resuming: finished trials are kept")
         return tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
@@ -651,8 +672,32 @@ def collapse_risks(grid: Grid, trials: list[Trial]) -> dict[str, str]:
 
 
 def asda_trial(params: dict[str, Any], sweep: SweepParams) -> dict[str, Any]:
-    """The Tune trainable: Tune's only parameter is the trial (the Tune table shows its cell and seed)."""
-    return run_trial(Trial(**params["trial"]), sweep)
+    """The Tune trainable: Tune's only parameter is the trial (the Tune table shows its cell and seed). Its first
+    line in the actor's log (stderr, the log the dashboard's actor page opens on) names it: Tune runs later trials
+    in the same actor (``reuse_actors``), whose log then holds each of them in turn."""
+    import sys
+
+    trial = Trial(**params["trial"])
+    print(f"asda trial {trial.cell} · seed {trial.seed} of sweep {sweep.sweep_id}: started", file=sys.stderr,
+          flush=True)
+    return run_trial(trial, sweep)
+
+
+def _trial_actor(function):
+    """The Tune trainable ``function`` as the actor class Tune starts, with a repr that names the actor's trial:
+    the Ray dashboard lists an actor (Actors page) and its tasks (Tasks, the job's page) by its repr, which for a
+    plain function trainable is the function's name, the same for every trial. Ray reads the repr once, when the
+    actor starts: an actor Tune reuses for a later trial keeps the name of its first (its log names each).
+    Tune knows the class by the function's name (``_name``, asda_trial), so a sweep started before resumes."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    return type("AsdaTrial", (wrap_function(function),), {"__repr__": _trial_repr, "__module__": __name__})
+
+
+def _trial_repr(actor) -> str:
+    """asda_trial(<cell> · seed <seed>): the trial actor's name in the dashboard."""
+    trial = (getattr(actor, "config", None) or {}).get("trial") or {}  # the config is there once it started
+    return f"asda_trial({trial.get('cell')} · seed {trial.get('seed')})"
 
 
 def robustness(metrics: dict[str, Any], metric: str) -> dict[str, float]:

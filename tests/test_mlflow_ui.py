@@ -75,3 +75,30 @@ def test_a_sweeps_page_lists_its_cells_a_cells_page_its_seeds_and_compare_shows_
                   "eval_accuracy_delta_vs_centre", "factor.diff_lambda"):
         assert shown in page, (shown, page[-3000:])
     assert all((tmp_path / f"{name}.png").stat().st_size > 10_000 for name in ("parent", "cell", "compare-cells"))
+
+
+def test_the_link_a_sweep_ends_with_lists_that_sweeps_runs_alone_best_first_with_the_metric_and_the_cells_spread(
+        mlflow_server, monkeypatch, tmp_path):
+    """The last line `asda sweep` prints opens the runs table filtered to the sweep, sorted by its metric, with the
+    metric and the cells' mean, std and n as columns (a view saved on the experiment); a run of another sweep in
+    the same experiment is not listed."""
+    from test_tracking import sweep_tree
+
+    from sweeps.driver import sweep_links
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    state = sweep_tree("ui-view", tmp_path)["state"]
+    client = MlflowClient()
+    experiment_id = client.get_run(state["parent_run_id"]).info.experiment_id
+    other = client.create_run(experiment_id, run_name="other sweep · seed 0",
+                              tags={tracking.TAG_SWEEP: "smoke-other", tracking.TAG_KIND: tracking.KIND_TRIAL})
+    client.log_metric(other.info.run_id, "eval_accuracy", 0.99)
+    tracking.end_run(other.info.run_id, "FINISHED")
+    parent_line, last = sweep_links(state, "eval_accuracy")
+    assert parent_line.endswith(tracking.run_url(state["parent_run_id"])) and last.startswith("MLflow: ")
+    page = _rendered(last.removeprefix("MLflow: "), tmp_path, tmp_path / "sweep-runs.png", 1100)
+    assert "centre · seed 0" in page and "diff_lambda=0.0 · seed 1" in page and "random init" in page, page[-3000:]
+    assert "other sweep" not in page, page[-3000:]
+    for column in ("eval_accuracy", "eval_accuracy_mean", "eval_accuracy_std"):
+        assert column in page, (column, page[-3000:])
+    assert (tmp_path / "sweep-runs.png").stat().st_size > 10_000

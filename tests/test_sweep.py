@@ -204,6 +204,7 @@ def test_a_killed_in_process_trial_is_retried_by_tune_and_resumes_from_its_check
     assert "\x1b[" not in out and "Dataset" not in out and "Trial name" not in out, out[-3000:]
     lines = out.strip().splitlines()
     assert lines[-1].startswith("MLflow: ") and "workflowType=machine_learning" in lines[-1]
+    assert "viewStateShareKey=retry-" in lines[-1] and "/runs/" in lines[-2]  # the sweep's runs; its parent
     run = MlflowClient().search_runs(MlflowClient().get_experiment_by_name("asda").experiment_id,
                                      filter_string="tags.`asda.cell` = 'centre' and tags.`asda.sweep` LIKE 'retry-%'")
     resumed = MlflowClient().get_metric_history(run[0].info.run_id, "resumed_from_step")

@@ -63,7 +63,8 @@ def sweep_tree(experiment: str, folder, failed: str | None = None) -> dict:
                 row["run_id"] = client.create_run(
                     client.get_run(state["parent_run_id"]).info.experiment_id, run_name=f"{cell} · seed {seed}",
                     tags={tracking.TAG_PARENT: state["cell_runs"][cell], tracking.TAG_KIND: kind,
-                          tracking.TAG_CELL: cell}).info.run_id
+                          tracking.TAG_CELL: cell, tracking.TAG_SWEEP: state["sweep_id"],
+                          tracking.TAG_SEED: str(seed)}).info.run_id
                 client.log_metric(row["run_id"], "eval_accuracy", accuracy)
                 client.log_metric(row["run_id"], "eval_map", mean_ap)
                 tracking.end_run(row["run_id"], "FINISHED")
@@ -181,3 +182,17 @@ def test_a_tracking_store_that_refuses_the_cell_numbers_leaves_the_report_and_th
     assert (tmp_path / "report" / "summary.json").is_file() and report["summary"]["centre_mean"] == 0.6
     build_report(rows, grid, tmp_path / "cells", baseline=[], cell_runs={"centre": "2" * 32})
     assert "warning: MLflow refused the report for the cell runs" in capsys.readouterr().out
+
+
+def test_settings_that_are_paths_are_tags_not_params(tracking_store):
+    client = MlflowClient()
+    experiment_id = tracking.setup("paths-as-tags")
+    run_id = client.create_run(experiment_id).info.run_id
+    tracking.log_params(client, run_id, {"train.data": "/data/prepared/esc50", "probe.checkpoint": "/r/final.pt",
+                                         "grid.file": "/g/smoke.yaml", "train.storage": "/r", "train.seed": "0",
+                                         "model.diff_lambda": "0.3", "data.target_length": "512"})
+    run = client.get_run(run_id).data
+    assert run.params == {"train.seed": "0", "model.diff_lambda": "0.3", "data.target_length": "512"}
+    assert {k: run.tags[k] for k in ("train.data", "probe.checkpoint", "grid.file", "train.storage")} == {
+        "train.data": "/data/prepared/esc50", "probe.checkpoint": "/r/final.pt", "grid.file": "/g/smoke.yaml",
+        "train.storage": "/r"}

@@ -6,8 +6,10 @@ artifacts next to it. Absolute, because Ray Train workers chdir into their run d
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from .runtime import REPO_ROOT
@@ -80,14 +82,42 @@ def is_local_store(uri: str) -> bool:
     return uri == f"sqlite:///{LOCAL_STORE / 'mlflow.db'}"
 
 
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store, an exclusive lock on ``<database>.lock`` while held: the first process to open a new
+    sqlite store creates its schema (and a newer MLflow migrates an older one), and two doing it at once fail in
+    SQLAlchemy or Alembic. Other stores (a tracking server, its database) handle their own concurrency."""
+    import fcntl
+
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """Point mlflow at the tracking store and make sure ``experiment`` exists; returns its id."""
+    """Point mlflow at the tracking store and make sure ``experiment`` exists; returns its id. A sqlite store is
+    first opened under ``store_lock``, so processes starting at once (a sweep's trials, two commands) create or
+    migrate its schema one at a time."""
     import mlflow
 
     uri = tracking_uri()
-    if is_local_store(uri):
-        LOCAL_STORE.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        return _experiment(experiment, uri)
+
+
+def _experiment(experiment: str, uri: str) -> str:
+    """The id of ``experiment`` in the store at ``uri``, created (as a model-training experiment) if missing."""
+    import mlflow
+
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         # A server chooses its own artifact store; the local store keeps artifacts beside the database.

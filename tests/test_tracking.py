@@ -196,3 +196,19 @@ def test_settings_that_are_paths_are_tags_not_params(tracking_store):
     assert {k: run.tags[k] for k in ("train.data", "probe.checkpoint", "grid.file", "train.storage")} == {
         "train.data": "/data/prepared/esc50", "probe.checkpoint": "/r/final.pt", "grid.file": "/g/smoke.yaml",
         "train.storage": "/r"}
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_get_the_one_experiment(tmp_path):
+    """Without the store's lock, three processes creating a new store's schema at once fail in SQLAlchemy or
+    Alembic (two of three, measured); with it each one waits its turn."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"}
+    code = "from pipelines import tracking; print(tracking.setup('asda'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {"1"}

@@ -17,15 +17,29 @@ def _name(trial) -> str:
     return f"{t.cell} seed {t.seed}"
 
 
-class SweepConsole(Callback):
-    """Prints what happens to each trial, and after each ending the sweep's progress (trials ended, ETA)."""
+WAIT_NOTICE_S = 60.0  # a sweep where no trial can start says why after this long, and again every as long
 
-    def __init__(self, total: int, metric: str):
-        self.total, self.metric = total, metric
+
+class SweepConsole(Callback):
+    """Prints what happens to each trial, after each ending the sweep's progress (trials ended, ETA), and, when
+    trials wait and none runs for ``wait_notice_s``, what they wait for (``waiting_line``)."""
+
+    def __init__(self, total: int, metric: str, wait_notice_s: float = WAIT_NOTICE_S):
+        self.total, self.metric, self.wait_notice_s = total, metric, wait_notice_s
         self.progress = Progress(total, "trials")
         self.started: dict[str, float] = {}
+        self.last_event = time.monotonic()
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last_event < self.wait_notice_s:
+            return
+        pending = [t for t in trials if t.status == "PENDING"]
+        if pending and not any(t.status == "RUNNING" for t in trials):
+            self._event(trials, waiting_line(pending, time.monotonic() - self.last_event))
+        self.last_event = time.monotonic()
 
     def _event(self, trials, text: str, ending=None) -> None:
+        self.last_event = time.monotonic()
         ended = _ended(trials, ending)
         if self.progress.tty:
             print("\r\033[K", end="")
@@ -58,6 +72,26 @@ class SweepConsole(Callback):
 
     def on_experiment_end(self, trials, **info):
         self.progress.finish()
+
+
+def waiting_line(pending: list, waited_s: float) -> str:
+    """Why no trial runs: how long the sweep has waited, what one pending trial asks of Ray and what Ray has free
+    (a request no node can meet waits for ever on a cluster that does not grow)."""
+    import ray
+
+    try:
+        asks = pending[0].placement_group_factory.required_resources
+    except Exception:
+        asks = {}
+    free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
+    total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+    return (f"waiting   {len(pending)} trial(s) pending and none running for {duration(waited_s)}: a trial asks "
+            f"{_resources(asks)}; Ray has {_resources(free)} free of {_resources(total)} (ray status shows the "
+            f"demands; a node that left takes its resources with it)")
+
+
+def _resources(found: dict) -> str:
+    return ", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in sorted(found.items()))
 
 
 def baseline_line(row: dict, cached: bool = False) -> str:

@@ -42,7 +42,7 @@ def local_num_cpus() -> int:
 
 
 RUNNING_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head` (make ray-up)
-_instance: dict[str, str | None] = {"url": None, "session_dir": None}
+_instance: dict[str, str | None] = {"url": None, "session_dir": None, "job_name": None}
 
 
 def dashboard_url() -> str | None:
@@ -50,15 +50,33 @@ def dashboard_url() -> str | None:
     return _instance["url"]
 
 
+def job_name() -> str | None:
+    """The name this process's job carries in the dashboard's Jobs list (None if ``ensure_ray`` gave it none)."""
+    return _instance["job_name"]
+
+
 def ray_logs() -> str:
     """Where the Ray instance ``ensure_ray`` reached writes its processes' output (on its head node)."""
     return str(Path(_instance["session_dir"] or "/tmp/ray/session_latest") / "logs")
 
 
-def _remember(context) -> None:
+def _remember(context, name: str | None) -> None:
     url = getattr(context, "dashboard_url", None)
     _instance["url"] = (url if url.startswith("http") else f"http://{url}") if url else None
     _instance["session_dir"] = (getattr(context, "address_info", None) or {}).get("session_dir")
+    _instance["job_name"] = _listed_name(name)
+
+
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a driver that `ray job submit` started
+
+
+def _listed_name(name: str | None) -> str | None:
+    """The name the dashboard's Jobs list shows for this driver's job: ``name``; for a driver `ray job submit`
+    started, the list shows the submission instead, named by the submission's metadata (if at all)."""
+    import json
+
+    submitted = os.environ.get(SUBMITTED_JOB_ENV)
+    return (json.loads(submitted).get("metadata") or {}).get(JOB_NAME_KEY) if submitted else name
 
 
 def auth_token_path() -> Path:
@@ -80,11 +98,16 @@ def _private_token() -> None:
 
 LOOPBACK = "127.0.0.1"
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": the node address stays loopback
+JOB_NAME_KEY = "job_name"  # the job metadata key the dashboard's Jobs list shows in its Name column
+AGENT_PORT = 52365  # Ray's default port of a node's dashboard agent (ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT)
+PORT_TRIES = 50  # how far past a taken default port a free one is looked for, as Ray does for the dashboard's
 
 
-def ensure_ray(num_cpus: int | None = None):
+def ensure_ray(num_cpus: int | None = None, job_name: str | None = None):
     """Connect to ``RAY_ADDRESS`` if set, else to a cluster started here with ``make ray-up``, else start (once)
-    a local instance. Returns the ray module."""
+    a local instance. ``job_name`` names this driver's job in the dashboard's Jobs list (its Name column shows the
+    ``job_name`` key of the job's metadata; a job submitted with `ray job submit` shows the submission's metadata
+    instead). Connected already, nothing changes. Returns the ray module."""
     import ray
 
     from .console import is_verbose, set_verbose
@@ -93,14 +116,18 @@ def ensure_ray(num_cpus: int | None = None):
         _private_token()
         return ray
     set_verbose(is_verbose())  # quiet unless asked: set before any Ray process starts, so they all inherit it
+    options = {"log_to_driver": is_verbose(), "logging_level": logging.INFO if is_verbose() else logging.WARNING}
+    if job_name:
+        from ray.job_config import JobConfig
+
+        options["job_config"] = JobConfig(metadata={JOB_NAME_KEY: job_name})
     address = os.environ.get("RAY_ADDRESS")
     if not address and RUNNING_CLUSTER_FILE.is_file():
         check_answers(RUNNING_CLUSTER_FILE.read_text().strip(), f"{RUNNING_CLUSTER_FILE} (written by `make ray-up`)",
                       "start that cluster again (make ray-up), or remove the file (rm "
                       f"{RUNNING_CLUSTER_FILE}) to run on a Ray instance of this command's own")
         try:
-            _remember(ray.init(address="auto", log_to_driver=is_verbose(),
-                               logging_level=logging.INFO if is_verbose() else logging.WARNING))
+            _remember(ray.init(address="auto", **options), job_name)
             log.info("joined the Ray cluster started on this machine")
             return ray
         except (ConnectionError, RuntimeError):
@@ -111,24 +138,86 @@ def ensure_ray(num_cpus: int | None = None):
         check_answers(address, "RAY_ADDRESS", "start the cluster, correct RAY_ADDRESS, or unset it to run on a "
                                               "local Ray instance")
         log.info("connecting to the Ray cluster at %s", address)
-        _remember(ray.init(address=address, log_to_driver=is_verbose(),
-                           logging_level=logging.INFO if is_verbose() else logging.WARNING))
+        _remember(ray.init(address=address, **options), job_name)
     else:
-        # No spot instances here: Train V2's preemption watcher would only be one more process per run.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Only this machine needs the instance, so every server Ray starts (GCS, raylet, object manager, agents,
-        # workers) listens on loopback. Ray on Linux replaces a loopback node address with the machine's reachable
-        # one; this switch (Ray's single-machine mode, the default on macOS and Windows) keeps the node on
-        # 127.0.0.1, and the processes the instance starts inherit it.
-        os.environ[SINGLE_MACHINE_ENV] = "0"
-        from ray._private import ray_constants  # read once at import, which has happened: this process too
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        _remember(ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=True,
-                           dashboard_host=LOOPBACK, log_to_driver=is_verbose(),
-                           logging_level=logging.INFO if is_verbose() else logging.WARNING))
+        _remember(_start_local(ray, num_cpus or local_num_cpus(), options), job_name)
     _private_token()
     return ray
+
+
+def _start_local(ray, num_cpus: int, options: dict):
+    """Start this process's own Ray instance (stopped when the process ends); returns ray.init's context."""
+    # No spot instances here: Train V2's preemption watcher would only be one more process per run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Only this machine needs the instance, so every server Ray starts (GCS, raylet, object manager, agents,
+    # workers) listens on loopback. Ray on Linux replaces a loopback node address with the machine's reachable
+    # one; this switch (Ray's single-machine mode, the default on macOS and Windows) keeps the node on
+    # 127.0.0.1, and the processes the instance starts inherit it.
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    from ray._private import ray_constants  # read once at import, which has happened: this process too
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    with _dashboard_agent_port(free_port_from(AGENT_PORT)):
+        return ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, **options)
+
+
+def free_port_from(port: int, tries: int = PORT_TRIES) -> int:
+    """``port`` if nothing listens on it on loopback, else the next free one above it (as Ray moves its dashboard
+    from a taken 8265), else one the system picks."""
+    import socket
+
+    for candidate in [*range(port, min(port + tries, 65536)), 0]:
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, candidate))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError("no free TCP port on loopback")
+
+
+@contextlib.contextmanager
+def _dashboard_agent_port(port: int):
+    """While ray.init starts a local instance: its node's dashboard agent listens on ``port``. The agent serves
+    the node's log files (and the state API's data) to the dashboard; ray.init has no argument for its port
+    (`ray start` has --dashboard-agent-listen-port) and always asks for 52365, so on a machine where another Ray
+    instance's agent holds 52365 ours cannot listen and every log view of the dashboard says "Failed to load".
+    The port goes into the node's parameters, which ray.init builds from ``ray._private.parameter.RayParams``;
+    the other agent ports (gRPC, metrics export, runtime env) are left to the system there already."""
+    from ray._private import parameter
+
+    original = parameter.RayParams
+
+    class WithAgentPort(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("dashboard_agent_listen_port", port)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = WithAgentPort
+    try:
+        yield port
+    finally:
+        parameter.RayParams = original
+
+
+def dashboard_logs_problem() -> str | None:
+    """Why the dashboard cannot show the logs of the instance ``ensure_ray`` reached, or None when it can. Each
+    node's dashboard agent serves that node's log files to the dashboard; an agent whose port another process
+    holds (another Ray instance's agent on the same machine) cannot listen, its node registers the port as -1, and
+    the dashboard's log views say "Failed to load" or "No files found". A check for the sweep's header: when the
+    instance cannot be asked, it says nothing."""
+    import ray
+
+    try:
+        silent = [n for n in ray.nodes() if n.get("Alive") and int(n.get("DashboardAgentListenPort") or 0) <= 0]
+    except Exception as exc:  # noqa: BLE001 - the header's check never fails the command
+        log.debug("could not ask the Ray instance about its dashboard agents: %s", exc)
+        return None
+    if not silent:
+        return None
+    nodes = ", ".join(sorted({str(n.get("NodeManagerAddress")) for n in silent}))
+    return (f"the dashboard agent of node(s) {nodes} could not listen on its port (another process, such as "
+            f"another Ray instance's agent, holds it), so the dashboard's log views stay empty")
 
 
 class ClusterUnreachable(ValueError):

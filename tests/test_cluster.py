@@ -4,6 +4,7 @@ a sweep submitted with `ray job submit -- make sweep ...` whose two Train worker
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,11 +12,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import free_port, session_members
+
+from pipelines.runtime import auth_token_path
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +117,14 @@ def test_ray_job_submit_runs_a_sweep_across_two_nodes_and_asda_sweep_joins_the_s
     assert direct.returncode == 0, direct.stdout[-3000:] + direct.stderr[-3000:]
     assert "resuming" in direct.stdout and "| diff_lambda | 0.3 |" in direct.stdout
     assert len(trial_runs()) == 1
+    # Joined over RAY_ADDRESS, the sweep's job is listed by the sweep's name in the cluster's dashboard.
+    sweep_id = re.search(r"^sweep (\S+) \(grid two-node\)", direct.stdout, re.M).group(1)
+    assert f"job 'asda sweep {sweep_id}'" in direct.stdout
+    token = auth_token_path().read_text().strip()
+    request = urllib.request.Request(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    jobs = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    named = [j for j in jobs if (j.get("metadata") or {}).get("job_name") == f"asda sweep {sweep_id}"]
+    assert [(j["type"], j["status"]) for j in named] == [("DRIVER", "SUCCEEDED")], jobs
 
 
 def test_a_cluster_that_does_not_answer_is_refused_within_seconds_naming_its_address_and_how_to_go_on(tmp_path):

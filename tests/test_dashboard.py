@@ -196,6 +196,8 @@ def _check_api(url: str, token: str, sweep_id: str) -> str:
     actors = _poll(trial_actors)
     assert len(actors) == 1 and actors[0]["class_name"] == "AsdaTrial", actors
     assert actors[0]["job_id"] == named[0]["job_id"]
+    tasks = _api(f"{url}/api/v0/tasks?detail=1&limit=1000", token)["data"]["result"]["result"]
+    assert "asda_trial(centre · seed 0).train" in {t["name"] for t in tasks}, [t["name"] for t in tasks]
     line = f"asda trial centre · seed 0 of sweep {sweep_id}: started"
     log = f"{url}/api/v0/logs/file?actor_id={actors[0]['actor_id']}&suffix=err&lines=1000"
     assert _poll(lambda: line in str(_api(log, token))), str(_api(log, token))[-2000:]

@@ -644,22 +644,24 @@ def _tuner(grid: Grid, trials: list[Trial], sweep: SweepParams, tune_path: Path,
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler, reuse_actors=True,
                                     trial_name_creator=lambda t: Trial(**t.config["trial"]).slug(),
                                     trial_dirname_creator=lambda t: Trial(**t.config["trial"]).slug()),
-        run_config=_run_config(grid, tune_path, len(trials)),
+        run_config=_run_config(grid, tune_path, len(trials), sweep.pretrain.parent_run_id),
     )
 
 
-def _run_config(grid: Grid, tune_path: Path, n_trials: int):
+def _run_config(grid: Grid, tune_path: Path, n_trials: int, parent_run_id: str | None = None):
     """Tune's run: retries from Tune's FailureConfig, one line per trial event (Tune's own tables only with
-    --verbose)."""
+    --verbose), and the parent run's description rewritten as trials end (``live.LiveNote``)."""
     from ray import tune
 
     from pipelines.console import is_verbose
 
     from .console import SweepConsole
+    from .live import LiveNote
 
+    live = [LiveNote(parent_run_id, grid.name, grid.metric, n_trials)] if parent_run_id else []
     return tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent), verbose=2 if is_verbose() else 0,
                           failure_config=tune.FailureConfig(max_failures=int(grid.train.get("max_failures", 1))),
-                          callbacks=[SweepConsole(n_trials, grid.metric)])
+                          callbacks=[SweepConsole(n_trials, grid.metric), *live])
 
 
 def collapse_risks(grid: Grid, trials: list[Trial]) -> dict[str, str]:

@@ -36,8 +36,24 @@ class LiveNote(Callback):
         self.parent_run_id, self.grid_name, self.metric, self.total = parent_run_id, grid_name, metric, total
         self.values: dict[str, list[float]] = {}
         self.ended = self.failed = 0
+        self.counted_earlier = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        """A resumed sweep's trials that ended before it was stopped count too (Tune calls no ending for them)."""
+        if self.counted_earlier:
+            return
+        self.counted_earlier = True
+        for trial in trials:
+            if trial.status == "TERMINATED":
+                self._count(trial)
+            elif trial.status == "ERROR":
+                self.ended, self.failed = self.ended + 1, self.failed + 1
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._count(trial)
+        self._write()
+
+    def _count(self, trial) -> None:
         result: dict[str, Any] = trial.last_result or {}
         own = Trial(**trial.config["trial"])
         scored = {own.cell: result.get(self.metric), **{cell: (m or {}).get(self.metric)
@@ -46,7 +62,6 @@ class LiveNote(Callback):
             if isinstance(value, int | float):
                 self.values.setdefault(cell, []).append(float(value))
         self.ended += 1
-        self._write()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.ended += 1

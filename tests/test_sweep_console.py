@@ -24,3 +24,25 @@ def test_trials_that_cannot_start_are_reported_with_what_they_ask_and_what_ray_h
     out = capsys.readouterr().out
     assert "waiting   1 trial(s) pending and none running for 0:0" in out, out
     assert "a trial asks CPU 64; Ray has CPU" in out and "free of CPU 4" in out, out
+
+
+def test_under_tune_the_parent_runs_description_follows_the_trials_as_they_end(ray_local, tracking_store,
+                                                                                tmp_path):
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from pipelines import tracking
+    from sweeps.live import LiveNote
+
+    def _scores(config):  # defined here: pickled by value, as the trial processes cannot import the test module
+        return {"m": 0.5 + 0.1 * config["trial"]["seed"]}
+
+    client = MlflowClient()
+    parent = client.create_run(tracking.setup("live-tune"), run_name="live · tune").info.run_id
+    trials = [{"cell": "centre", "factor": "centre", "value": None, "seed": s, "overrides": {}} for s in (0, 1)]
+    tuner = tune.Tuner(_scores, param_space={"trial": tune.grid_search(trials)},
+                       run_config=tune.RunConfig(name="live", storage_path=str(tmp_path), verbose=0,
+                                                 callbacks=[LiveNote(parent, "live", "m", total=2)]))
+    tuner.fit()
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert "2 of 2 trials ended" in note and "| centre | 2 | 0.550 ± 0.071 |" in note, note

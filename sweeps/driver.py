@@ -261,7 +261,7 @@ def _baseline_seed(sweep: SweepParams, config: ASDAConfig, seed: int) -> dict[st
     client = MlflowClient()
     for key, value in {tracking.TAG_SWEEP: sweep.sweep_id, tracking.TAG_CELL: BASELINE,
                        tracking.TAG_FACTOR: BASELINE, tracking.TAG_SEED: str(seed),
-                       "mlflow.runName": f"{BASELINE} · seed {seed}"}.items():
+                       "mlflow.runName": f"{BASELINE_RUN_NAME} · seed {seed}"}.items():
         client.set_tag(out["run_id"], key, value)
     value = out.get(sweep.metric)
     tasks = {task: _task_probe(dataclasses.replace(probe, name=f"{name}-{task}",

@@ -332,6 +332,8 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     assert rerun["matched"], rerun["compared"]
     assert {c["what"] for c in rerun["compared"]} >= {"encoder weights", "pretrain_loss", "readout=mean: eval_accuracy"}
     assert MlflowClient().get_run(rerun["run_id"]).data.tags.get("mlflow.parentRunId") is None
+    # the baseline's runs are named after their cell run
+    assert {MlflowClient().get_run(r["run_id"]).info.run_name for r in result["baseline"]} == {"random init · seed 0"}
     # Running the same grid again resumes it: nothing is redone.
     again = run_sweep("smoke", storage=tmp_path)
     assert again["parent_run_id"] == result["parent_run_id"]

@@ -33,7 +33,7 @@ import torch
 
 from .checkpoint import encoder_from_state, load_checkpoint
 from .encoder import ASDAEncoder, read_out
-from .features import DATASET_STATS, FEATURE_SETTINGS, SAMPLE_RATE, filterbank
+from .features import DATASET_STATS, FEATURE_SETTINGS, SAMPLE_RATE, filterbank, normalise
 
 SCENE_READOUTS = ("cls", "mean", "cls+mean")
 FRAME_SHIFT_MS = FEATURE_SETTINGS["frame_shift"]
@@ -167,7 +167,7 @@ def _run(encoder: ASDAEncoder, batch: list[tuple[int, torch.Tensor, int]], clips
     """One forward pass over ``batch``'s chunks; each chunk's read-outs and real columns go to its clip."""
     device = next(encoder.parameters()).device
     raw = torch.stack([chunk for _, chunk, _ in batch]).to(device)
-    utterance, patches = encoder.extract_features(normalise(raw, feeding))
+    utterance, patches = encoder.extract_features(normalise(raw, feeding.mean, feeding.std))
     rows = encoder.config.num_mel_bins // encoder.config.patch_size
     columns = patches.reshape(len(batch), -1, rows, patches.shape[-1]).mean(dim=2)  # (B, T/p, D)
     means = read_out(utterance, patches, "mean")
@@ -179,10 +179,6 @@ def _run(encoder: ASDAEncoder, batch: list[tuple[int, torch.Tensor, int]], clips
         clip.weights.append(real)
         clip.frames += real
         clip.columns.append(columns[k, : -(-real // patch)].float().cpu())
-
-
-def normalise(raw: torch.Tensor, feeding: Feeding) -> torch.Tensor:
-    return (raw - feeding.mean) / (2 * feeding.std)
 
 
 def _finished(clip: _Clip, readouts: Sequence[str], patch_size: int) -> ClipEmbedding:

@@ -299,14 +299,9 @@ class _EmbedActor:
     (file items, or a prepared set's stored rows) into output columns; a rejected file's row carries its error."""
 
     def __init__(self, spec_ref: list, *, feeding, settings: EmbedSettings, threads: int):
-        import ray
-        import torch
+        from .inference import actor_model
 
-        from .inference import build_model
-
-        torch.set_num_threads(threads)
-        device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.encoder = build_model(ray.get(spec_ref[0])).to(device)
+        self.encoder, _, _ = actor_model(spec_ref, threads)
         self.feeding, self.settings = feeding, settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -369,16 +364,11 @@ def embed_on_ray(encoder, feeding, settings: EmbedSettings, items: list[dict], p
 
 
 def _prepared_dataset(prepared: Path, split: str | None):
-    """A prepared set's stored rows (PREPARED_COLUMNS) of ``split`` on Ray Data, in shard order."""
-    import ray.data
-    from ray.data.expressions import col
-
+    """A prepared set's stored rows (PREPARED_COLUMNS) of ``split`` (every split by default) on Ray Data, in shard
+    order, read as the feed reads them."""
     from .data.card import load_card
-    from .data.feed import DATA_TASK_CPUS, check_splits, verify_shards
+    from .data.feed import DATA_TASKS_PER_WORKER, check_splits, read_rows, verify_shards
 
     card = load_card(prepared)
-    splits = check_splits(card, split or list(card["splits"]))
-    shards = verify_shards(prepared, card)
-    ds = ray.data.read_parquet([str(s) for s in shards], columns=[*PREPARED_COLUMNS, "split"],
-                               num_cpus=DATA_TASK_CPUS, dataset_kwargs={"page_checksum_verification": True})
-    return ds.filter(expr=col("split").is_in(splits)).drop_columns(["split"])
+    return read_rows(shards=verify_shards(prepared, card), splits=check_splits(card, split or list(card["splits"])),
+                     folds=None, tasks=DATA_TASKS_PER_WORKER, columns=PREPARED_COLUMNS)

@@ -111,17 +111,23 @@ def forward(model: ASDAEncoder | ASDAClassifier, fbank: torch.Tensor, readout: s
     return read_out(utterance, patches, check_readout(readout)).float()
 
 
+def actor_model(spec_ref: list, threads: int) -> tuple[ASDAEncoder | ASDAClassifier, dict[str, Any], torch.device]:
+    """In an actor of a pool: (the model rebuilt once from the spec in the object store, on the actor's GPU if it
+    has one, the spec, the device), with torch's thread count fixed to ``threads``."""
+    import ray
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    spec = ray.get(spec_ref[0])
+    return build_model(spec).to(device), spec, device
+
+
 class _ModelActor:
     """One actor of the pool: rebuilds the model from the object store once, then decodes and runs blocks."""
 
     def __init__(self, spec_ref: list, *, threads: int, decode: dict[str, Any]):
-        import ray
-
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        spec = ray.get(spec_ref[0])
-        self.model, self.readout = build_model(spec).to(self.device), spec["readout"]
-        self.decode = decode
+        self.model, spec, self.device = actor_model(spec_ref, threads)
+        self.readout, self.decode = spec["readout"], decode
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clips = to_model_batch(rows, **self.decode)

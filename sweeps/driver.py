@@ -26,7 +26,7 @@ from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
 
 from .estimate import header_line
-from .grid import EVAL_FACTORS, Grid, Trial, load_grid
+from .grid import EVAL_FACTORS, Grid, Trial, load_grid, prepared_path
 from .lock import sweep_lock
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE, TRIALS_FILE
 from .resources import LOCAL_MAX_TRIALS, SWEEP_THREADS, TRIAL_CPU
@@ -325,21 +325,17 @@ def _prepared(data: dict[str, Any], where: str) -> Path:
         if not (path / "dataset.json").is_file():
             raise ValueError(f"{where}.prepared {path} is not a prepared data set; run asda prepare")
         return path
-    dataset = data.get("dataset", "synthetic")
-    options = data.get("options") or {}
-    suffix = "" if not options else "-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
-    path = DATA_ROOT / "prepared" / f"{dataset}{suffix}"
+    dataset, options = data.get("dataset", "synthetic"), data.get("options") or {}
+    path = prepared_path(data)
     if not (path / "dataset.json").is_file():
         if dataset != "synthetic" and "source" not in data:
             raise ValueError(f"{where} needs 'prepared' (a folder) or 'source' for {dataset}")
         from pipelines.data.prepare import prepare
 
-        source = Path(data.get("source") or DATA_ROOT / "raw" / f"{dataset}{suffix}")
+        source = Path(data.get("source") or DATA_ROOT / "raw" / path.name)
         print(f"preparing {dataset} into {path} (first use)")
         prepare(dataset, source, path, options=options)
     return path
-
-
 
 
 

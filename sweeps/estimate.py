@@ -35,7 +35,7 @@ import torch
 
 from model import ASDAConfig
 
-from .grid import Grid, Trial, load_grid
+from .grid import Grid, Trial, load_grid, prepared_path
 
 # --- numbers taken from recorded measurements (2-core machine of docs/benchmarks.md) ---------------------------
 # A trial's wall time beyond its training loop, its evaluation and (now measured apart) the attention
@@ -90,21 +90,6 @@ class DataFacts:
     prepared: bool
     audio_seconds: float | None  # a synthetic set not yet prepared: what preparing it will process
     source: str
-
-
-def prepared_path(section: dict[str, Any] | str) -> Path | str:
-    """Where a grid's data section (or an evaluation's ``data`` path) is prepared: the folder the sweep driver
-    (``sweeps.driver._prepared``) reads or prepares into, computed without preparing anything."""
-    from pipelines import runtime
-    from pipelines.data.storage import normalise
-
-    if isinstance(section, str | Path):
-        return normalise(section)
-    if "prepared" in section:
-        return normalise(section["prepared"])
-    dataset, options = section.get("dataset", "synthetic"), section.get("options") or {}
-    suffix = "" if not options else "-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
-    return runtime.DATA_ROOT / "prepared" / f"{dataset}{suffix}"
 
 
 def data_facts(section: dict[str, Any] | str) -> DataFacts:

@@ -341,3 +341,18 @@ def _check_train_keys(grid: Grid, where: str) -> None:
         settings(data="-", **tuned)
     except ValueError as exc:
         raise ValueError(f"{where}: evaluation.settings: {exc}") from None
+
+
+def prepared_path(section: dict[str, Any] | str) -> Path | str:
+    """Where a grid's data section (or an evaluation's ``data`` path) is prepared: the folder the sweep driver
+    reads or prepares into (``driver._prepared``) and the estimate reads the card of, without preparing anything."""
+    from pipelines import runtime
+    from pipelines.data.storage import normalise
+
+    if isinstance(section, str | Path):
+        return normalise(section)
+    if "prepared" in section:
+        return normalise(section["prepared"])
+    dataset, options = section.get("dataset", "synthetic"), section.get("options") or {}
+    suffix = "" if not options else "-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+    return runtime.DATA_ROOT / "prepared" / f"{dataset}{suffix}"

@@ -29,7 +29,7 @@ from .estimate import header_line
 from .grid import EVAL_FACTORS, Grid, Trial, load_grid, prepared_path
 from .lock import sweep_lock
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE, TRIALS_FILE
-from .resources import LOCAL_MAX_TRIALS, SWEEP_THREADS, TRIAL_CPU
+from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
 ASHA_METRIC = "loss_frame"
@@ -346,22 +346,21 @@ def _concurrency(grid: Grid, n_trials: int, requested: int | None) -> tuple[int,
 
     workers = int(grid.train.get("workers", 1))
     if grid.train.get("use_gpu"):
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        auto = max(1, gpus // workers)
+        auto = auto_concurrency(use_gpu=True, devices=ray.cluster_resources().get("GPU", 0), workers=workers,
+                                local=False)
         return min(requested or auto, n_trials), 1.0, int(grid.train.get("threads_per_worker") or 4)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     if os.environ.get("RAY_ADDRESS"):
         per_worker = float(grid.train.get("cpus_per_worker") or 1.0)
-        auto = max(1, int((cpus * 0.75) // (workers * per_worker + TRIAL_CPU)))  # leave a quarter for Ray Data
+        auto = auto_concurrency(use_gpu=False, devices=cpus, workers=workers, local=False, per_worker=per_worker)
         return min(requested or auto, n_trials), per_worker, max(1, int(per_worker))
-    # One trial per core (at most LOCAL_MAX_TRIALS), each Train worker on its share of the cores: training is CPU
-    # work, so more trials than cores only share the cores (measured when each trial still started a worker
-    # group: the default ablation took 16.5 min with three trials at a time on 2 cores, 13.9 min with two).
+    # One trial per core (measured when each trial still started a worker group: the default ablation took 16.5 min
+    # with three trials at a time on 2 cores, 13.9 min with two).
     # Torch's thread count changes the order of float sums, so it is part of the experiment, not of the machine:
     # the grid fixes it (train.threads_per_worker, default 1), and how many trials run at once changes only the
     # time a sweep takes, never its numbers.
-    cores = os.cpu_count() or 1
-    concurrent = min(requested or max(1, min(cores, LOCAL_MAX_TRIALS)), n_trials)
+    auto = auto_concurrency(use_gpu=False, devices=os.cpu_count() or 1, workers=workers, local=True)
+    concurrent = min(requested or auto, n_trials)
     return concurrent, 1.0, int(grid.train.get("threads_per_worker") or SWEEP_THREADS)
 
 

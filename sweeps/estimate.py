@@ -229,7 +229,7 @@ def placement(grid: Grid, n_trials: int, concurrent: int | None, devices: int | 
     worth); a CPU grid runs one trial per core on this machine (at most ``LOCAL_MAX_TRIALS``) or, with
     ``devices`` CPUs of a cluster, as many as three quarters of them hold (the rest is Ray Data's).
     ``concurrent`` (``--max-concurrent``) overrides the automatic count, as in the driver."""
-    from .resources import LOCAL_MAX_TRIALS, SWEEP_THREADS, TRIAL_CPU
+    from .resources import LOCAL_MAX_TRIALS, SWEEP_THREADS, auto_concurrency
 
     workers = int(grid.train.get("workers", 1))
     if grid.train.get("use_gpu"):
@@ -237,18 +237,17 @@ def placement(grid: Grid, n_trials: int, concurrent: int | None, devices: int | 
         if devices < workers:
             raise ValueError(f"devices={devices} is not allowed for grid {grid.name}: each trial trains on "
                              f"train.workers = {workers} GPUs")
-        auto, unit, threads = devices // workers, "GPU", int(grid.train.get("threads_per_worker") or GPU_THREADS)
+        unit, threads = "GPU", int(grid.train.get("threads_per_worker") or GPU_THREADS)
         local = False
     else:
         unit, threads = "core", int(grid.train.get("threads_per_worker") or SWEEP_THREADS)
         local = devices is None
-        if local:
-            devices = os.cpu_count() or 1
-            auto = max(1, min(devices, LOCAL_MAX_TRIALS))
-        else:
-            auto = max(1, int((devices * 0.75) // (workers + TRIAL_CPU)))
+        devices = (os.cpu_count() or 1) if local else devices
     if devices < 1 or (concurrent is not None and concurrent < 1):
         raise ValueError(f"devices={devices}, concurrent={concurrent} are not allowed: expected >= 1")
+    per_worker = float(grid.train.get("cpus_per_worker") or 1.0)
+    auto = auto_concurrency(use_gpu=bool(grid.train.get("use_gpu")), devices=devices, workers=workers, local=local,
+                            per_worker=per_worker)
     slots = min(concurrent or auto, n_trials)
     # Timed in as many processes at once as trials will share this machine; on a cluster each has its own.
     processes = min(slots, LOCAL_MAX_TRIALS) if local else 1

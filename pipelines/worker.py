@@ -32,6 +32,7 @@ from model.checkpoint import corruption
 CHECKPOINT_PREFIX = "checkpoint_"  # + the update, 7 digits: a checkpoint folder in the run folder
 CHECKPOINT_FILE = "model.pt"  # rank 0's training state inside a checkpoint folder
 KEEP_CHECKPOINTS = 2  # the newest checkpoint folders a run keeps
+METRICS_FILE = "metrics.json"  # rank 0's: the metrics its update reported, inside a checkpoint folder
 FINAL_FILE = "final.pt"  # a pretraining run's portable weights, next to its checkpoints
 STOP_FILE = "stopped.json"
 SYSTEM_METRICS_EVERY_S = 5  # seconds between system-metric samples; the environment's ASDA_SYSTEM_METRICS_EVERY_S wins
@@ -256,7 +257,7 @@ class Checkpointer:
         metrics = {"step": step, "epoch": epoch, "resumed_from_step": self.resumed_from, **metrics}
         report = self._report or train_api(self.in_process).report
         if self.in_process:
-            folder = self._write_in_run_folder(name, step, epoch)
+            folder = self._write_in_run_folder(name, step, epoch, metrics)
             report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
             if self.report_to_tune:
                 import ray.tune
@@ -264,22 +265,25 @@ class Checkpointer:
                 ray.tune.report(metrics)
         else:
             with tempfile.TemporaryDirectory() as tmp:  # Ray Train copies it into the run folder
-                self._write(Path(tmp), step, epoch)
+                self._write(Path(tmp), step, epoch, metrics)
                 report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         self.last_checkpoint = name
 
-    def _write(self, folder: Path, step: int, epoch: int) -> None:
+    def _write(self, folder: Path, step: int, epoch: int, metrics: dict[str, Any] | None = None) -> None:
         if self.rank == 0:
             save_checkpoint(folder / CHECKPOINT_FILE, self.model, self.config, optimizer=self.optimiser.state_dict(),
                             scheduler=self.scheduler.state_dict(), step=step, epoch=epoch, **self.extra)
+            # what the update reported, reported again by a run restored from this checkpoint with nothing
+            # left to train (its loss would otherwise be missing from the run's result)
+            (folder / METRICS_FILE).write_text(json.dumps(metrics or {}, default=float))
         torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
 
-    def _write_in_run_folder(self, name: str, step: int, epoch: int) -> Path:
+    def _write_in_run_folder(self, name: str, step: int, epoch: int, metrics: dict[str, Any]) -> Path:
         """run_dir/name, complete or absent (written aside, then renamed); the newest KEEP_CHECKPOINTS are kept."""
         folder, staging = Path(self.run_dir) / name, Path(self.run_dir) / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        self._write(staging, step, epoch)
+        self._write(staging, step, epoch, metrics)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
         for old in sorted(Path(self.run_dir).glob(f"{CHECKPOINT_PREFIX}*"))[:-KEEP_CHECKPOINTS]:
@@ -291,7 +295,10 @@ class Checkpointer:
         again, so that the run's result names it."""
         if self.in_process and self._restored is not None:
             report = self._report or train_api(True).report
-            report({"step": step, "epoch": epoch, "resumed_from_step": step}, checkpoint=self._restored,
+            with self._restored.as_directory() as folder:
+                saved = Path(folder) / METRICS_FILE
+                metrics = json.loads(saved.read_text()) if saved.is_file() else {}
+            report({**metrics, "step": step, "epoch": epoch, "resumed_from_step": step}, checkpoint=self._restored,
                    checkpoint_dir_name=self.last_checkpoint)
 
     def stop(self, step: int, kind: str, reason: str) -> dict[str, Any]:

@@ -203,3 +203,26 @@ def test_a_corrupt_newest_checkpoint_gives_way_to_the_one_before_it(tmp_path, ca
     _flip_a_byte(tmp_path / "run" / "checkpoint_0000002" / worker.CHECKPOINT_FILE)
     with pytest.raises(ValueError, match="every checkpoint of .* is corrupt"):
         in_process().latest()
+
+
+def test_a_run_restored_from_its_last_checkpoint_reports_that_updates_metrics_again(tmp_path):
+    """A trial stopped after its last update (in its evaluation, say) resumes with nothing to train: its result
+    still carries the loss of its last update, not a missing one (the sweep's pretrain_loss)."""
+    def in_process(reports):
+        model = torch.nn.Linear(4, 2)
+        optimiser = torch.optim.AdamW(model.parameters())
+        return worker.Checkpointer(rank=0, run_dir=str(tmp_path / "run"), every=2, last_step=4, model=model,
+                                   optimiser=optimiser, scheduler=torch.optim.lr_scheduler.LambdaLR(optimiser, _one),
+                                   config=ASDAConfig.tiny(), in_process=True,
+                                   report=lambda metrics, **k: reports.append(metrics))
+
+    first = []
+    worker.run_steps(_Job(batches_per_epoch=4, norms=[0.5, 0.25, 0.125, 0.0625]), in_process(first), _logger(),
+                     steps=4, log_every=2)
+    again = []
+    resumed = in_process(again)
+    start = resumed.restore(resumed.latest(), seed=0)
+    assert worker.run_steps(_Job(batches_per_epoch=4, norms=[]), resumed, _logger(), steps=4, log_every=2,
+                            start=start) == {"step": 4, "resumed_from_step": 4}
+    assert first[-1]["loss"] == 0.0625 and again[-1]["loss"] == first[-1]["loss"]
+    assert again[-1]["eval_accuracy"] == 0.5 and again[-1]["resumed_from_step"] == 4

@@ -9,10 +9,12 @@ trials are not redone) and a changed grid starts a new sweep.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -460,7 +462,6 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
     returns {"dir", "parent_run_id", "trials", "baseline", "report"}."""
     from pipelines.runtime import ensure_ray
 
-    from .report import build_report, print_report
 
     grid = load_grid(grid_name_or_path)  # every cell's config is validated here, before Ray starts
     trials = grid.trials()
@@ -473,33 +474,64 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
         folder.mkdir(parents=True, exist_ok=True)
         ensure_ray(job_name=f"asda sweep {state['sweep_id']}")  # its name in the dashboard's Jobs list
         state["parent_run_id"] = _parent_run(grid, state, experiment)
-        state["cell_runs"] = _cell_runs(grid, state)
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
-        concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
-        sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
-        _header(state, grid, trials, concurrent, folder, sweep)
-        orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
-        if orphans:
-            print(f"  closed     {len(orphans)} run(s) an earlier driver left RUNNING (marked KILLED; the trials "
-                  f"start again): {', '.join(orphans)}")
-        with stop_signals(sigterm_as_sigint=True) as received:  # Tune's SIGINT handler stops the trials
-            results = _tuner(grid, trials, sweep, folder / "tune", concurrent, asha).fit()
-        rows = _collect(results, grid)
-        unfinished = [r for r in rows if r["metric_value"] is None and not r["error"]]
-        if received or unfinished:
-            _interrupted(received.get("signum", signal.SIGINT), state, folder, rows, unfinished, grid.metric)
-        (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
-        baseline = run_baseline(grid, sweep, folder)
-        report = build_report(rows, grid, folder / "report", baseline=baseline, parent_run_id=state["parent_run_id"],
-                              cell_runs=state["cell_runs"], data=str(data))
-        failed = [r for r in rows + baseline if r.get("error")]
-        tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
-        (folder / STATE_FILE).write_text(json.dumps({**state, "finished": True}, indent=2))
-        print_report(report)
-        print(f"report: {folder / 'report'}")
-        print("\n".join(sweep_links(state, grid.metric)))
-        return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "baseline": baseline,
-                "report": report}
+        with _parent_closed_on_failure(state):
+            return _run_and_report(grid, trials, state, folder, data, tasks_data, experiment, max_concurrent, asha)
+
+
+def _run_and_report(grid: Grid, trials: list[Trial], state: dict, folder: Path, data: Path,
+                    tasks_data: dict[str, Path], experiment: str, max_concurrent: int | None,
+                    asha: bool) -> dict[str, Any]:
+    """The sweep once its parent run exists: the cell runs, the trials, the baseline, the report."""
+    from .report import build_report, print_report
+
+    state["cell_runs"] = _cell_runs(grid, state)
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+    concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
+    sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
+    _header(state, grid, trials, concurrent, folder, sweep)
+    orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
+    if orphans:
+        print(f"  closed     {len(orphans)} run(s) an earlier driver left RUNNING (marked KILLED; the trials "
+              f"start again): {', '.join(orphans)}")
+    with stop_signals(sigterm_as_sigint=True) as received:  # Tune's SIGINT handler stops the trials
+        results = _run_trials(grid, trials, sweep, folder, concurrent, asha)
+    rows = _collect(results, grid)
+    unfinished = [r for r in rows if r["metric_value"] is None and not r["error"]]
+    if received or unfinished:
+        _interrupted(received.get("signum", signal.SIGINT), state, folder, rows, unfinished, grid.metric)
+    (folder / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
+    baseline = run_baseline(grid, sweep, folder)
+    report = build_report(rows, grid, folder / "report", baseline=baseline, parent_run_id=state["parent_run_id"],
+                          cell_runs=state["cell_runs"], data=str(data))
+    failed = [r for r in rows + baseline if r.get("error")]
+    tracking.end_run(state["parent_run_id"], "FAILED" if failed else "FINISHED")
+    (folder / STATE_FILE).write_text(json.dumps({**state, "finished": True}, indent=2))
+    print_report(report)
+    print(f"report: {folder / 'report'}")
+    print("\n".join(sweep_links(state, grid.metric)))
+    return {"dir": str(folder), "parent_run_id": state["parent_run_id"], "trials": rows, "baseline": baseline,
+            "report": report}
+
+
+@contextlib.contextmanager
+def _parent_closed_on_failure(state: dict):
+    """A sweep that stops on an error never leaves its MLflow runs RUNNING: the runs under its parent that are
+    still running, and the parent itself, are marked FAILED (KILLED for Ctrl+C, which ``_interrupted`` handles
+    while trials run). Where the tracking store cannot be reached either, one line says so; the next run of the
+    command closes them."""
+    try:
+        yield
+    except SweepInterrupted:
+        raise
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            _close_orphans(state["parent_run_id"], cells=True, status=status)
+            tracking.end_run(state["parent_run_id"], status)
+        except Exception as closing:  # noqa: BLE001 - the sweep's own error is the one to show
+            print(f"  could not mark the sweep's MLflow runs {status} ({type(closing).__name__}: "
+                  f"{str(closing)[:120]}); the next run of the same command does", file=sys.stderr, flush=True)
+        raise
 
 
 def sweep_links(state: dict, metric: str) -> list[str]:
@@ -524,7 +556,8 @@ class SweepInterrupted(Exception):
         self.signum, self.resume = signum, resume
 
 
-def _close_orphans(parent_run_id: str, metric: str | None = None, cells: bool = False) -> list[str]:
+def _close_orphans(parent_run_id: str, metric: str | None = None, cells: bool = False,
+                   status: str = "KILLED") -> list[str]:
     """Mark KILLED the runs under the sweep (under its parent run and under its cell runs) that are still RUNNING:
     nothing of this sweep runs yet, so they were left by an interrupted or killed driver (a trial that resumes
     sets its run RUNNING again). With ``metric``, also every trial run without it: its pretraining may have
@@ -547,8 +580,8 @@ def _close_orphans(parent_run_id: str, metric: str | None = None, cells: bool = 
         if kind == tracking.KIND_CELL and not cells:
             continue
         unevaluated = metric is not None and kind == tracking.KIND_TRIAL and metric not in run.data.metrics
-        if run.info.status == "RUNNING" or (unevaluated and run.info.status != "KILLED"):
-            client.set_terminated(run.info.run_id, status="KILLED")
+        if run.info.status == "RUNNING" or (unevaluated and run.info.status not in ("KILLED", status)):
+            client.set_terminated(run.info.run_id, status=status)
             closed.append(run.info.run_name or run.info.run_id)
     return closed
 
@@ -615,6 +648,49 @@ def _open_sweep(grid: Grid, storage: str | Path, fresh: bool,
     return folder, state
 
 
+def _run_trials(grid: Grid, trials: list[Trial], sweep: SweepParams, folder: Path, concurrent: int,
+                asha: bool) -> list:
+    """Every trial's result: the trials the sweep recorded as finished (``records``) and those Tune runs now.
+    Tune's own state (``<sweep>/tune``) resumes the rest where it reads; where it does not (cut off by a full disk,
+    say) it is set aside and the trials without a record start again, each from its last checkpoint."""
+    from .records import RecordedResult, recorded
+
+    tune_path, done = folder / "tune", recorded(folder)
+    problem = _tune_state_problem(tune_path)
+    if problem:
+        aside = tune_path.with_name(f"tune.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        tune_path.rename(aside)
+        print(f"  Tune state {problem}: set aside as {aside.name}; the sweep's own records keep {len(done)} "
+              f"finished trial(s), the other {len(trials) - len(done)} start again from their last checkpoints")
+    if tune_path.exists():
+        results = list(_tuner(grid, trials, sweep, tune_path, concurrent, asha).fit())
+    else:
+        todo = [t for t in trials if t.slug() not in done]
+        results = list(_tuner(grid, todo, sweep, tune_path, concurrent, asha).fit()) if todo else []
+    found = {Trial(**r.config["trial"]).slug(): r for r in results if r.config.get("trial")}
+    for slug, record in recorded(folder).items():  # what the records hold stands for a trial Tune lost
+        if slug not in found or (found[slug].metrics or {}).get(grid.metric) is None:
+            found[slug] = RecordedResult(record)
+    return list(found.values())
+
+
+def _tune_state_problem(tune_path: Path) -> str | None:
+    """Why Tune's state in ``tune_path`` cannot resume the sweep, or None (also when there is none): a state file
+    that does not parse makes Tune rebuild its trials without their settings."""
+    from ray import tune
+
+    if not tune_path.exists():
+        return None
+    if not tune.Tuner.can_restore(str(tune_path)):
+        return f"in {tune_path} is incomplete (no tuner.pkl)"
+    for state in sorted(tune_path.glob("experiment_state-*.json")):  # JSON (the search's state is a pickle)
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError) as exc:
+            return f"file {state} does not read ({type(exc).__name__}: {str(exc)[:80]})"
+    return None
+
+
 def _tuner(grid: Grid, trials: list[Trial], sweep: SweepParams, tune_path: Path, concurrent: int, asha: bool):
     """The sweep's Tuner: restored from ``tune_path`` when it exists (finished trials are kept), else new."""
     from ray import tune
@@ -652,11 +728,13 @@ def _run_config(grid: Grid, tune_path: Path, n_trials: int, parent_run_id: str |
 
     from .console import SweepConsole
     from .live import LiveNote
+    from .records import TrialRecords
 
     live = [LiveNote(parent_run_id, grid.name, grid.metric, n_trials)] if parent_run_id else []
+    records = TrialRecords(tune_path.parent, grid.metric)  # first: a trial is recorded before anything else
     return tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent), verbose=2 if is_verbose() else 0,
                           failure_config=tune.FailureConfig(max_failures=int(grid.train.get("max_failures", 1))),
-                          callbacks=[SweepConsole(n_trials, grid.metric), *live])
+                          callbacks=[records, SweepConsole(n_trials, grid.metric), *live])
 
 
 def collapse_risks(grid: Grid, trials: list[Trial]) -> dict[str, str]:

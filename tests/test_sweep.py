@@ -319,7 +319,7 @@ def test_a_sweep_on_its_own_ray_instance_listens_on_loopback_only_and_stops_clea
     _stopped_by(signal.SIGINT, proc, out, storage)
 
 
-def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_store, tmp_path):
+def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_store, tmp_path, capsys):
     from pipelines.runtime import auth_token_path
 
     result = run_sweep("smoke", storage=tmp_path)
@@ -340,6 +340,15 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     assert [r["run_id"] for r in again["baseline"]] == [r["run_id"] for r in result["baseline"]]  # cached
     cells, seeds = _tree(MlflowClient(), result["parent_run_id"])
     assert {r.info.run_id for r in cells + seeds} == {r.info.run_id for r in children}
+    # Tune's state cut off mid-write (as a full disk leaves it): the sweep's own records keep every finished
+    # trial, so the same command resumes it, says so, trains nothing again and ends with the same numbers.
+    state_file = next((Path(result["dir"]) / "tune").glob("experiment_state-*.json"))
+    state_file.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
+    damaged = run_sweep("smoke", storage=tmp_path)
+    assert "does not read" in capsys.readouterr().out
+    assert _numbers(damaged) == _numbers(result) and damaged["parent_run_id"] == result["parent_run_id"]
+    assert {t["run_id"] for t in damaged["trials"]} == {t["run_id"] for t in result["trials"]}
+    assert MlflowClient().get_run(result["parent_run_id"]).info.status == "FINISHED"
     # The same grid from scratch, one trial at a time instead of two: the same numbers to the bit (each trial's
     # torch thread count is the grid's, not a share of the cores).
     alone = run_sweep("smoke", storage=tmp_path / "alone", max_concurrent=1)

@@ -60,9 +60,10 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server_at(backend_store_uri: str, artifacts: Path, log: Path):
-    """An `mlflow server` on loopback in its own process group, stopped (the whole group) afterwards."""
-    port = free_port()
+def mlflow_server_at(backend_store_uri: str, artifacts: Path, log: Path, port: int | None = None):
+    """An `mlflow server` on loopback in its own process group, stopped (the whole group) afterwards; on ``port``
+    if given (a server started again where its clients look for it), else on a free one."""
+    port = port or free_port()
     exe = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
         [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_store_uri,

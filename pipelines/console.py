@@ -23,6 +23,7 @@ _state = {"verbose": False, "progress": False}
 def set_verbose(verbose: bool) -> None:
     """Quiet (the default): Ray's and Ray Data's output stays in Ray's log files. Verbose: everything, here."""
     _state["verbose"] = verbose
+    keep_ray_messages_in_logs(not verbose)
     if verbose:
         return
     for key, value in QUIET_ENV.items():
@@ -42,6 +43,69 @@ def set_verbose(verbose: bool) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # A failed trial's traceback: the sweep prints one line with the reason and where the whole error is.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+
+
+RAY_MESSAGES_FILE = "driver_messages.log"  # in Ray's log folder: what Ray had the quiet driver print
+# Ray Tune's own account, on the driver, of trials that failed (the sweep's console has a line for each):
+# "Trials did not complete: [...]", "Failed to fetch metrics for 1 trial(s)".
+RAY_DRIVER_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+
+def keep_ray_messages_in_logs(quiet: bool = True) -> None:
+    """Quiet: the lines Ray prints on a driver of its own accord go to RAY_MESSAGES_FILE in Ray's log folder
+    instead of this terminal; not quiet: to the terminal again. ``log_to_driver=False`` stops the workers' output
+    only: every driver also runs Ray's error listener (``ray._private.worker.listen_error_messages``, started by
+    ray.init whatever log_to_driver says), which prints the messages the raylet and Ray's other processes publish
+    to drivers ("(raylet) WARNING: 6 PYTHON worker processes have been started on node ...", a task that cannot
+    be scheduled, a Ray process that died) to stdout through ``worker.print_to_stdstream``; the raylet writes
+    them to its own log too (raylet.out), and this keeps the driver's copy beside it. The listener looks the
+    function up at each message, so replacing it takes effect at once; it is the only caller while
+    ``log_to_driver`` is off. Tune's loggers of RAY_DRIVER_LOGGERS go to the same file."""
+    worker = sys.modules.get("ray._private.worker")  # not imported: nothing was replaced, nothing to restore
+    if quiet and worker is None:
+        try:
+            from ray._private import worker
+        except ImportError:
+            return
+    if worker is None:
+        return
+    original = getattr(worker.print_to_stdstream, "printed_by", worker.print_to_stdstream)
+    worker.print_to_stdstream = _to_ray_logs if quiet else original
+    _to_ray_logs.printed_by = original
+    for name in RAY_DRIVER_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, _RayLogsHandler)]:
+            logger.removeHandler(handler)
+        if quiet:
+            logger.addHandler(_RayLogsHandler())
+        logger.propagate = not quiet
+
+
+def _to_ray_logs(data: dict, ignore_prefix: bool = False) -> None:
+    """``worker.print_to_stdstream`` of a quiet driver: the lines into RAY_MESSAGES_FILE, named by their source."""
+    _append_ray_messages(f"({data.get('pid')})", data.get("lines", []))
+
+
+class _RayLogsHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _append_ray_messages(f"{record.levelname} {record.name}", self.format(record).splitlines())
+
+
+def _append_ray_messages(source: str, lines: list[str]) -> None:
+    """Append ``lines`` to RAY_MESSAGES_FILE in the log folder of the Ray instance this driver is connected to,
+    where that folder is on this machine (not on a remote cluster's head); nothing otherwise."""
+    try:
+        folder = sys.modules["ray._private.worker"].global_worker.node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - not connected (yet)
+        return
+    if not folder or not os.path.isdir(folder):
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(os.path.join(folder, RAY_MESSAGES_FILE), "a") as fh:
+            fh.writelines(f"{stamp} {source} {plain(line)}\n" for line in lines)
+    except OSError:
+        pass
 
 
 def is_verbose() -> bool:

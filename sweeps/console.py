@@ -1,15 +1,25 @@
 """The sweep's terminal: one line per trial event (started, finished with its metric and time, failed with the
-reason and where its log is) and an overall progress line with an ETA, as a Ray Tune callback."""
+reason and where its log is) and an overall progress line with an ETA, as a Ray Tune callback. A trial Ray's
+memory monitor killed says so ("out of memory (N GB used of M)", ``sweeps.memory.oom_reason``), and its MLflow
+run gets the reason as a tag (TAG_FAILURE)."""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+from pathlib import Path
 
 from ray.tune import Callback
 
+from pipelines import tracking
 from pipelines.console import Progress, duration, plain
 
 from .grid import Trial
+from .memory import oom_reason
+
+log = logging.getLogger(__name__)
+TAG_FAILURE = "asda.failure"  # a trial's run: why its process was stopped ("out of memory (N GB used of M)")
 
 
 def _name(trial) -> str:
@@ -24,8 +34,12 @@ class SweepConsole(Callback):
     """Prints what happens to each trial, after each ending the sweep's progress (trials ended, ETA), and, when
     trials wait and none runs for ``wait_notice_s``, what they wait for (``waiting_line``)."""
 
-    def __init__(self, total: int, metric: str, wait_notice_s: float = WAIT_NOTICE_S):
+    def __init__(self, total: int, metric: str, wait_notice_s: float = WAIT_NOTICE_S,
+                 parent_run_id: str | None = None):
+        """``parent_run_id``: the sweep's parent run, whose experiment and sweep id (its TAG_SWEEP) find a trial's
+        run to tag when Ray's memory monitor kills the trial (none: nothing is tagged)."""
         self.total, self.metric, self.wait_notice_s = total, metric, wait_notice_s
+        self.parent_run_id = parent_run_id
         self.progress = Progress(total, "trials")
         self.started: dict[str, float] = {}
         self.last_event = time.monotonic()
@@ -57,7 +71,10 @@ class SweepConsole(Callback):
         self._event(trials, f"started   {_name(trial)}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._event(trials, f"retrying  {_name(trial)} from its last checkpoint: {_reason(trial)}")
+        reason = _reason(trial)
+        self._event(trials, f"retrying  {_name(trial)} from its last checkpoint: {reason}")
+        if reason.startswith(OOM):
+            record_failure(self.parent_run_id, trial.config, f"{reason}; retried from its last checkpoint")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         took = duration(time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter()))
@@ -68,7 +85,10 @@ class SweepConsole(Callback):
         self._finished(trials, trial, f"finished  {_name(trial)}: {shown} in {took}{collapse}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finished(trials, trial, f"failed    {_name(trial)}: {_reason(trial)}; log {trial.path or '?'}/error.txt")
+        reason = _reason(trial)
+        self._finished(trials, trial, f"failed    {_name(trial)}: {reason}; log {trial.path or '?'}/error.txt")
+        if reason.startswith(OOM):
+            record_failure(self.parent_run_id, trial.config, reason)
 
     def on_experiment_end(self, trials, **info):
         self.progress.finish()
@@ -110,13 +130,77 @@ def _ended(trials, ending=None) -> int:
     return sum(t.status in ("TERMINATED", "ERROR") or t is ending for t in trials)
 
 
+OOM = "out of memory"  # how ``sweeps.memory.oom_reason`` starts
+
+
 def _reason(trial) -> str:
-    """The last line of a trial's error: the exception and its message, without Ray's wrapping."""
+    """Why a trial's process stopped: "out of memory (N GB used of M)" where Ray's memory monitor killed it, else
+    the last line of its latest error (the exception and its message, without Ray's wrapping)."""
+    error = _latest_failure(_error_text(trial))
+    if error is None:  # not recorded anywhere yet
+        return "its process failed (the reason is in the trial's log under Ray's logs)"
+    oom = oom_reason(error)
+    if oom:
+        return oom
+    lines = [line for line in plain(error).strip().splitlines() if line.strip()]
+    return _sentences(lines[-1].strip()) if lines else "its process failed"
+
+
+def _sentences(line: str, limit: int = 200) -> str:
+    """``line`` cut to its whole sentences within ``limit`` characters (Ray's account of a dead worker runs on
+    for several hundred, its likely causes after the facts), or to ``limit`` where it has no sentence end."""
+    if len(line) <= limit:
+        return line
+    end = line.rfind(". ", 0, limit)
+    return line[:end + 1] if end > 0 else line[:limit]
+
+
+def _error_text(trial) -> str | None:
+    """The trial's error file: Tune writes it (every failure appended) into the trial's folder on the driver
+    (``error_file``) as it handles the failure, and copies it to the trial's storage (``get_error``) only at its
+    next sync, so while Tune calls back the storage's copy is often not there yet."""
+    local = getattr(trial, "error_file", None)
+    try:
+        if local and Path(local).is_file():
+            return Path(local).read_text(errors="replace")
+    except OSError:
+        pass
     try:
         error = trial.get_error()
-    except Exception:
-        error = None
-    if error is None:  # not recorded yet: Tune is about to start the trial again
-        return "its process failed (the reason is in the trial's log under Ray's logs)"
-    lines = [line for line in plain(str(error)).strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(error).__name__
+    except Exception:  # noqa: BLE001 - the storage is not readable: no reason rather than no line
+        return None
+    return None if error is None else str(error)
+
+
+def _latest_failure(text: str | None) -> str | None:
+    """The last failure of an error file whose failures are each headed "Failure # N (occurred at ...)"."""
+    if text is None:
+        return None
+    parts = re.split(r"^Failure # \d+ \(occurred at [^)]*\)\s*$", text, flags=re.M)
+    return parts[-1] if parts[-1].strip() else text
+
+
+def record_failure(parent_run_id: str | None, config: dict, reason: str) -> str | None:
+    """Tag the trial's RUNNING run (its sweep, cell and seed tags; the sweep's id and experiment are its parent
+    run's) with ``reason`` (TAG_FAILURE); returns the run's id, or None where there is none or the tracking store
+    is away. The console prints its line first, and a tracking failure never fails it."""
+    if not parent_run_id:
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        parent = client.get_run(parent_run_id)
+        trial = Trial(**config["trial"])
+        tags = {tracking.TAG_SWEEP: parent.data.tags.get(tracking.TAG_SWEEP, ""), tracking.TAG_CELL: trial.cell,
+                tracking.TAG_SEED: str(trial.seed), tracking.TAG_KIND: tracking.KIND_TRIAL}
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()) + " and attributes.status = 'RUNNING'"
+        runs = client.search_runs([parent.info.experiment_id], filter_string=where, max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+        if not runs:
+            return None
+        client.set_tag(runs[0].info.run_id, TAG_FAILURE, reason)
+        return runs[0].info.run_id
+    except Exception as exc:  # noqa: BLE001 - a tracking failure costs the tag, never the console
+        log.debug("could not tag the trial's run with %r: %s", reason, exc)
+        return None

@@ -852,6 +852,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # user errors: bad config, bad path, bad data
         print(f"asda {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # out of space (pipelines.disk): 1, as nothing in the command is wrong; rerun it
+        from .disk import DiskFull
+
+        if not isinstance(exc, DiskFull):
+            raise
+        print(f"asda {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -341,7 +341,7 @@ def embed_on_ray(encoder, feeding, settings: EmbedSettings, items: list[dict], p
     import ray.data
 
     from .data.feed import DATA_TASK_CPUS
-    from .inference import INFERENCE_THREADS, model_spec, pool_size
+    from .inference import INFERENCE_THREADS, model_spec, on_actor_pool, pool_size
     from .runtime import ensure_ray
 
     ray_module = ensure_ray()
@@ -350,11 +350,11 @@ def embed_on_ray(encoder, feeding, settings: EmbedSettings, items: list[dict], p
     else:
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ITEMS_PER_CALL)))
     actors, per_actor = pool_size(ray_module, -(-count // ITEMS_PER_CALL))
-    ds = ds.map_batches(_EmbedActor, batch_size=ITEMS_PER_CALL, batch_format="numpy",
-                        fn_constructor_args=([ray_module.put(model_spec(encoder))],),
-                        fn_constructor_kwargs=dict(feeding=feeding, settings=settings, threads=INFERENCE_THREADS),
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                        **{"num_cpus": DATA_TASK_CPUS, **per_actor})
+    ds = on_actor_pool(ds, _EmbedActor, batch_size=ITEMS_PER_CALL, batch_format="numpy",
+                       fn_constructor_args=([ray_module.put(model_spec(encoder))],),
+                       fn_constructor_kwargs=dict(feeding=feeding, settings=settings, threads=INFERENCE_THREADS),
+                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                       **{"num_cpus": DATA_TASK_CPUS, **per_actor})
     ds.context.execution_options.preserve_order = True
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for values in zip(*batch.values(), strict=True):

@@ -151,3 +151,38 @@ def test_the_probe_scores_the_eval_split_with_noise_by_the_classifier_fitted_on_
     assert {"eval_accuracy_snr80", "eval_accuracy_snr-20", "readout_mean/eval_accuracy_snr-20"} <= set(logged)
     with pytest.raises(ValueError, match=r"noise_snrs=\(5, 5\) is not allowed: expected distinct finite numbers"):
         ProbeSettings(data="-", noise_snrs=(5, 5))
+
+
+RESTART_WARNING_SCRIPT = """
+import sys
+
+from model import ASDAConfig, ASDAEncoder
+from pipelines import inference
+
+encoder = ASDAEncoder(ASDAConfig.tiny(embed_dim=64, depth=2, num_heads=4, average_top_k_layers=2, num_students=2,
+                                      decoder_layers=1)).eval()
+inference.model_outputs(encoder, sys.argv[1], ["test"], batch_size=16)
+print("=== restartable actors", file=sys.stderr, flush=True)
+inference.on_actor_pool = lambda ds, actor_class, **options: ds.map_batches(actor_class, **options)
+inference.model_outputs(encoder, sys.argv[1], ["test"], batch_size=16)
+"""
+
+
+def test_the_probes_actor_pool_prints_no_ray_core_line_on_the_console(ray_local, synthetic_prepared):
+    """The probe's pass on Ray Data, in a process of its own (Ray's core worker prints its warning once per
+    process, so an earlier actor of this one could hide it), writes no core_worker.cc line to stderr. The same
+    process then runs the pass with Ray Data's restartable actors and the line appears: what the first pass
+    avoided, and proof that the check can see it. If Ray stops printing it, the control fails: the pool's
+    max_restarts=0 (``inference.on_actor_pool``) can then go. A subprocess, not capfd: it is the only way to a
+    process whose once-only line is not spent."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    run = subprocess.run([sys.executable, "-c", RESTART_WARNING_SCRIPT, str(synthetic_prepared)], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, restartable = run.stderr.split("=== restartable actors")
+    assert "core_worker.cc" not in ours and "deprecated" not in ours, ours  # nor Ray's word on the knob used
+    assert "has constructor arguments in the object store and max_restarts > 0" in restartable, restartable[-2000:]

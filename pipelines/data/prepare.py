@@ -37,6 +37,7 @@ import numpy as np
 
 from model.features import FEATURE_SETTINGS, NUM_MEL_BINS, SAMPLE_RATE
 
+from ..disk import DiskFull, disk_full, disk_guard
 from ..runtime import code_version, ensure_ray
 from . import storage
 from .adapters import GENERIC_TARGET_LENGTH, DatasetIndex, build_index
@@ -67,6 +68,7 @@ MIN_SHARDS, MIN_SHARD_ROWS = 32, 64
 CLIP_ORDER_SEED = 0  # the shuffled order clips are stored in (see clip_order)
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: ~16 MB of 10 s clips
 STAGES = ("decode", "resample", "fbank", "float16", "parquet")
+RESUME = "free some space and run the same command again to continue"
 
 
 class RejectedClip(Exception):
@@ -252,23 +254,61 @@ def make_shard(spec: dict[str, Any], *, fs, work: str, atomic: bool, run: str) -
     record = {"shard": int(spec["shard"]), "file": None, "rows": len(columns["id"]), "bytes": 0, HASH: None}
     if record["rows"]:
         record["file"] = shard_name(record["shard"])
-        table = pa.table(columns, schema=_schema())
-        target = f"{work}/{record['file']}"
-        if atomic:  # a half-written file never has the shard's name
-            partial = f"{work}/{TMP_DIR}/{record['file']}.{uuid.uuid4().hex[:8]}"
-            record["bytes"], record[HASH] = write_shard(table, fs, partial)
-            fs.move(partial, target)
-        else:  # an object store shows an object only once it is complete
-            record["bytes"], record[HASH] = write_shard(table, fs, target)
-    timings["parquet"] += time.perf_counter() - start
-    context = ray.get_runtime_context()
-    record.update(
-        rejected=rejected, summary=summary.to_json(), clips=record["rows"], audio_seconds=audio_seconds,
-        run=run, node_id=context.get_node_id(), node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
-        started=began, finished=time.time(), cpu_seconds=round(time.process_time() - cpu, 4), stages={k: round(timings[k], 4) for k in STAGES},
-    )
-    storage.write_text(fs, f"{work}/{_record_name(record['shard'])}", json.dumps(record))
-    return {"record": json.dumps(record)}
+    table = pa.table(columns, schema=_schema()) if record["rows"] else None
+    try:
+        if table is not None:
+            _write_table(table, record, fs=fs, work=work, atomic=atomic)
+        timings["parquet"] += time.perf_counter() - start
+        context = ray.get_runtime_context()
+        record.update(
+            rejected=rejected, summary=summary.to_json(), clips=record["rows"], audio_seconds=audio_seconds,
+            run=run, node_id=context.get_node_id(), node_ip=ray.util.get_node_ip_address(), pid=os.getpid(),
+            started=began, finished=time.time(), cpu_seconds=round(time.process_time() - cpu, 4),
+            stages={k: round(timings[k], 4) for k in STAGES},
+        )
+        path = f"{work}/{_record_name(record['shard'])}"
+        with disk_guard(path):
+            storage.write_text(fs, path, json.dumps(record))
+    except DiskFull as exc:
+        return _out_of_space(exc, record, table, fs=fs, work=work)
+    return {"record": json.dumps(record), "disk_full": ""}
+
+
+def _write_table(table, record: dict, *, fs, work: str, atomic: bool) -> None:
+    """Write the shard's file (its size and hash into ``record``). Where the filesystem renames, it is written
+    under a temporary name and renamed, so a half-written file never has the shard's name; an object store shows
+    an object only once it is complete. A write that fails or is cancelled leaves no partial file behind: on a
+    full disk that space is the user's again."""
+    target = f"{work}/{record['file']}"
+    path = f"{work}/{TMP_DIR}/{record['file']}.{uuid.uuid4().hex[:8]}" if atomic else target
+    try:
+        with disk_guard(path):
+            record["bytes"], record[HASH] = write_shard(table, fs, path)
+    except BaseException:  # also Ray's cancel (KeyboardInterrupt) once another task found the disk full
+        _remove(fs, path)
+        raise
+    if atomic:
+        fs.move(path, target)
+
+
+def _out_of_space(exc: DiskFull, record: dict, table, *, fs, work: str) -> dict[str, str]:
+    """The task's row for a shard that did not fit (the path, whether it was a quota, the shard's clips and
+    about its bytes: the table's): a shard whose record could not be written does not count, so its file goes
+    too (its space is free for the next run, which makes it again). The driver stops the run on this row and says
+    so in one line (``_no_space``); raising instead would reach it as Ray's wrapped traceback."""
+    if record["file"]:
+        _remove(fs, f"{work}/{record['file']}")
+    return {"record": "", "disk_full": json.dumps({
+        "path": exc.path, "quota": exc.errno == errno.EDQUOT, "clips": record["rows"],
+        "bytes": table.nbytes if table is not None else 0})}
+
+
+def _remove(fs, path: str) -> None:
+    """Delete ``path`` if it is there; cleaning up after a failed write must not hide that failure."""
+    try:
+        fs.delete_file(path)
+    except OSError:
+        pass
 
 
 class _Summary:
@@ -395,7 +435,8 @@ def prepare(
         print(f"{out} is already prepared{kept} (use --force to redo it)")
         return existing
     started = time.time()
-    index = build_index(dataset, source, **(options or {}))  # bad layouts fail here, before Ray starts
+    with disk_guard(source):  # the synthetic set is generated into its source
+        index = build_index(dataset, source, **(options or {}))  # bad layouts fail here, before Ray starts
     if not index.clips:
         raise ValueError(f"{dataset} source {source} has no usable clips: "
                          f"{rejection_report(index.rejected, fs, out_path)}")
@@ -408,21 +449,26 @@ def prepare(
     in_place = not storage.renames_atomically(fs) if in_place is None else in_place
     parent, name = out_path.rstrip("/").rsplit("/", 1) if "/" in out_path.rstrip("/") else ("", out_path)
     work = out_path if in_place else f"{parent}/.{name}.staging-{fingerprint[:12]}"
-    _start_work(fs, work, fingerprint, len(plan), in_place=in_place, existing=existing is not None, out=out)
+    with disk_guard(work, advice=RESUME):  # the driver's own writes: the plan, the card, the rejected list
+        _start_work(fs, work, fingerprint, len(plan), in_place=in_place, existing=existing is not None, out=out)
+        run = uuid.uuid4().hex[:12]
+        records = _all_shards(fs, work, plan, in_place=in_place, run=run)
+        card = _card(index, dataset, source, records, time.time() - started, run, target_length)
+        _finish(card, max_rejected, fs, work, out_path, in_place)
+    _report(card)
+    return card
 
-    run = uuid.uuid4().hex[:12]
-    records = _all_shards(fs, work, plan, in_place=in_place, run=run)
-    card = _card(index, dataset, source, records, time.time() - started, run, target_length)
+
+def _finish(card: dict, max_rejected: float, fs, work: str, out_path: str, in_place: bool) -> None:
+    """Check the rejections, write the card (the last thing written: its presence marks a finished output) and,
+    where the output was staged, rename it into place."""
     _check_rejected(card, max_rejected, fs, work, in_place, out_path)
     if not in_place:
         fs.delete_dir(f"{work}/{TMP_DIR}")
-    # The card is the last thing written: its presence marks a finished output.
     storage.write_text(fs, f"{work}/{CARD_NAME}", json.dumps(card, indent=2))
     if not in_place:
         _replace(fs, work, out_path)
     fs.delete_dir(f"{out_path}/{PROGRESS_DIR}")
-    _report(card)
-    return card
 
 
 def _check_arguments(target_length: int | None, max_rejected: float, shard_mb: float) -> None:
@@ -444,13 +490,34 @@ def _all_shards(fs, work: str, plan: list[list[dict]], *, in_place: bool, run: s
     if done:
         print(f"resuming: {len(done)} of {len(plan)} shards are already written ({work}); making the other "
               f"{len(todo)}")
+    full = None
     try:
         if todo:
-            done.update(_make_shards(fs, work, plan, todo, atomic=not in_place, run=run))
+            made, full = _make_shards(fs, work, plan, todo, atomic=not in_place, run=run)
+            done.update(made)
     except (Exception, KeyboardInterrupt):
         print(f"interrupted: the finished shards stay in {work}; run the same command again to continue")
         raise
+    if full is not None:
+        raise _no_space(full, fs, work, plan)
     return [done[i] for i in range(len(plan))]
+
+
+def _no_space(full: dict, fs, work: str, plan: list[list[dict]]) -> DiskFull:
+    """The error for a run that stopped because a shard task found no space (``full``: its row): the path, the
+    space free there now, about how much the shards not yet written need (at the written shards' bytes per clip,
+    or before any is written the failed shard's) and that the same command resumes, keeping the shards written."""
+    written = {i: r for i in range(len(plan)) if (r := _read_record(fs, work, i)) is not None}
+    rest = [i for i in range(len(plan)) if i not in written]
+    clips = sum(r["clips"] for r in written.values())
+    size = sum(r["bytes"] for r in written.values())
+    if not clips:
+        clips, size = full["clips"], full["bytes"]
+    needed = round(size / clips * sum(len(plan[i]) for i in rest)) if clips else None
+    cause = OSError(errno.EDQUOT if full["quota"] else errno.ENOSPC, "")
+    kept = f"; the {len(written)} of {len(plan)} shards written are kept" if written else ""
+    return disk_full(full["path"], cause, needed=needed, rest=f"the {len(rest)} shards not yet written",
+                     advice=RESUME + kept)
 
 
 def _check_rejected(card: dict, max_rejected: float, fs, work: str, in_place: bool, out_path: str) -> None:
@@ -527,21 +594,37 @@ def task_cpus(ray) -> float:
     return 1.0
 
 
-def _make_shards(fs, work: str, plan: list[list[dict]], todo: list[int], *, atomic: bool, run: str) -> dict:
-    """Run one Ray Data task per shard in ``todo``; returns their records by shard, printing progress."""
+def _make_shards(fs, work: str, plan: list[list[dict]], todo: list[int], *, atomic: bool,
+                 run: str) -> tuple[dict, dict | None]:
+    """Run one Ray Data task per shard in ``todo``; returns their records by shard and, where a task found no
+    space for its shard, that task's report (the run stops there). Prints progress: the shards of the plan whose
+    record is written, counted in ``_progress`` (the rows reach this loop later than the tasks finish)."""
     ray = ensure_ray()
     specs = [{"shard": i, "clips": json.dumps(plan[i])} for i in todo]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
     ds = ds.map(make_shard, fn_kwargs=dict(fs=fs, work=work, atomic=atomic, run=run), num_cpus=task_cpus(ray))
     records: dict[int, dict] = {}
+    full = None
     shown = time.time()
     for row in ds.iter_rows():
+        if row["disk_full"]:
+            full = json.loads(row["disk_full"])
+            break
         record = json.loads(row["record"])
         records[record["shard"]] = record
         if time.time() - shown > 30 or len(records) == len(todo):
             shown = time.time()
-            print(f"  {len(records)} of {len(todo)} shards written")
-    return records
+            print(f"  {_written(fs, work)} of {len(plan)} shards written")
+    del ds  # stopped early: dropping the dataset shuts its executor down, which cancels the tasks still running
+    return records, full
+
+
+def _written(fs, work: str) -> int:
+    """How many shards have their record in ``work/_progress``: the shards finished, by this run or before."""
+    import pyarrow.fs as pafs
+
+    listing = fs.get_file_info(pafs.FileSelector(f"{work}/{PROGRESS_DIR}"))
+    return sum(bool(re.fullmatch(r"shard-\d+\.json", info.base_name)) for info in listing)
 
 
 def _replace(fs, staging: str, out: str) -> None:

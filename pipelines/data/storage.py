@@ -87,6 +87,13 @@ def write_text(fs, path: str, text: str) -> None:
             fh.write(data)
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as fh:
-        fh.write(data)
+    try:
+        with fs.open_output_stream(tmp) as fh:
+            fh.write(data)
+    except BaseException:  # e.g. a full disk: no stray temporary file is left holding space
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
     fs.move(tmp, path)

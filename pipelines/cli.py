@@ -852,10 +852,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # user errors: bad config, bad path, bad data
         print(f"asda {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # out of space (pipelines.disk): 1, as nothing in the command is wrong; rerun it
+    except OSError as exc:  # out of space, a tracking server away: 1, as nothing in the command is wrong; rerun it
         from .disk import DiskFull
+        from .tracking_watch import TrackingUnreachable
 
-        if not isinstance(exc, DiskFull):
+        if not isinstance(exc, DiskFull | TrackingUnreachable):
             raise
         print(f"asda {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -47,8 +47,10 @@ def set_verbose(verbose: bool) -> None:
 
 RAY_MESSAGES_FILE = "driver_messages.log"  # in Ray's log folder: what Ray had the quiet driver print
 # Ray Tune's own account, on the driver, of trials that failed (the sweep's console has a line for each):
-# "Trials did not complete: [...]", "Failed to fetch metrics for 1 trial(s)".
-RAY_DRIVER_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+# "Trials did not complete: [...]", "Failed to fetch metrics for 1 trial(s)"; and of its state's writes that
+# failed, with their tracebacks every few seconds (a full disk: the sweep says so in one line, naming the folder).
+RAY_DRIVER_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis", "ray.train._internal.syncer",
+                      "ray.tune.execution.experiment_state")
 
 
 def keep_ray_messages_in_logs(quiet: bool = True) -> None:

@@ -60,6 +60,11 @@ def _budget_text() -> str:
             f"attempts waits out the {MLFLOW_HTTP_REQUEST_TIMEOUT.get()} s timeout; MLFLOW_HTTP_REQUEST_* set these)")
 
 
+class TrackingUnreachable(ConnectionError):
+    """The tracking server stayed away past the retry budget (its message: ``unreachable_reason``). Nothing in the
+    command is wrong: ``asda`` prints the one line and exits 1; the same command resumes once the server answers."""
+
+
 def unreachable_reason(uri: str) -> str:
     """Why an MLflow call against ``uri`` failed once it ran past the retry budget: for a caller to raise or print
     in place of urllib3's "Max retries exceeded" (credentials in ``uri`` masked)."""

@@ -22,18 +22,23 @@ from typing import Any
 
 from model import ASDAConfig
 from pipelines import tracking
+from pipelines.disk import NEARLY_FULL, disk_full, disk_guard, free_bytes
 from pipelines.finetune import FinetuneSettings
 from pipelines.pretrain import PretrainSettings
 from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
+from pipelines.tracking_watch import TrackingUnreachable, answers, unreachable_reason, watch_tracking
 
 from .estimate import header_line
 from .grid import EVAL_FACTORS, Grid, Trial, load_grid, prepared_path
 from .lock import sweep_lock
+from .memory import sweep_memory
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE, TRIALS_FILE
 from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
+# what a full disk under the sweep's folder asks of the user: its finished trials are in records/
+RESUME_ADVICE = "free some space and run the same command again: every finished trial is kept"
 ASHA_METRIC = "loss_frame"
 BASELINE_RUN_NAME = "random init"  # the random-init baseline's cell run
 
@@ -474,7 +479,8 @@ def run_sweep(grid_name_or_path: str | Path, *, storage: str | Path = SWEEPS_ROO
         folder.mkdir(parents=True, exist_ok=True)
         ensure_ray(job_name=f"asda sweep {state['sweep_id']}")  # its name in the dashboard's Jobs list
         state["parent_run_id"] = _parent_run(grid, state, experiment)
-        with _parent_closed_on_failure(state):
+        with (watch_tracking(tracking.tracking_uri()), _parent_closed_on_failure(state),
+              disk_guard(folder, advice=RESUME_ADVICE)):
             return _run_and_report(grid, trials, state, folder, data, tasks_data, experiment, max_concurrent, asha)
 
 
@@ -487,8 +493,11 @@ def _run_and_report(grid: Grid, trials: list[Trial], state: dict, folder: Path, 
     state["cell_runs"] = _cell_runs(grid, state)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     concurrent, cpus_per_worker, threads = _concurrency(grid, len(trials), max_concurrent)
+    fits, memory = sweep_memory(grid, folder, data, concurrent, local=not os.environ.get("RAY_ADDRESS"))
+    if not max_concurrent:  # asked for, it is the user's call (the header says what fits)
+        concurrent = min(concurrent, fits)
     sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
-    _header(state, grid, trials, concurrent, folder, sweep)
+    _header(state, grid, trials, concurrent, folder, sweep, memory)
     orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
     if orphans:
         print(f"  closed     {len(orphans)} run(s) an earlier driver left RUNNING (marked KILLED; the trials "
@@ -525,6 +534,11 @@ def _parent_closed_on_failure(state: dict):
         raise
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        uri = tracking.tracking_uri()
+        if uri.startswith(("http://", "https://")) and not answers(uri):  # the error is the server's absence
+            print(f"  could not mark the sweep's MLflow runs {status}: the tracking server does not answer; the "
+                  f"next run of the same command does", file=sys.stderr, flush=True)
+            raise TrackingUnreachable(unreachable_reason(uri)) from exc
         try:
             _close_orphans(state["parent_run_id"], cells=True, status=status)
             tracking.end_run(state["parent_run_id"], status)
@@ -600,7 +614,8 @@ def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfin
                            f"{len(done)} of {len(rows)} trials finished, the rest marked KILLED", resume)
 
 
-def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams) -> None:
+def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams,
+            memory: str) -> None:
     """Where everything goes, before the first trial starts."""
     from pipelines.console import is_verbose
     from pipelines.runtime import dashboard_logs_problem, dashboard_url, job_name, ray_logs, token_hint
@@ -609,6 +624,7 @@ def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folde
     print(f"sweep {state['sweep_id']} (grid {grid.name}): {len(trials)} trials, {concurrent} at a time, "
           f"{sweep.pretrain.steps} updates each, training {mode}")
     print(f"  estimate   {header_line(grid, concurrent=concurrent, storage=folder.parent)}")
+    print(f"  {memory}")
     print(f"  results    {folder}")
     print(f"  MLflow     experiment '{sweep.pretrain.experiment}', parent run {state['parent_run_id']}; "
           f"{tracking.ui_command()}")
@@ -662,16 +678,26 @@ def _run_trials(grid: Grid, trials: list[Trial], sweep: SweepParams, folder: Pat
         tune_path.rename(aside)
         print(f"  Tune state {problem}: set aside as {aside.name}; the sweep's own records keep {len(done)} "
               f"finished trial(s), the other {len(trials) - len(done)} start again from their last checkpoints")
-    if tune_path.exists():
-        results = list(_tuner(grid, trials, sweep, tune_path, concurrent, asha).fit())
-    else:
-        todo = [t for t in trials if t.slug() not in done]
+    todo = trials if tune_path.exists() else [t for t in trials if t.slug() not in done]
+    try:
         results = list(_tuner(grid, todo, sweep, tune_path, concurrent, asha).fit()) if todo else []
+    except Exception as exc:  # Tune reads back what it wrote: on a full disk, files it could not write
+        if _nearly_full(folder):
+            raise disk_full(folder, exc, advice=RESUME_ADVICE) from exc
+        raise
+    if any(r.error for r in results) and _nearly_full(folder):
+        raise disk_full(folder, advice=RESUME_ADVICE)  # the trials failed writing their checkpoints
     found = {Trial(**r.config["trial"]).slug(): r for r in results if r.config.get("trial")}
     for slug, record in recorded(folder).items():  # what the records hold stands for a trial Tune lost
         if slug not in found or (found[slug].metrics or {}).get(grid.metric) is None:
             found[slug] = RecordedResult(record)
     return list(found.values())
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether the file system under ``folder`` has less than ``disk.NEARLY_FULL`` free (False where unknown)."""
+    free = free_bytes(folder)
+    return free is not None and free < NEARLY_FULL
 
 
 def _tune_state_problem(tune_path: Path) -> str | None:
@@ -734,7 +760,8 @@ def _run_config(grid: Grid, tune_path: Path, n_trials: int, parent_run_id: str |
     records = TrialRecords(tune_path.parent, grid.metric)  # first: a trial is recorded before anything else
     return tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent), verbose=2 if is_verbose() else 0,
                           failure_config=tune.FailureConfig(max_failures=int(grid.train.get("max_failures", 1))),
-                          callbacks=[records, SweepConsole(n_trials, grid.metric), *live])
+                          callbacks=[records, SweepConsole(n_trials, grid.metric, parent_run_id=parent_run_id),
+                                     *live])
 
 
 def collapse_risks(grid: Grid, trials: list[Trial]) -> dict[str, str]:

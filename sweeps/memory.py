@@ -70,12 +70,25 @@ class TrialMemory:
 # --- the grid's trial ----------------------------------------------------------------------------------------
 
 
+def sweep_memory(grid, folder: str | Path, data: str | Path | None, wanted: int, *, local: bool) -> tuple[int, str]:
+    """(the most trials that fit at once, the header's line) for a sweep that would run ``wanted`` at once: the
+    model-size estimate where twice it still lets every one of them fit (measuring would change nothing, and costs
+    a process's start and imports), else the measurement (``grid_memory``)."""
+    estimate = grid_memory(grid, folder, data, measure=False)
+    doubled = dataclasses.replace(estimate, per_trial=2 * estimate.per_trial)
+    if memory_line(doubled, local=local)[0] >= wanted:
+        how = f"{estimate.how}; {wanted} at twice that fit, so it was not measured"
+        return memory_line(dataclasses.replace(estimate, how=how), local=local)
+    return memory_line(grid_memory(grid, folder, data), local=local)
+
+
 def grid_memory(grid, folder: str | Path, data: str | Path | None = None, *, threads: int | None = None,
-                timeout_s: float = MEASURE_TIMEOUT_S) -> TrialMemory:
+                timeout_s: float = MEASURE_TIMEOUT_S, measure: bool = True) -> TrialMemory:
     """One trial of ``grid`` (a ``sweeps.grid.Grid``): its heaviest cell (most memory by the model-size estimate:
     the most students, the widest model) measured at the grid's batch and frames (``data``: its prepared folder,
     whose card gives the frames; else the model's ``target_length``), its workers, and whether it trains in its
-    own process (as the driver decides: one CPU worker does). Cached in ``folder`` (``trial_memory``)."""
+    own process (as the driver decides: one CPU worker does). Cached in ``folder`` (``trial_memory``).
+    ``measure`` False: the model-size estimate of that cell (``estimate_from_size``) instead."""
     from pipelines.pretrain import PretrainSettings
 
     train = dict(grid.train)
@@ -87,6 +100,8 @@ def grid_memory(grid, folder: str | Path, data: str | Path | None = None, *, thr
     frames = grid_frames(settings, data, next(iter(configs.values())))
     sized = [dataclasses.replace(c, target_length=frames) for c in configs.values()]
     heaviest = max(sized, key=lambda c: estimate_from_size(c, settings).per_trial)
+    if not measure:
+        return estimate_from_size(heaviest, settings)
     return trial_memory(heaviest, settings, folder, timeout_s=timeout_s)
 
 

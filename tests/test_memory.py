@@ -125,6 +125,21 @@ def test_the_grids_heaviest_cell_is_measured_at_its_frames(tmp_path, monkeypatch
     assert settings.batch_size == 8 and settings.in_process and settings.workers == 1
 
 
+def test_a_sweep_measures_only_where_the_estimate_comes_near_the_free_memory(tmp_path, monkeypatch):
+    """Twice the model-size estimate fits every trial the sweep wants at once: the estimate stands, said so, and
+    no process is started; a sweep that wants more than fit is measured (here: the measurement's stand-in)."""
+    from sweeps.grid import load_grid
+
+    grid = load_grid("ablation")
+    cap, line = memory.sweep_memory(grid, tmp_path, None, 2, local=True)
+    assert cap >= 2 and "estimated from the model's size" in line and "2 at twice that fit, so it was not measured" \
+        in line and not (tmp_path / memory.MEMORY_FILE).exists()
+    measured = TrialMemory.compose(2 * GB, GB, 1, True, "measured: one update")
+    monkeypatch.setattr(memory, "trial_memory", lambda *a, **k: measured)
+    cap, line = memory.sweep_memory(grid, tmp_path, None, 10**6, local=True)
+    assert "measured: one update" in line and cap == memory.memory_cap(2 * GB, memory.local_available())
+
+
 def test_ray_s_out_of_memory_account_reads_as_out_of_memory_with_the_nodes_memory():
     from ray.exceptions import OutOfMemoryError, RayTaskError
 

@@ -412,10 +412,36 @@ def postgres():
 
 
 @pytest.mark.slow  # the PostgreSQL-backed test below covers the same HTTP path in the fast suite
-def test_smoke_grid_logs_to_an_mlflow_server_over_http(ray_local, mlflow_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    result = run_sweep("smoke", storage=tmp_path)
-    children = _check_sweep(result)
+def test_smoke_grid_logs_to_an_mlflow_server_over_http_and_says_when_it_goes_away_and_comes_back(
+        ray_local, tmp_path, monkeypatch):
+    """`asda sweep` against an MLflow server that stops for ~10 s after the first checkpoint and comes back on the
+    same port with the same store: the terminal says so once each way, the trials wait and finish, every metric
+    is logged once, and the sweep's runs are complete. (MLflow's backoff factor 1 instead of 2, so that calls waiting on the
+    server retry within seconds of its return.)"""
+    store, artifacts, port = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", free_port()
+    with mlflow_server_at(store, artifacts, tmp_path / "server.log", port=port) as url:
+        env = {**_joining(ray_local), "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("asda")), "sweep", "--grid", "smoke",
+                                 "--storage", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        _first_checkpoint(tmp_path)
+    try:
+        time.sleep(10)
+        with mlflow_server_at(store, artifacts, tmp_path / "server-again.log", port=port):
+            out, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, out[-4000:]
+            lines = out.splitlines()
+            assert len([x for x in lines if f"tracking  {url} does not answer since " in x]) == 1, out[-4000:]
+            assert len([x for x in lines if f"tracking  {url} answers again after " in x]) == 1, out[-4000:]
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+            result = run_sweep("smoke", storage=tmp_path)  # finished: nothing is redone
+            children = _check_sweep(result)
+            client = MlflowClient()
+            for trial in result["trials"]:
+                steps = [m.step for m in client.get_metric_history(trial["run_id"], "loss")]
+                assert steps and len(steps) == len(set(steps)), steps  # each logged once
+    finally:
+        stop_group(proc, signal.SIGKILL)
     # What the test reads back came over HTTP from the server, and the artifacts live in its store.
     assert all(c.info.artifact_uri.startswith("mlflow-artifacts:") for c in children)
     assert any((tmp_path / "server-artifacts").rglob("report.md"))
@@ -498,3 +524,25 @@ def test_a_collapsing_cell_is_warned_of_before_it_starts_and_marked_in_the_conso
     collapsed = {c["value"]: c["collapsed"] for c in summary["cells"]}
     assert collapsed == {0.0: 0, 10.0: 1} and summary["collapsed_trials"] == ["alpha=10.0 seed 0"]
     assert "(**1 collapsed**)" in (Path(result["dir"]) / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("stopped_by, status", [(RuntimeError("a fault"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_sweep_that_stops_on_an_error_leaves_no_run_of_it_running(tracking_store, stopped_by, status):
+    """Whatever stops the driver once its parent run exists (the baseline, the report, the tracking store), the
+    parent run and the runs still running under it end FAILED (KILLED for Ctrl+C), never RUNNING; finished runs
+    keep their status."""
+    from pipelines import tracking
+    from sweeps.driver import _parent_closed_on_failure
+
+    experiment = tracking.setup("stopped-sweep")  # before the client: it reads the tracking URI when created
+    client = MlflowClient()
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    under = {tracking.TAG_PARENT: parent}
+    cell = client.create_run(experiment, run_name="cell", tags={**under, "asda.kind": "cell"}).info.run_id
+    trial = client.create_run(experiment, run_name="seed", tags={tracking.TAG_PARENT: cell,
+                                                                 "asda.kind": "sweep-trial"}).info.run_id
+    done = client.create_run(experiment, run_name="done", tags={**under, "asda.kind": "probe"}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    with pytest.raises(type(stopped_by)), _parent_closed_on_failure({"parent_run_id": parent}):
+        raise stopped_by
+    assert [client.get_run(r).info.status for r in (parent, cell, trial, done)] == [status] * 3 + ["FINISHED"]

@@ -48,8 +48,13 @@ class SweepConsole(Callback):
         if time.monotonic() - self.last_event < self.wait_notice_s:
             return
         pending = [t for t in trials if t.status == "PENDING"]
-        if pending and not any(t.status == "RUNNING" for t in trials):
+        running = [t for t in trials if t.status == "RUNNING"]
+        if pending and not running:
             self._event(trials, waiting_line(pending, time.monotonic() - self.last_event))
+        elif running:
+            line = starved_line(running, time.monotonic() - self.last_event)
+            if line:
+                self._event(trials, line)
         self.last_event = time.monotonic()
 
     def _event(self, trials, text: str, ending=None) -> None:
@@ -110,6 +115,24 @@ def waiting_line(pending: list, waited_s: float) -> str:
             f"demands; a node that left takes its resources with it)")
 
 
+def starved_line(running: list, waited_s: float) -> str | None:
+    """Why running trials may make no progress, or None: Ray has less CPU free than one Ray Data task takes, so
+    the reads that feed the trials' training and evaluation wait (a node that left takes its CPUs, and the trials
+    it held, retried elsewhere, take the rest)."""
+    import ray
+
+    from pipelines.data.feed import DATA_TASK_CPUS
+
+    free = ray.available_resources().get("CPU", 0.0)
+    if free >= DATA_TASK_CPUS:
+        return None
+    total = ray.cluster_resources().get("CPU", 0.0)
+    return (f"waiting   {len(running)} trial(s) running and none has ended for {duration(waited_s)}, with Ray's CPUs "
+            f"all taken: {free:g} free of {total:g}, and a Ray Data task that feeds a trial takes "
+            f"{DATA_TASK_CPUS:g} (a node that left takes its CPUs; ray status shows the pending demands; "
+            f"--max-concurrent lower leaves them room)")
+
+
 def _resources(found: dict) -> str:
     return ", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in sorted(found.items()))
 
@@ -137,6 +160,9 @@ def _reason(trial) -> str:
     """Why a trial's process stopped: "out of memory (N GB used of M)" where Ray's memory monitor killed it, else
     the last line of its latest error (the exception and its message, without Ray's wrapping)."""
     error = _latest_failure(_error_text(trial))
+    full = _disk_full(trial, error)
+    if full:
+        return full
     if error is None:  # not recorded anywhere yet
         return "its process failed (the reason is in the trial's log under Ray's logs)"
     oom = oom_reason(error)
@@ -144,6 +170,23 @@ def _reason(trial) -> str:
         return oom
     lines = [line for line in plain(error).strip().splitlines() if line.strip()]
     return _sentences(lines[-1].strip()) if lines else "its process failed"
+
+
+def _disk_full(trial, error: str | None) -> str | None:
+    """"no space left on device under <the trial's folder>: N free" where the trial failed for want of space (an
+    error that says so, or one torch.save gives, or none Tune could write, on a file system that is nearly full),
+    else None."""
+    from pipelines.disk import NEARLY_FULL, disk_full_message, free_bytes, is_disk_full
+
+    where = getattr(trial, "path", None) or getattr(trial, "local_path", None)
+    if not where:
+        return None
+    free = free_bytes(where)
+    nearly_full = free is not None and free < NEARLY_FULL
+    said = error is not None and is_disk_full(OSError(error))
+    if said or (nearly_full and (error is None or is_disk_full(RuntimeError(error), where))):
+        return disk_full_message(where, advice="", free=free).replace(" writing ", " under ", 1)
+    return None
 
 
 def _sentences(line: str, limit: int = 200) -> str:

@@ -153,3 +153,34 @@ def easy_synthetic(ray_local, tmp_path_factory):
             options={"num_train": 320, "num_valid": 0, "num_test": 160, "seed": 2, "snr_min_db": 20.0,
                      "snr_max_db": 30.0})
     return root / "prepared"
+
+
+@contextlib.contextmanager
+def tmpfs_at(where: Path, size: str = "3m"):
+    """A tmpfs of ``size`` mounted at ``where`` (made if missing); yields resize(size), or None where mounting is not
+    permitted (not root); always unmounted afterwards."""
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        yield None
+        return
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
+
+    try:
+        yield resize
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=True)  # still busy: detach it now, free it later
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs at ``tmp_path/small``; yields (folder, resize(size)); skipped where it cannot be mounted."""
+    where = tmp_path / "small"
+    with tmpfs_at(where) as resize:
+        if resize is None:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        yield where, resize

@@ -16,26 +16,6 @@ from pipelines.data.card import load_card
 from pipelines.disk import DiskFull, disk_full_message, disk_guard
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MB tmpfs at ``tmp_path/small``; yields (folder, resize(size)); always unmounted afterwards."""
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip() or mounted.returncode}")
-
-    def resize(size: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
-
-    try:
-        yield where, resize
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], check=True)  # still busy: detach it now, free it later
-
-
 def test_a_prepare_that_fills_the_disk_says_so_in_one_line_and_resumes_once_there_is_space(
         ray_local, small_disk, tmp_path):
     """`asda prepare` of 96 synthetic clips (12 shards of ~0.5 MB) into a 3 MB tmpfs, in its own process as a

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, listening_sockets, mlflow_server_at, session_members, stop_group
+from conftest import free_port, listening_sockets, mlflow_server_at, session_members, stop_group, tmpfs_at
 from mlflow import MlflowClient
 
+from pipelines.cli import main
 from sweeps.driver import run_sweep
 from sweeps.grid import load_grid
 from sweeps.report import reproduce_command
@@ -350,8 +351,21 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     assert {t["run_id"] for t in damaged["trials"]} == {t["run_id"] for t in result["trials"]}
     assert MlflowClient().get_run(result["parent_run_id"]).info.status == "FINISHED"
     # The same grid from scratch, one trial at a time instead of two: the same numbers to the bit (each trial's
-    # torch thread count is the grid's, not a share of the cores).
-    alone = run_sweep("smoke", storage=tmp_path / "alone", max_concurrent=1)
+    # torch thread count is the grid's, not a share of the cores). Where a tmpfs can be mounted, into 3 MB: the
+    # disk fills, the sweep stops with one line naming its folder and the space free, its runs FAILED; with space
+    # again the same command resumes it to those same numbers.
+    with tmpfs_at(tmp_path / "alone", "3m") as resize:
+        if resize is not None:
+            capsys.readouterr()
+            assert main(["sweep", "--grid", "smoke", "--storage", str(tmp_path / "alone"),
+                         "--max-concurrent", "1"]) == 1
+            err = capsys.readouterr().err
+            assert f"asda sweep: error: no space left on device writing {tmp_path / 'alone'}/smoke-" in err, err
+            assert "free on" in err and "every finished trial is kept" in err and "Traceback" not in err, err
+            state = json.loads(next((tmp_path / "alone").glob("*/sweep.json")).read_text())
+            assert MlflowClient().get_run(state["parent_run_id"]).info.status == "FAILED"
+            resize("64m")
+        alone = run_sweep("smoke", storage=tmp_path / "alone", max_concurrent=1)
     assert _numbers(alone) == _numbers(result)
 
 

@@ -26,6 +26,38 @@ def test_trials_that_cannot_start_are_reported_with_what_they_ask_and_what_ray_h
     assert "a trial asks CPU 64; Ray has CPU" in out and "free of CPU 4" in out, out
 
 
+def _holds_every_cpu(config):
+    import time
+
+    time.sleep(8)
+    return {"m": 1.0}
+
+
+def test_running_trials_that_leave_ray_data_no_cpu_are_reported(ray_local, tmp_path, capsys):
+    """A trial holding every CPU of the instance (as trials retried onto the nodes left after one is lost can):
+    the reads that would feed it wait for a CPU, and the console says so each minute (here each 2 s)."""
+    import sys
+
+    from ray import cloudpickle, tune
+
+    from sweeps.console import SweepConsole
+
+    trainable = tune.with_resources(_holds_every_cpu, {"CPU": 4})  # the 4 CPUs of the test's instance
+    tuner = tune.Tuner(trainable, param_space={"trial": {"cell": "centre", "factor": "centre", "value": None,
+                                                         "seed": 0, "overrides": {}}},
+                       run_config=tune.RunConfig(name="starved", storage_path=str(tmp_path), verbose=0,
+                                                 callbacks=[SweepConsole(1, "m", wait_notice_s=2.0)]))
+    module = sys.modules[__name__]  # not importable on Ray's workers: the trainable travels by value
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        tuner.fit()
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    out = capsys.readouterr().out
+    assert "waiting   1 trial(s) running and none has ended for 0:0" in out, out
+    assert "with Ray's CPUs all taken: 0 free of 4, and a Ray Data task that feeds a trial takes 0.25" in out, out
+
+
 def test_under_tune_the_parent_runs_description_follows_the_trials_as_they_end(ray_local, tracking_store,
                                                                                 tmp_path):
     from mlflow import MlflowClient
@@ -126,3 +158,29 @@ def test_the_reason_is_read_from_the_error_file_tune_has_just_written_and_an_oom
     assert console.TAG_FAILURE not in client.get_run(other).data.tags
     assert console.record_failure("no-such-run", trial.config, "out of memory") is None  # never raises
     assert console.record_failure(None, trial.config, "out of memory") is None
+
+
+class _FailedTrial:
+    """What the console reads of a failed Tune trial: its folder and its error file."""
+
+    def __init__(self, path, error_file=None):
+        self.path, self.error_file = str(path), error_file and str(error_file)
+
+    def get_error(self):
+        return None
+
+
+def test_a_trial_that_failed_for_want_of_space_says_so_naming_its_folder_and_the_space_free(small_disk, tmp_path):
+    """torch.save's full disk says only "unexpected pos": on a full file system the trial's line names the space;
+    a trial whose error Tune could not even write says the same; elsewhere the error stands as it is."""
+    from sweeps.console import _reason
+
+    mnt, _ = small_disk
+    (mnt / "filler").write_bytes(b"\0" * (3 * 2**20 - 64 * 1024))  # the tmpfs all but full
+    error = tmp_path / "error.txt"
+    error.write_text("Failure # 1 (occurred at 2026-12-05)\nRuntimeError: [enforce fail at inline_container.cc:672]"
+                     " . unexpected pos 840640 vs 840528\n")
+    reason = _reason(_FailedTrial(mnt / "trial", error))
+    assert reason.startswith(f"no space left on device under {mnt}/trial: ") and f"KB free on {mnt}" in reason
+    assert _reason(_FailedTrial(mnt / "trial")).startswith("no space left on device under ")
+    assert "unexpected pos" in _reason(_FailedTrial(tmp_path / "trial", error))  # plenty of space there

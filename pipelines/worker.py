@@ -12,6 +12,7 @@ The driver side (settings, checks, ``TorchTrainer.fit``) is ``training.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -201,6 +202,7 @@ class Checkpointer:
         self.in_process, self.report_to_tune = in_process, report_to_tune
         self._report = report
         self.resumed_from = 0  # the step training continued from (0 for a fresh start)
+        self.epoch_batches = 0  # batches of its epoch the restored run had trained on (skipped when it goes on)
         self.last_checkpoint: str | None = None
         self._restored = None
 
@@ -237,6 +239,7 @@ class Checkpointer:
             self.optimiser.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             step, epoch = state["step"], state["epoch"]
+            self.epoch_batches = int(state.get("epoch_batches", 0))
             self.last_checkpoint = Path(checkpoint.path).name
             self._restored = checkpoint
         self.resumed_from = step
@@ -246,9 +249,11 @@ class Checkpointer:
             torch.manual_seed(seed + 1000 * self.rank + step)
         return step, epoch
 
-    def save(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-        """At every ``every``-th update and at the last: a checkpoint reported to Ray Train with ``metrics``.
-        ``ray.train.report`` is a barrier: every rank calls it."""
+    def save(self, step: int, epoch: int, metrics: dict[str, float], epoch_batches: int = 0) -> None:
+        """At every ``every``-th update and at the last: a checkpoint reported to Ray Train with ``metrics``;
+        ``epoch_batches``: the batches of ``epoch`` trained on so far, which a run restored from it skips, so that
+        it goes on with the batch an undisturbed run would train on next. ``ray.train.report`` is a barrier: every
+        rank calls it."""
         if step % self.every and step != self.last_step:
             return
         import ray.train
@@ -257,7 +262,7 @@ class Checkpointer:
         metrics = {"step": step, "epoch": epoch, "resumed_from_step": self.resumed_from, **metrics}
         report = self._report or train_api(self.in_process).report
         if self.in_process:
-            folder = self._write_in_run_folder(name, step, epoch, metrics)
+            folder = self._write_in_run_folder(name, step, epoch, metrics, epoch_batches)
             report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
             if self.report_to_tune:
                 import ray.tune
@@ -265,25 +270,28 @@ class Checkpointer:
                 ray.tune.report(metrics)
         else:
             with tempfile.TemporaryDirectory() as tmp:  # Ray Train copies it into the run folder
-                self._write(Path(tmp), step, epoch, metrics)
+                self._write(Path(tmp), step, epoch, metrics, epoch_batches)
                 report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         self.last_checkpoint = name
 
-    def _write(self, folder: Path, step: int, epoch: int, metrics: dict[str, Any] | None = None) -> None:
+    def _write(self, folder: Path, step: int, epoch: int, metrics: dict[str, Any] | None = None,
+               epoch_batches: int = 0) -> None:
         if self.rank == 0:
             save_checkpoint(folder / CHECKPOINT_FILE, self.model, self.config, optimizer=self.optimiser.state_dict(),
-                            scheduler=self.scheduler.state_dict(), step=step, epoch=epoch, **self.extra)
+                            scheduler=self.scheduler.state_dict(), step=step, epoch=epoch,
+                            epoch_batches=epoch_batches, **self.extra)
             # what the update reported, reported again by a run restored from this checkpoint with nothing
             # left to train (its loss would otherwise be missing from the run's result)
             (folder / METRICS_FILE).write_text(json.dumps(metrics or {}, default=float))
         torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
 
-    def _write_in_run_folder(self, name: str, step: int, epoch: int, metrics: dict[str, Any]) -> Path:
+    def _write_in_run_folder(self, name: str, step: int, epoch: int, metrics: dict[str, Any],
+                             epoch_batches: int) -> Path:
         """run_dir/name, complete or absent (written aside, then renamed); the newest KEEP_CHECKPOINTS are kept."""
         folder, staging = Path(self.run_dir) / name, Path(self.run_dir) / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        self._write(staging, step, epoch, metrics)
+        self._write(staging, step, epoch, metrics, epoch_batches)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
         for old in sorted(Path(self.run_dir).glob(f"{CHECKPOINT_PREFIX}*"))[:-KEEP_CHECKPOINTS]:
@@ -368,6 +376,7 @@ def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogg
     from .cost import PeakMemory
 
     step, epoch = start
+    skip = checkpointer.epoch_batches  # of the first epoch: trained on before the checkpoint it restored
     rate, metrics, loop_clips = ClipRate(), {}, 0
     peak = PeakMemory(getattr(job, "device", None))
     started, started_cpu = time.perf_counter(), time.process_time()
@@ -375,8 +384,8 @@ def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogg
         checkpointer.finished_already(step, epoch)
     try:
         while step < steps:
-            seen = 0
-            for batch in job.batches(epoch):
+            seen = skip
+            for batch in itertools.islice(job.batches(epoch), skip, None):
                 seen += 1
                 step += 1
                 out = job.step(batch)
@@ -397,12 +406,12 @@ def run_steps(job: TrainingJob, checkpointer: Checkpointer, logger: RankZeroLogg
                     reason = job.stop_reason()
                     if reason is not None:  # every rank reaches the same verdict at the same update
                         return checkpointer.stop(step, STOP_COLLAPSE, reason)
-                checkpointer.save(step, epoch, metrics)
+                checkpointer.save(step, epoch, metrics, epoch_batches=seen)
                 if step >= steps:
                     break
             if seen == 0:
                 return checkpointer.stop(step, STOP_NO_BATCH, job.no_batch_reason())
-            epoch += 1
+            epoch, skip = epoch + 1, 0
     finally:
         logger.close()
     return {"step": step, "resumed_from_step": checkpointer.resumed_from}

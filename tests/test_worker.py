@@ -226,3 +226,42 @@ def test_a_run_restored_from_its_last_checkpoint_reports_that_updates_metrics_ag
                             start=start) == {"step": 4, "resumed_from_step": 4}
     assert first[-1]["loss"] == 0.0625 and again[-1]["loss"] == first[-1]["loss"]
     assert again[-1]["eval_accuracy"] == 0.5 and again[-1]["resumed_from_step"] == 4
+
+
+class _NumberedJob(_Job):
+    """Batches that say which epoch and place they are; ``fail_at``: the update whose step raises (a lost node)."""
+
+    def __init__(self, batches_per_epoch: int, fail_at: int | None = None):
+        super().__init__(batches_per_epoch, norms=[])
+        self.trained, self.fail_at = [], fail_at
+
+    def batches(self, epoch):
+        return ({"x": torch.tensor([10.0 * epoch + i])} for i in range(self.batches_per_epoch))
+
+    def step(self, batch):
+        if self.fail_at is not None and len(self.trained) + 1 == self.fail_at:
+            raise RuntimeError("the node went away")
+        self.trained.append(int(batch["x"].item()))
+        return super().step(batch)
+
+
+def test_a_run_restored_mid_epoch_trains_on_the_batches_an_undisturbed_run_trains_on_next(tmp_path):
+    """Stopped after update 7 with a checkpoint at update 6 (mid-epoch: 4 batches per epoch), the restored run
+    skips the 2 batches of epoch 1 it had trained on and trains on the same batches as a run never stopped."""
+    def in_process(folder):
+        model = torch.nn.Linear(4, 2)
+        optimiser = torch.optim.AdamW(model.parameters())
+        return worker.Checkpointer(rank=0, run_dir=str(folder), every=3, last_step=10, model=model,
+                                   optimiser=optimiser, scheduler=torch.optim.lr_scheduler.LambdaLR(optimiser, _one),
+                                   config=ASDAConfig.tiny(), in_process=True, report=lambda *a, **k: None)
+
+    undisturbed = _NumberedJob(4)
+    worker.run_steps(undisturbed, in_process(tmp_path / "a"), _logger(), steps=10, log_every=5)
+    stopped = _NumberedJob(4, fail_at=8)
+    with pytest.raises(RuntimeError, match="the node went away"):
+        worker.run_steps(stopped, in_process(tmp_path / "b"), _logger(), steps=10, log_every=5)
+    restored, resumed = in_process(tmp_path / "b"), _NumberedJob(4)
+    start = restored.restore(restored.latest(), seed=0)
+    assert start == (6, 1) and restored.epoch_batches == 2
+    worker.run_steps(resumed, restored, _logger(), steps=10, log_every=5, start=start)
+    assert stopped.trained[:6] + resumed.trained == undisturbed.trained == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21]

@@ -128,6 +128,7 @@ def ensure_ray(num_cpus: int | None = None, job_name: str | None = None):
                       f"{RUNNING_CLUSTER_FILE}) to run on a Ray instance of this command's own")
         try:
             _remember(ray.init(address="auto", **options), job_name)
+            _ray_data_actors_here()
             log.info("joined the Ray cluster started on this machine")
             return ray
         except (ConnectionError, RuntimeError):
@@ -139,10 +140,33 @@ def ensure_ray(num_cpus: int | None = None, job_name: str | None = None):
                                               "local Ray instance")
         log.info("connecting to the Ray cluster at %s", address)
         _remember(ray.init(address=address, **options), job_name)
+        _ray_data_actors_here()
     else:
         _remember(_start_local(ray, num_cpus or local_num_cpus(), options), job_name)
     _private_token()
     return ray
+
+
+def _ray_data_actors_here() -> None:
+    """Start Ray Data's two cluster-wide actors (its stats actor and its autoscaling coordinator) on this driver's
+    node before any other process of the job uses Ray Data. Each is created, detached, by the first process that
+    needs it and pinned to that process's node (a hard node affinity): where that is a sweep trial on another
+    node, losing that node loses them for good, and every Ray Data read and evaluation left on the cluster then
+    waits on them. The driver's node (the head, for a sweep submitted or joined there) is one the cluster cannot
+    lose and go on. Private functions of Ray Data: where they are missing, nothing is done."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError as exc:
+        log.debug("Ray Data's cluster-wide actors are left to Ray Data: %s", exc)
+        return
+    try:
+        get_or_create_stats_actor()
+        get_or_create_autoscaling_coordinator()
+    except Exception as exc:  # noqa: BLE001 - Ray Data starts them itself when first used, as before
+        log.warning("could not start Ray Data's cluster-wide actors on this node: %s", exc)
 
 
 def _start_local(ray, num_cpus: int, options: dict):

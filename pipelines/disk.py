@@ -48,6 +48,20 @@ class DiskFull(OSError):
         return type(self), (self.args[0], self.path, self.free, self.needed, self.quota)
 
 
+def nearly_full(path: str | Path) -> bool:
+    """Whether the file system holding ``path`` has less than NEARLY_FULL free (False where that is unknown)."""
+    free = free_bytes(path)
+    return free is not None and free < NEARLY_FULL
+
+
+def says_disk_full(text: str, path: str | Path | None = None) -> bool:
+    """Whether an error known only by its text (a Tune trial's error file) is an out-of-space error, as
+    ``is_disk_full`` judges an exception: by its errno's words, or torch.save's failed write where ``path`` is
+    nearly full."""
+    return bool(_NO_SPACE_TEXT.search(text)) or (
+        path is not None and bool(_TORCH_WRITE_FAILED.search(text)) and nearly_full(path))
+
+
 def is_disk_full(exc: BaseException | None, path: str | Path | None = None) -> bool:
     """Whether ``exc``, or an error it was raised from, is an out-of-space (or out-of-quota) error: an OSError by
     its errno or, for pyarrow's, by its text; torch.save's failed write where ``path``'s file system has less than
@@ -59,10 +73,9 @@ def is_disk_full(exc: BaseException | None, path: str | Path | None = None) -> b
             return True
         if isinstance(exc, OSError) and (exc.errno in NO_SPACE or _NO_SPACE_TEXT.search(str(exc))):
             return True
-        if path is not None and isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(str(exc)):
-            free = free_bytes(path)
-            if free is not None and free < NEARLY_FULL:
-                return True
+        if path is not None and isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(str(exc)) \
+                and nearly_full(path):
+            return True
         exc = exc.__cause__ or exc.__context__
     return False
 

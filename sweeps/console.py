@@ -176,16 +176,13 @@ def _disk_full(trial, error: str | None) -> str | None:
     """"no space left on device under <the trial's folder>: N free" where the trial failed for want of space (an
     error that says so, or one torch.save gives, or none Tune could write, on a file system that is nearly full),
     else None."""
-    from pipelines.disk import NEARLY_FULL, disk_full_message, free_bytes, is_disk_full
+    from pipelines.disk import disk_full_message, nearly_full, says_disk_full
 
     where = getattr(trial, "path", None) or getattr(trial, "local_path", None)
     if not where:
         return None
-    free = free_bytes(where)
-    nearly_full = free is not None and free < NEARLY_FULL
-    said = error is not None and is_disk_full(OSError(error))
-    if said or (nearly_full and (error is None or is_disk_full(RuntimeError(error), where))):
-        return disk_full_message(where, advice="", free=free).replace(" writing ", " under ", 1)
+    if says_disk_full(error, where) if error is not None else nearly_full(where):
+        return disk_full_message(where, advice="").replace(" writing ", " under ", 1)
     return None
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from model import ASDAConfig
 from pipelines import tracking
-from pipelines.disk import NEARLY_FULL, disk_full, disk_guard, free_bytes
+from pipelines.disk import disk_full, disk_guard, nearly_full
 from pipelines.finetune import FinetuneSettings
 from pipelines.pretrain import PretrainSettings
 from pipelines.probe import ProbeSettings
@@ -289,7 +289,7 @@ def _sweep_params(grid: Grid, state: dict, data: Path, folder: Path, experiment:
     train = grid.train
     # A trial with one CPU worker runs it in the trial's own process (Ray Train's local mode): no controller,
     # worker group or dataset split to start. Retries then come from Tune's FailureConfig.
-    in_process = bool(train.get("in_process", int(train.get("workers", 1)) == 1 and not train.get("use_gpu", False)))
+    in_process = grid.trains_in_process
     pretrain = PretrainSettings(**{"data": str(data), "storage": str(folder / "runs"), **common, **train,
                                    "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads,
                                    "figure_clips": 2, "in_process": in_process})
@@ -682,22 +682,16 @@ def _run_trials(grid: Grid, trials: list[Trial], sweep: SweepParams, folder: Pat
     try:
         results = list(_tuner(grid, todo, sweep, tune_path, concurrent, asha).fit()) if todo else []
     except Exception as exc:  # Tune reads back what it wrote: on a full disk, files it could not write
-        if _nearly_full(folder):
+        if nearly_full(folder):
             raise disk_full(folder, exc, advice=RESUME_ADVICE) from exc
         raise
-    if any(r.error for r in results) and _nearly_full(folder):
+    if any(r.error for r in results) and nearly_full(folder):
         raise disk_full(folder, advice=RESUME_ADVICE)  # the trials failed writing their checkpoints
     found = {Trial(**r.config["trial"]).slug(): r for r in results if r.config.get("trial")}
     for slug, record in recorded(folder).items():  # what the records hold stands for a trial Tune lost
         if slug not in found or (found[slug].metrics or {}).get(grid.metric) is None:
             found[slug] = RecordedResult(record)
     return list(found.values())
-
-
-def _nearly_full(folder: Path) -> bool:
-    """Whether the file system under ``folder`` has less than ``disk.NEARLY_FULL`` free (False where unknown)."""
-    free = free_bytes(folder)
-    return free is not None and free < NEARLY_FULL
 
 
 def _tune_state_problem(tune_path: Path) -> str | None:

@@ -277,14 +277,9 @@ def _plan(grid: Grid) -> dict[str, Any]:
     return {"trials": trials, "counts": counts(grid), "data": data, "eval_data": eval_data, "tasks": tasks,
             "length": length, "groups": groups, "keys": keys, "kind": kind, "centre": centre,
             "attention_clips": min(train.attention_clips, splits.get(split, train.attention_clips)),
-            "in_process": _in_process(grid),
+            "in_process": grid.trains_in_process,
             "batch": train.batch_size, "precision": train.precision, "compile": train.compile}
 
-
-def _in_process(grid: Grid) -> bool:
-    """Whether a trial trains in its own process (the driver's rule: one CPU worker, unless the grid says)."""
-    train = grid.train
-    return bool(train.get("in_process", int(train.get("workers", 1)) == 1 and not train.get("use_gpu", False)))
 
 
 def _evaluations(grid: Grid, plan: dict[str, Any]) -> list[dict[str, Any]]:

@@ -72,6 +72,13 @@ class Grid:
     def metric(self) -> str:
         return self.evaluation["metric"]
 
+    @property
+    def trains_in_process(self) -> bool:
+        """Whether a trial trains in its own process (Ray Train's local mode): one CPU worker does, unless the
+        grid says (``train.in_process``)."""
+        train = self.train
+        return bool(train.get("in_process", int(train.get("workers", 1)) == 1 and not train.get("use_gpu", False)))
+
     def base_config(self) -> ASDAConfig:
         return ASDAConfig.preset(self.model.get("preset", "tiny")).with_overrides(self.model.get("overrides") or {})
 

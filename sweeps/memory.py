@@ -74,35 +74,36 @@ def sweep_memory(grid, folder: str | Path, data: str | Path | None, wanted: int,
     """(the most trials that fit at once, the header's line) for a sweep that would run ``wanted`` at once: the
     model-size estimate where twice it still lets every one of them fit (measuring would change nothing, and costs
     a process's start and imports), else the measurement (``grid_memory``)."""
-    estimate = grid_memory(grid, folder, data, measure=False)
+    config, settings = heaviest_trial(grid, data)
+    estimate = estimate_from_size(config, settings)
     doubled = dataclasses.replace(estimate, per_trial=2 * estimate.per_trial)
     if memory_line(doubled, local=local)[0] >= wanted:
         how = f"{estimate.how}; {wanted} at twice that fit, so it was not measured"
         return memory_line(dataclasses.replace(estimate, how=how), local=local)
-    return memory_line(grid_memory(grid, folder, data), local=local)
+    return memory_line(trial_memory(config, settings, folder), local=local)
 
 
 def grid_memory(grid, folder: str | Path, data: str | Path | None = None, *, threads: int | None = None,
-                timeout_s: float = MEASURE_TIMEOUT_S, measure: bool = True) -> TrialMemory:
-    """One trial of ``grid`` (a ``sweeps.grid.Grid``): its heaviest cell (most memory by the model-size estimate:
-    the most students, the widest model) measured at the grid's batch and frames (``data``: its prepared folder,
-    whose card gives the frames; else the model's ``target_length``), its workers, and whether it trains in its
-    own process (as the driver decides: one CPU worker does). Cached in ``folder`` (``trial_memory``).
-    ``measure`` False: the model-size estimate of that cell (``estimate_from_size``) instead."""
+                timeout_s: float = MEASURE_TIMEOUT_S) -> TrialMemory:
+    """One trial of ``grid`` (a ``sweeps.grid.Grid``): its heaviest cell (``heaviest_trial``) measured at the
+    grid's batch and frames, workers and way of training. Cached in ``folder`` (``trial_memory``)."""
+    config, settings = heaviest_trial(grid, data, threads=threads)
+    return trial_memory(config, settings, folder, timeout_s=timeout_s)
+
+
+def heaviest_trial(grid, data: str | Path | None = None, *, threads: int | None = None):
+    """(config, settings) of the grid's heaviest cell by the model-size estimate (the most students, the widest
+    model) at the frames its trials feed (``data``: its prepared folder, whose card gives them; else the model's
+    ``target_length``), with the grid's batch, workers and way of training (``Grid.trains_in_process``)."""
     from pipelines.pretrain import PretrainSettings
 
-    train = dict(grid.train)
-    workers, use_gpu = int(train.get("workers", 1)), bool(train.get("use_gpu", False))
-    train.setdefault("in_process", workers == 1 and not use_gpu)
+    train = {**grid.train, "in_process": grid.trains_in_process}
     settings = PretrainSettings(**{**train, "data": str(data or "-"), "threads_per_worker": threads
                                    or train.get("threads_per_worker") or 1})
     configs = {json.dumps(c.to_dict(), sort_keys=True): c for c in (grid.config_for(t) for t in grid.trials())}
     frames = grid_frames(settings, data, next(iter(configs.values())))
     sized = [dataclasses.replace(c, target_length=frames) for c in configs.values()]
-    heaviest = max(sized, key=lambda c: estimate_from_size(c, settings).per_trial)
-    if not measure:
-        return estimate_from_size(heaviest, settings)
-    return trial_memory(heaviest, settings, folder, timeout_s=timeout_s)
+    return max(sized, key=lambda c: estimate_from_size(c, settings).per_trial), settings
 
 
 def grid_frames(settings, data: str | Path | None, config) -> int:

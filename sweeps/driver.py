@@ -675,6 +675,8 @@ def _run_trials(grid: Grid, trials: list[Trial], sweep: SweepParams, folder: Pat
     problem = _tune_state_problem(tune_path)
     if problem:
         aside = tune_path.with_name(f"tune.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        while aside.exists():  # set aside twice within a second
+            aside = aside.with_name(aside.name + "+")
         tune_path.rename(aside)
         print(f"  Tune state {problem}: set aside as {aside.name}; the sweep's own records keep {len(done)} "
               f"finished trial(s), the other {len(trials) - len(done)} start again from their last checkpoints")
@@ -703,6 +705,8 @@ def _tune_state_problem(tune_path: Path) -> str | None:
         return None
     if not tune.Tuner.can_restore(str(tune_path)):
         return f"in {tune_path} is incomplete (no tuner.pkl)"
+    if not any(tune_path.glob("experiment_state-*.json")):  # Tune would start its trials without their settings
+        return f"in {tune_path} is incomplete (no experiment_state-*.json)"
     for state in sorted(tune_path.glob("experiment_state-*.json")):  # JSON (the search's state is a pickle)
         try:
             json.loads(state.read_text())
@@ -718,9 +722,12 @@ def _tuner(grid: Grid, trials: list[Trial], sweep: SweepParams, tune_path: Path,
     # In process the trial trains itself and holds its worker's CPUs; otherwise it mostly waits on its Train run.
     cpu = sweep.pretrain.cpus_per_worker if sweep.pretrain.in_process else TRIAL_CPU
     trainable = _trial_actor(tune.with_resources(tune.with_parameters(asda_trial, sweep=sweep), {"cpu": cpu}))
+    # Given again on a restore: where Tune cannot read its state back it starts the experiment over from this.
+    param_space = {"trial": tune.grid_search([dataclasses.asdict(t) for t in trials])}
     if tune.Tuner.can_restore(str(tune_path)):
         print("  resuming: finished trials are kept")
-        return tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(str(tune_path), trainable, param_space=param_space, resume_unfinished=True,
+                                  resume_errored=True)
     scheduler = None
     if asha:
         from ray.tune.schedulers import ASHAScheduler
@@ -731,7 +738,7 @@ def _tuner(grid: Grid, trials: list[Trial], sweep: SweepParams, tune_path: Path,
         scheduler = ASHAScheduler(time_attr="step", metric=ASHA_METRIC, mode="min", max_t=steps,
                                   grace_period=max(1, steps // 4))
     return tune.Tuner(
-        trainable, param_space={"trial": tune.grid_search([dataclasses.asdict(t) for t in trials])},
+        trainable, param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler, reuse_actors=True,
                                     trial_name_creator=lambda t: Trial(**t.config["trial"]).slug(),
                                     trial_dirname_creator=lambda t: Trial(**t.config["trial"]).slug()),

@@ -350,6 +350,13 @@ def test_smoke_grid_end_to_end_with_nested_runs_and_report(ray_local, tracking_s
     assert _numbers(damaged) == _numbers(result) and damaged["parent_run_id"] == result["parent_run_id"]
     assert {t["run_id"] for t in damaged["trials"]} == {t["run_id"] for t in result["trials"]}
     assert MlflowClient().get_run(result["parent_run_id"]).info.status == "FINISHED"
+    # A disk that filled before Tune first saved its state leaves tuner.pkl alone: set aside too, not restored
+    # into a Tune that would start its trials over without their settings.
+    (Path(result["dir"]) / "tune").mkdir()
+    shutil.copy(next(Path(result["dir"]).glob("tune.damaged-*/tuner.pkl")), Path(result["dir"]) / "tune")
+    bare = run_sweep("smoke", storage=tmp_path)
+    assert "is incomplete (no experiment_state-*.json)" in capsys.readouterr().out
+    assert _numbers(bare) == _numbers(result)
     # The same grid from scratch, one trial at a time instead of two: the same numbers to the bit (each trial's
     # torch thread count is the grid's, not a share of the cores). Where a tmpfs can be mounted, into 3 MB: the
     # disk fills, the sweep stops with one line naming its folder and the space free, its runs FAILED; with space
@@ -560,3 +567,21 @@ def test_a_sweep_that_stops_on_an_error_leaves_no_run_of_it_running(tracking_sto
     with pytest.raises(type(stopped_by)), _parent_closed_on_failure({"parent_run_id": parent}):
         raise stopped_by
     assert [client.get_run(r).info.status for r in (parent, cell, trial, done)] == [status] * 3 + ["FINISHED"]
+
+
+def test_a_tune_state_without_its_experiment_state_or_cut_off_is_not_resumed_from(tmp_path):
+    """A full disk can stop Tune after tuner.pkl and before its first experiment_state-*.json, or midway through
+    one: either way the state is named as not resumable (Tune would start its trials over without their
+    settings), while a whole one, or none at all, is resumed from as it is."""
+    from sweeps.driver import _tune_state_problem
+
+    tune = tmp_path / "tune"
+    assert _tune_state_problem(tune) is None
+    tune.mkdir()
+    assert "no tuner.pkl" in _tune_state_problem(tune)
+    (tune / "tuner.pkl").write_bytes(b"\x80\x05N.")
+    assert "no experiment_state-*.json" in _tune_state_problem(tune)
+    (tune / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [')
+    assert "does not read" in _tune_state_problem(tune)
+    (tune / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    assert _tune_state_problem(tune) is None

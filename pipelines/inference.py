@@ -179,6 +179,20 @@ def on_actor_pool(ds, actor_class: type, **options):
         return ds.map_batches(actor_class, max_restarts=0, **options)
 
 
+def in_blocks_of(ds, rows: int):
+    """``ds`` in blocks of exactly ``rows`` consecutive rows (the last may be short), whatever blocks the reads
+    made: the batch composition is then a function of the data only, so the outputs do not depend on the cluster.
+
+    Its tasks take DATA_TASK_CPUS each, like the reads: ``repartition`` offers no resources of its own and Ray
+    Data gives its tasks a whole CPU, which a node whose trial holds all but part of a CPU never has. After a
+    worker node was lost, the trial left on a 3-CPU head (2 CPUs, its model actor a quarter more) waited on them
+    for good. The setting goes on the plan's repartition operator (Ray Data 2.60, pinned), which takes remote
+    arguments like any map operator."""
+    ds = ds.repartition(target_num_rows_per_block=rows, strict=True)
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = DATA_TASK_CPUS
+    return ds
+
+
 def model_outputs(
     model: ASDAEncoder | ASDAClassifier,
     prepared: str | Path,
@@ -222,9 +236,7 @@ def model_outputs(
                   num_classes=len(card["class_names"]), num_mel_bins=card["features"]["num_mel_bins"],
                   labels=labels, random_crop=False, noise_snrs=tuple(noise_snrs))
     ds = read_rows(shards=shards, splits=splits, folds=folds, tasks=DATA_TASKS_PER_WORKER)
-    # Exactly batch_size consecutive clips per block, whatever blocks the reads made: the batch composition is a
-    # function of the data only, so the outputs do not depend on the cluster.
-    ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
+    ds = in_blocks_of(ds, batch_size)
     ds = on_actor_pool(ds, _ModelActor, batch_size=batch_size, batch_format="numpy",
                        fn_constructor_args=([ray.put(spec)],),
                        fn_constructor_kwargs=dict(threads=threads, decode=decode),

@@ -66,6 +66,32 @@ def test_ray_data_outputs_are_the_in_process_encoding_bit_for_bit_on_two_actors(
     assert spawned  # the pool was sized through pool_size
 
 
+def test_an_encoding_finishes_where_less_than_a_cpu_is_left_beside_its_model_actor(ray_local, synthetic_prepared):
+    """Every CPU of the instance but one held (as a trial holds its node's, say): the reads' planning takes that
+    CPU and lets it go, then the model actor takes a quarter of it and the blocks of exactly batch_size rows
+    are cut on tasks that fit in the rest. (Ray Data gives its repartition a whole CPU unless told: this waited
+    for good, as the trial left on a cluster's head did after its other node was lost.)"""
+    class Holder:  # defined here: a Ray worker cannot import a test module
+        def ready(self) -> bool:
+            return True
+
+    free = ray_local.available_resources().get("CPU", 0)
+    holder = ray_local.remote(num_cpus=free - 1)(Holder).remote()
+
+    @ray_local.remote(num_cpus=0)
+    def encode(prepared):
+        torch.manual_seed(0)
+        return model_outputs(ASDAEncoder(TINY).eval(), prepared, ["test"], labels="none", batch_size=10)["output"]
+
+    try:
+        ray_local.get(holder.ready.remote(), timeout=60)
+        done, _ = ray_local.wait([ref := encode.remote(str(synthetic_prepared))], timeout=180)
+        assert done, "the encoding waited on CPUs it could not get"
+        assert ray_local.get(ref).shape == (32, TINY.embed_dim)
+    finally:
+        ray_local.kill(holder)
+
+
 def test_probe_readouts_other_than_the_three_named_are_refused_before_any_work():
     with pytest.raises(ValueError, match=r"readout='patches' is not allowed: expected one of \['cls', 'mean', "
                                          r"'cls\+mean'\]"):

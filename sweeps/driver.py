@@ -34,7 +34,7 @@ from .grid import EVAL_FACTORS, Grid, Trial, load_grid, prepared_path
 from .lock import sweep_lock
 from .memory import sweep_memory
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE, TRIALS_FILE
-from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency
+from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency, read_room_problem
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
 # what a full disk under the sweep's folder asks of the user: its finished trials are in records/
@@ -498,6 +498,7 @@ def _run_and_report(grid: Grid, trials: list[Trial], state: dict, folder: Path, 
         concurrent = min(concurrent, fits)
     sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
     _header(state, grid, trials, concurrent, folder, sweep, memory)
+    _warn_of_read_room(sweep, concurrent)
     orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
     if orphans:
         print(f"  closed     {len(orphans)} run(s) an earlier driver left RUNNING (marked KILLED; the trials "
@@ -612,6 +613,19 @@ def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfin
     resume = f"asda sweep --grid {state['grid']} --storage {folder.parent} --sweep-id {state['sweep_id']}"
     raise SweepInterrupted(signum, f"sweep {state['sweep_id']} stopped by {signal.Signals(signum).name}: "
                            f"{len(done)} of {len(rows)} trials finished, the rest marked KILLED", resume)
+
+
+def _warn_of_read_room(sweep: SweepParams, concurrent: int) -> None:
+    """A header line where the trials at once would leave no node a CPU to plan their reads on (``resources``)."""
+    import ray
+
+    if sweep.pretrain.use_gpu:
+        return
+    nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    units = concurrent * (1 if sweep.pretrain.in_process else sweep.pretrain.workers)
+    problem = read_room_problem(nodes, sweep.pretrain.cpus_per_worker or 1.0, units)
+    if problem:
+        print(f"  cpus       warning: {problem}")
 
 
 def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams,

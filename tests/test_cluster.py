@@ -2,6 +2,7 @@
 a sweep submitted with `ray job submit -- make sweep ...` whose two Train workers land on different nodes, then
 `asda sweep` run directly against the same cluster. Every process the test starts is stopped by id afterwards."""
 
+import contextlib
 import json
 import os
 import re
@@ -48,13 +49,22 @@ def _free_port_pair() -> int:
 
 @pytest.fixture
 def make_ray_up():
-    """`make ray-up WORKERS=1` on free ports; yields (gcs address, dashboard URL)."""
+    """`make ray-up WORKERS=1` on free ports; yields (gcs address, dashboard URL). 3 CPUs per node: one 2-CPU
+    Train worker fits on each, leaving a CPU per node for Ray Data's tasks."""
+    with _ray_up(3) as found:
+        yield found
+
+
+@contextlib.contextmanager
+def _ray_up(cpus: int):
+    """`make ray-up WORKERS=1` with ``cpus`` CPUs per node, on free ports; yields (gcs address, dashboard URL) and
+    stops every process it started afterwards."""
     port, dashboard, agents = free_port(), free_port(), _free_port_pair()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    # 3 CPUs per node: one 2-CPU Train worker fits on each, leaving a CPU per node for Ray Data's tasks.
     proc = subprocess.Popen(
-        ["make", "-C", str(REPO), "ray-up", "WORKERS=1", "RAY_CPUS=3", "WORKER_CPUS=3", f"RAY_PORT={port}",
-         f"RAY_DASHBOARD_PORT={dashboard}", f"RAY_AGENT_PORT={agents}", f"RAY_TEMP_DIR={temp_dir}"],
+        ["make", "-C", str(REPO), "ray-up", "WORKERS=1", f"RAY_CPUS={cpus}", f"WORKER_CPUS={cpus}",
+         f"RAY_PORT={port}", f"RAY_DASHBOARD_PORT={dashboard}", f"RAY_AGENT_PORT={agents}",
+         f"RAY_TEMP_DIR={temp_dir}"],
         env=_clean_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=300)
@@ -199,3 +209,74 @@ def test_make_ray_down_stops_the_cluster_make_ray_up_started_and_no_other_ray_on
                     pass
         shutil.rmtree(ours_dir, ignore_errors=True)
         shutil.rmtree(other_dir, ignore_errors=True)
+
+
+def _node_loss_grid(tmp_path: Path, synthetic_prepared: Path) -> Path:
+    """Two cells of one seed, each trial 2 CPUs in its own process: one per 3-CPU node, 60 updates with a
+    checkpoint every 5 (16 batches an epoch: a checkpoint mid-epoch), no second task."""
+    grid = yaml.safe_load(open(REPO / "sweeps" / "grids" / "smoke.yaml"))
+    grid.update(name="node-loss", data={"prepared": str(synthetic_prepared)}, tasks=[],
+                factors={"diff_lambda": [0.0, 0.3]})
+    grid["train"].update(steps=60, checkpoint_every=5, log_every=5, cpus_per_worker=2.0)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _raylet_of(pid: int) -> tuple[int, bool]:
+    """(the raylet that started the Ray worker ``pid``, whether it is the head node's)."""
+    raylet = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return raylet, b"node:__internal_head__" in Path(f"/proc/{raylet}/cmdline").read_bytes()
+
+
+def _kill_the_other_nodes_raylet(storage: Path, deadline_s: float = 300) -> None:
+    """Once the trial on the head-less node has a checkpoint and is still training: SIGKILL its node's raylet."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        for pid_file in storage.glob("*/runs/*/workers/rank0.pid"):
+            run = pid_file.parent.parent
+            try:
+                raylet, head = _raylet_of(int(pid_file.read_text()))
+            except (OSError, ValueError):
+                continue
+            if not head and list(run.glob("checkpoint_*/model.pt")) and not (run / "final.pt").exists():
+                os.kill(raylet, signal.SIGKILL)
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no trial trained on the second node with a checkpoint within {deadline_s} s")
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_sweep_has_its_trial_retried_elsewhere_to_the_numbers_of_an_undisturbed_run(
+        synthetic_prepared, tmp_path):
+    """`make ray-up WORKERS=1`, a trial on each node; the second node's raylet killed while its trial trains.
+    The trial is retried on the head from its checkpoint; the sweep ends with every trial in trials.json, its
+    pretraining loss and metric equal to those of the same grid swept again undisturbed."""
+    grid = _node_loss_grid(tmp_path, synthetic_prepared)
+    with _ray_up(3) as (address, _):
+        env = _clean_env(RAY_ADDRESS=address, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        sweep = [str(BIN / "asda"), "sweep", "--grid", str(grid), "--max-concurrent", "2", "--storage"]
+        proc = subprocess.Popen([*sweep, str(tmp_path / "lost")], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            _kill_the_other_nodes_raylet(tmp_path / "lost")
+            out, _ = proc.communicate(timeout=900)
+        finally:
+            for pid in session_members(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        assert proc.returncode == 0, out[-4000:]
+        assert "retrying  diff_lambda=" in out or "retrying  centre" in out, out[-4000:]
+        again = subprocess.run([*sweep, str(tmp_path / "undisturbed")], env=env, capture_output=True, text=True,
+                               timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+
+    def numbers(storage: Path) -> dict:
+        rows = json.loads(next(storage.glob("*/trials.json")).read_text())
+        return {(r["cell"], r["seed"]): (r["pretrain_loss"], r["metric_value"]) for r in rows}
+
+    lost = numbers(tmp_path / "lost")
+    assert len(lost) == 2 and all(loss == loss and metric is not None for loss, metric in lost.values()), lost
+    assert lost == numbers(tmp_path / "undisturbed")

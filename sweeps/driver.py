@@ -34,7 +34,7 @@ from .grid import EVAL_FACTORS, Grid, Trial, load_grid, prepared_path
 from .lock import sweep_lock
 from .memory import sweep_memory
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE, TRIALS_FILE
-from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency, read_room_problem
+from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency, read_room_cap, read_room_problem
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
 # what a full disk under the sweep's folder asks of the user: its finished trials are in records/
@@ -497,8 +497,10 @@ def _run_and_report(grid: Grid, trials: list[Trial], state: dict, folder: Path, 
     if not max_concurrent:  # asked for, it is the user's call (the header says what fits)
         concurrent = min(concurrent, fits)
     sweep = _sweep_params(grid, state, data, folder, experiment, cpus_per_worker, threads, asha, tasks_data)
+    concurrent, room = _read_room(sweep, concurrent, capped=not max_concurrent)
     _header(state, grid, trials, concurrent, folder, sweep, memory)
-    _warn_of_read_room(sweep, concurrent)
+    if room:
+        print(f"  cpus       {room}")
     orphans = _close_orphans(state["parent_run_id"])  # a driver killed outright left its trials' runs RUNNING
     if orphans:
         print(f"  closed     {len(orphans)} run(s) an earlier driver left RUNNING (marked KILLED; the trials "
@@ -615,17 +617,25 @@ def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfin
                            f"{len(done)} of {len(rows)} trials finished, the rest marked KILLED", resume)
 
 
-def _warn_of_read_room(sweep: SweepParams, concurrent: int) -> None:
-    """A header line where the trials at once would leave no node a CPU to plan their reads on (``resources``)."""
+def _read_room(sweep: SweepParams, concurrent: int, capped: bool) -> tuple[int, str | None]:
+    """(trials at once, a header line or None): fewer trials where those wanted would leave no node a whole CPU
+    to plan their reads on (``resources.read_room_problem``), unless ``capped`` is False (--max-concurrent: the
+    user's call, warned of), and a warning where even one trial would."""
     import ray
 
     if sweep.pretrain.use_gpu:
-        return
+        return concurrent, None
     nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-    units = concurrent * (1 if sweep.pretrain.in_process else sweep.pretrain.workers)
-    problem = read_room_problem(nodes, sweep.pretrain.cpus_per_worker or 1.0, units)
+    unit, per_trial = sweep.pretrain.cpus_per_worker or 1.0, 1 if sweep.pretrain.in_process else sweep.pretrain.workers
+    fewer = read_room_cap(nodes, unit, per_trial, concurrent) if capped else concurrent
+    problem = read_room_problem(nodes, unit, fewer * per_trial)
     if problem:
-        print(f"  cpus       warning: {problem}")
+        return concurrent, f"warning: {problem}"
+    if fewer < concurrent:
+        sizes = ", ".join(f"{n:g}" for n in sorted(set(nodes)))
+        return fewer, (f"{fewer} trial(s) at a time, not {concurrent}: {concurrent} would leave no node (CPUs per node: "
+                       f"{sizes}) the whole CPU Ray Data's Parquet reader takes to plan each read")
+    return concurrent, None
 
 
 def _header(state: dict, grid: Grid, trials: list[Trial], concurrent: int, folder: Path, sweep: SweepParams,

@@ -36,3 +36,12 @@ def read_room_problem(node_cpus: list[float], unit: float, units: int) -> str | 
     return (f"{placed} placement(s) of {unit:g} CPU at once leave no node (CPUs per node: {sizes}) a whole CPU "
             f"free, and Ray Data plans every read with tasks of {READ_PLANNING_CPUS:g} CPU: the trials would wait "
             f"for good; lower train.cpus_per_worker or --max-concurrent, or add a node")
+
+
+def read_room_cap(node_cpus: list[float], unit: float, per_trial: int, wanted: int) -> int:
+    """The most trials at once, up to ``wanted``, each ``per_trial`` placements of ``unit`` CPUs, that leave some
+    node a whole CPU for the reads (``read_room_problem``); ``wanted`` where even one would not (a warning then)."""
+    for trials in range(wanted, 0, -1):
+        if read_room_problem(node_cpus, unit, trials * per_trial) is None:
+            return trials
+    return wanted

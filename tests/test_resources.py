@@ -2,7 +2,7 @@
 
 import pytest
 
-from sweeps.resources import read_room_problem
+from sweeps.resources import read_room_cap, read_room_problem
 
 
 @pytest.mark.parametrize("nodes, unit, units", [
@@ -26,3 +26,10 @@ def test_placements_that_leave_no_node_a_whole_cpu_are_named_with_the_node_sizes
     problem = read_room_problem(nodes, unit, units)
     assert problem.startswith(f"{placed} placement(s) of {unit:g} CPU at once leave no node (CPUs per node: ")
     assert "tasks of 1 CPU" in problem and "lower train.cpus_per_worker or --max-concurrent, or add a node" in problem
+
+
+def test_the_trials_at_once_are_capped_so_that_a_node_keeps_a_cpu_and_left_alone_where_even_one_would_not():
+    assert read_room_cap([3, 3], 1.5, 1, 4) == 3  # four fill both nodes; three leave one CPU and a half on one
+    assert read_room_cap([2, 2], 1.0, 2, 2) == 1  # Train workers: two per trial
+    assert read_room_cap([8], 1.0, 1, 4) == 4
+    assert read_room_cap([1.5], 1.5, 1, 2) == 2  # even one leaves nothing: not capped, the header warns

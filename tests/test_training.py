@@ -294,8 +294,8 @@ def test_a_stopped_pretraining_run_is_marked_killed_and_the_printed_command_resu
 
     small = ["embed_dim=64", "depth=2", "average_top_k_layers=2", "num_students=2", "decoder_layers=1"]
     argv = [str(Path(sys.executable).with_name("asda")), "pretrain", "--data", str(synthetic_prepared),
-            "--storage", str(tmp_path), "--name", "stop-me", "--steps", "48", "--checkpoint-every", "4",
-            "--batch-size", "4", *small]  # stopped a few updates after update 4: ~40 left for the resumed leg
+            "--storage", str(tmp_path), "--name", "stop-me", "--steps", "32", "--checkpoint-every", "4",
+            "--batch-size", "4", "--target-length", "64", *small]  # stopped soon after update 4: the rest resumed
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -3,6 +3,7 @@ run, and ``TorchTrainer(...).fit()`` with the resources this machine or cluster 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 from model import ASDAConfig
 
 from . import console, tracking, worker
+from .placement import waiting_for_workers
 from .runtime import REPO_ROOT
 
 DEFAULT_STORAGE = REPO_ROOT / "results"
@@ -155,6 +157,12 @@ def check_data(settings: TrainSettings, folds: list[int] | None = None) -> dict:
                          f"update needs ({settings.batch_size} per worker x {settings.workers} workers)")
     if settings.use_gpu and not (torch.cuda.is_available() or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--use-gpu given but no GPU is visible here and no RAY_ADDRESS names a cluster")
+    if settings.cpus_per_worker and not settings.in_process and not os.environ.get("RAY_ADDRESS"):
+        from .placement import check_local_room
+        from .runtime import local_num_cpus
+
+        check_local_room(settings.workers, settings.cpus_per_worker, local_cpus=local_num_cpus(),
+                         cores=os.cpu_count() or 1)
     return card
 
 
@@ -265,8 +273,10 @@ def fit(loop_fn: Callable[[dict], Any], worker_type: type[WorkerConfig], *, conf
         datasets=datasets,
         dataset_config=_data_config(datasets, settings.workers),
     )
+    waiting = (contextlib.nullcontext() if settings.in_process else
+               waiting_for_workers(run_dir, settings.workers, cpus, settings.use_gpu))
     try:
-        with console.run_progress(run_id, settings.steps, tracking.TAG_COLLAPSE):
+        with console.run_progress(run_id, settings.steps, tracking.TAG_COLLAPSE), waiting:
             result = trainer.fit()
     except Exception:
         tracking.end_run(run_id, "FAILED")

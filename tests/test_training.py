@@ -322,6 +322,51 @@ def test_a_stopped_pretraining_run_is_marked_killed_and_the_printed_command_resu
     assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_step"] >= 4
 
 
+def test_workers_the_machines_own_ray_cannot_hold_are_refused_before_ray_starts(synthetic_prepared, tmp_path,
+                                                                               capsys, monkeypatch):
+    from pipelines.cli import main
+    from pipelines.runtime import local_num_cpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    per_worker = local_num_cpus()  # two workers of every logical CPU each: never placed at once
+    assert main(["pretrain", "--data", str(synthetic_prepared), "--storage", str(tmp_path), "--workers", "2",
+                 "--cpus-per-worker", str(per_worker), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--workers 2 x --cpus-per-worker {per_worker} = {2 * per_worker} Ray CPUs is not allowed: this " \
+           f"machine's own Ray instance has {local_num_cpus()}" in err and "RAY_ADDRESS" in err, err
+    assert not (tmp_path / "pretrain-default").exists()
+
+
+def test_a_run_whose_workers_a_cluster_cannot_place_says_each_minute_what_they_ask_and_what_ray_has(
+        ray_local, tracking_store, synthetic_prepared, tmp_path):
+    """`asda pretrain` joined to a Ray instance (RAY_ADDRESS: not refused, nodes may join a cluster) asking two
+    workers of 3 CPUs of its 4: Ray Train waits for them, and the command says so once a minute (here every 2 s)
+    instead of nothing."""
+    import subprocess
+    import sys
+
+    from conftest import stop_group
+
+    argv = [str(Path(sys.executable).with_name("asda")), "pretrain", "--data", str(synthetic_prepared),
+            "--storage", str(tmp_path), "--workers", "2", "--cpus-per-worker", "3", "--steps", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+           "ASDA_WAIT_NOTICE_S": "2"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    try:
+        deadline = time.time() + 120  # a run that says nothing fails here, not by hanging the suite
+        while time.time() < deadline and not any(line.startswith("waiting") for line in lines):
+            time.sleep(0.5)
+    finally:
+        stop_group(proc, signal.SIGKILL)
+    waiting = next((line for line in lines if line.startswith("waiting")), None)
+    assert waiting, "".join(lines)[-3000:]
+    assert waiting.startswith("waiting   0 of 2 Train worker(s) placed after 0:0") and "each asks 3 CPU, all at " \
+        "once; Ray has " in waiting and "CPU free of 4 (`ray status` shows the pending demands)" in waiting, waiting
+
+
 def test_cross_validation_names_the_folds_a_data_set_lacks(synthetic_prepared):
     with pytest.raises(ValueError, match=r"has no fold \[1, 2\].*ESC-50 has folds 1-5"):
         probe(ProbeSettings(data=str(synthetic_prepared), cv_folds=2))

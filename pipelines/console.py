@@ -150,6 +150,21 @@ def plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+def resources_text(found: dict) -> str:
+    """Ray resources as a console reads them: "CPU 2, GPU 1, memory 3.5 GiB"."""
+    return ", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in sorted(found.items()))
+
+
+def ray_has() -> str:
+    """What Ray has free now of what it has: "CPU 1.5, memory 3.0 GiB free of CPU 4, memory 8.0 GiB"."""
+    import ray
+
+    def kept(found: dict) -> dict:
+        return {k: round(v, 2) for k, v in found.items() if k in ("CPU", "GPU", "memory")}
+
+    return f"{resources_text(kept(ray.available_resources()))} free of {resources_text(kept(ray.cluster_resources()))}"
+
+
 def duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \

@@ -188,8 +188,12 @@ def in_blocks_of(ds, rows: int):
     worker node was lost, the trial left on a 3-CPU head (2 CPUs, its model actor a quarter more) waited on them
     for good. The setting goes on the plan's repartition operator (Ray Data 2.60, pinned), which takes remote
     arguments like any map operator."""
+    from ray.data._internal.logical.operators import StreamingRepartition
+
     ds = ds.repartition(target_num_rows_per_block=rows, strict=True)
-    ds._logical_plan.dag.ray_remote_args["num_cpus"] = DATA_TASK_CPUS
+    operator = ds._logical_plan.dag
+    assert isinstance(operator, StreamingRepartition), f"Ray Data planned {type(operator).__name__} here"
+    operator.ray_remote_args["num_cpus"] = DATA_TASK_CPUS
     return ds
 
 

@@ -103,6 +103,14 @@ AGENT_PORT = 52365  # Ray's default port of a node's dashboard agent (ray_consta
 PORT_TRIES = 50  # how far past a taken default port a free one is looked for, as Ray does for the dashboard's
 
 
+def starts_own_instance() -> bool:
+    """Whether ``ensure_ray`` would start a Ray instance of this process's own (``local_num_cpus`` CPUs): not
+    connected yet, no RAY_ADDRESS and no cluster file of `make ray-up`."""
+    import ray
+
+    return not (ray.is_initialized() or os.environ.get("RAY_ADDRESS") or RUNNING_CLUSTER_FILE.is_file())
+
+
 def ensure_ray(num_cpus: int | None = None, job_name: str | None = None):
     """Connect to ``RAY_ADDRESS`` if set, else to a cluster started here with ``make ray-up``, else start (once)
     a local instance. ``job_name`` names this driver's job in the dashboard's Jobs list (its Name column shows the

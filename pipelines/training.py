@@ -157,12 +157,14 @@ def check_data(settings: TrainSettings, folds: list[int] | None = None) -> dict:
                          f"update needs ({settings.batch_size} per worker x {settings.workers} workers)")
     if settings.use_gpu and not (torch.cuda.is_available() or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--use-gpu given but no GPU is visible here and no RAY_ADDRESS names a cluster")
-    if settings.cpus_per_worker and not settings.in_process and not os.environ.get("RAY_ADDRESS"):
-        from .placement import check_local_room
+    from .runtime import starts_own_instance
+
+    if settings.cpus_per_worker and not settings.in_process and starts_own_instance():
+        from .placement import READ_PLANNING_CPUS, check_local_room
         from .runtime import local_num_cpus
 
         check_local_room(settings.workers, settings.cpus_per_worker, local_cpus=local_num_cpus(),
-                         cores=os.cpu_count() or 1)
+                         cores=os.cpu_count() or 1, spare=READ_PLANNING_CPUS)
     return card
 
 

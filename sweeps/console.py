@@ -13,7 +13,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from pipelines import tracking
-from pipelines.console import Progress, duration, plain
+from pipelines.console import Progress, duration, plain, ray_has, resources_text
 
 from .grid import Trial
 from .memory import oom_reason
@@ -102,17 +102,13 @@ class SweepConsole(Callback):
 def waiting_line(pending: list, waited_s: float) -> str:
     """Why no trial runs: how long the sweep has waited, what one pending trial asks of Ray and what Ray has free
     (a request no node can meet waits for ever on a cluster that does not grow)."""
-    import ray
-
     try:
         asks = pending[0].placement_group_factory.required_resources
     except Exception:
         asks = {}
-    free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
-    total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
     return (f"waiting   {len(pending)} trial(s) pending and none running for {duration(waited_s)}: a trial asks "
-            f"{_resources(asks)}; Ray has {_resources(free)} free of {_resources(total)} (ray status shows the "
-            f"demands; a node that left takes its resources with it)")
+            f"{resources_text(asks)}; Ray has {ray_has()} (ray status shows the demands; a node that left takes "
+            f"its resources with it)")
 
 
 def starved_line(running: list, waited_s: float) -> str | None:
@@ -131,10 +127,6 @@ def starved_line(running: list, waited_s: float) -> str | None:
             f"all taken: {free:g} free of {total:g}, and a Ray Data task that feeds a trial takes "
             f"{DATA_TASK_CPUS:g} (a node that left takes its CPUs; ray status shows the pending demands; "
             f"--max-concurrent lower leaves them room)")
-
-
-def _resources(found: dict) -> str:
-    return ", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in sorted(found.items()))
 
 
 def baseline_line(row: dict, cached: bool = False) -> str:

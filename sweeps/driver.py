@@ -24,6 +24,7 @@ from model import ASDAConfig
 from pipelines import tracking
 from pipelines.disk import disk_full, disk_guard, nearly_full
 from pipelines.finetune import FinetuneSettings
+from pipelines.placement import read_room_problem
 from pipelines.pretrain import PretrainSettings
 from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
@@ -34,7 +35,7 @@ from .grid import EVAL_FACTORS, Grid, Trial, load_grid, prepared_path
 from .lock import sweep_lock
 from .memory import sweep_memory
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE, TRIALS_FILE
-from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency, read_room_cap, read_room_problem
+from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency, read_room_cap
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
 # what a full disk under the sweep's folder asks of the user: its finished trials are in records/

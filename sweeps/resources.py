@@ -1,5 +1,7 @@
 """What a sweep's trial takes of the machine: the driver schedules by these and the estimate counts with them."""
 
+from pipelines.placement import read_room_problem
+
 TRIAL_CPU = 0.25  # the trial's own process mostly waits on its Train run
 LOCAL_MAX_TRIALS = 4  # concurrent trials on a local instance; each holds ~1-2 GB in a dozen processes
 SWEEP_THREADS = 1  # torch threads per Train worker of a trial unless the grid says (train.threads_per_worker)
@@ -15,27 +17,6 @@ def auto_concurrency(*, use_gpu: bool, devices: float, workers: int, local: bool
     if local:
         return max(1, min(int(devices), LOCAL_MAX_TRIALS))
     return max(1, int((devices * 0.75) // (workers * per_worker + TRIAL_CPU)))
-
-
-READ_PLANNING_CPUS = 1.0  # Ray Data's Parquet reader plans a read by sampling files in tasks of one CPU each
-
-
-def read_room_problem(node_cpus: list[float], unit: float, units: int) -> str | None:
-    """Why ``units`` placements of ``unit`` CPUs each (the trials, each in its own process, or their Train
-    workers) on nodes of ``node_cpus`` CPUs would wait for good, or None: however they are placed, no node keeps
-    READ_PLANNING_CPUS free for the reads that feed them (2-CPU nodes and trials of 1.5 CPUs, say). Nodes that
-    may still join the cluster are not counted: on an autoscaling cluster this warns, it does not refuse."""
-    fits = [int(n // unit) for n in node_cpus]
-    placed = min(units, sum(fits))
-    if not placed:
-        return None  # nothing fits at all: Tune's pending trials say so (the `waiting` line)
-    for n, fit in zip(node_cpus, fits, strict=True):  # can node n keep a CPU free while the others take the rest?
-        if n >= READ_PLANNING_CPUS and sum(fits) - fit + int((n - READ_PLANNING_CPUS) // unit) >= placed:
-            return None
-    sizes = ", ".join(f"{n:g}" for n in sorted(set(node_cpus)))
-    return (f"{placed} placement(s) of {unit:g} CPU at once leave no node (CPUs per node: {sizes}) a whole CPU "
-            f"free, and Ray Data plans every read with tasks of {READ_PLANNING_CPUS:g} CPU: the trials would wait "
-            f"for good; lower train.cpus_per_worker or --max-concurrent, or add a node")
 
 
 def read_room_cap(node_cpus: list[float], unit: float, per_trial: int, wanted: int) -> int:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from sweeps.resources import read_room_cap, read_room_problem
+from pipelines.placement import read_room_problem
+from sweeps.resources import read_room_cap
 
 
 @pytest.mark.parametrize("nodes, unit, units", [
@@ -33,3 +34,5 @@ def test_the_trials_at_once_are_capped_so_that_a_node_keeps_a_cpu_and_left_alone
     assert read_room_cap([2, 2], 1.0, 2, 2) == 1  # Train workers: two per trial
     assert read_room_cap([8], 1.0, 1, 4) == 4
     assert read_room_cap([1.5], 1.5, 1, 2) == 2  # even one leaves nothing: not capped, the header warns
+    assert read_room_cap([4], 0.2, 1, 15) == 15  # counted as Ray counts: 3 CPUs hold fifteen of 0.2
+    assert read_room_problem([1.2], 0.1, 2) is None

@@ -146,6 +146,7 @@ def _check_readout_rows(result, grid) -> None:
         assert f"| readout | {value} |" in result["report"]["markdown"]
 
 
+@pytest.mark.slow  # `make test-all`; in `make test` test_cluster's job-submit sweep trains a trial on this path
 def test_smoke_grid_on_the_distributed_path_reports_where_each_trials_time_went(ray_local, tracking_store):
     """The Train worker-group path (what workers > 1 and GPUs use), through `asda bench sweep`."""
     from bench.sweep import bench_sweep

@@ -282,6 +282,7 @@ def test_probe_feeds_the_data_sets_length_not_the_encoders(ray_local, tracking_s
     assert MlflowClient().get_run(result["run_id"]).data.params["data.target_length"] == "128"
 
 
+@pytest.mark.slow  # `make test-all`; in `make test` the sweep's stopped-and-resumed test covers the same handling
 def test_a_stopped_pretraining_run_is_marked_killed_and_the_printed_command_resumes_it(
         ray_local, tracking_store, synthetic_prepared, tmp_path):
     """SIGTERM to `asda pretrain` after its first checkpoint: exit 143, the MLflow run KILLED, and a command that,

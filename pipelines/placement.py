@@ -30,10 +30,30 @@ def read_room_problem(node_cpus: list[float], unit: float, units: int) -> str | 
     for n, fit in zip(node_cpus, fits, strict=True):  # can node n keep a CPU free while the others take the rest?
         if n >= READ_PLANNING_CPUS and sum(fits) - fit + _how_many(n - READ_PLANNING_CPUS, unit) >= placed:
             return None
-    sizes = ", ".join(f"{n:g}" for n in sorted(set(node_cpus)))
-    return (f"{placed} placement(s) of {unit:g} CPU at once leave no node (CPUs per node: {sizes}) a whole CPU "
+    return (f"{placed} placement(s) of {unit:g} CPU at once leave no node (CPUs per node: {node_sizes(node_cpus)}) a whole CPU "
             f"free, and Ray Data plans every read with tasks of {READ_PLANNING_CPUS:g} CPU: the trials would wait "
             f"for good; lower train.cpus_per_worker or --max-concurrent, or add a node")
+
+
+def read_room_cap(node_cpus: list[float], unit: float, per_trial: int, wanted: int) -> int:
+    """The most trials at once, up to ``wanted``, each ``per_trial`` placements of ``unit`` CPUs, that leave some
+    node a whole CPU for the reads (``read_room_problem``); ``wanted`` where even one would not (a warning then)."""
+    for trials in range(wanted, 0, -1):
+        if read_room_problem(node_cpus, unit, trials * per_trial) is None:
+            return trials
+    return wanted
+
+
+def node_sizes(node_cpus: list[float]) -> str:
+    """The nodes' CPU counts as a line names them: "2, 4"."""
+    return ", ".join(f"{n:g}" for n in sorted(set(node_cpus)))
+
+
+def live_node_cpus() -> list[float]:
+    """The CPUs of each live node of the Ray instance this process is connected to."""
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
 def _how_many(cpus: float, unit: float) -> int:

@@ -24,7 +24,7 @@ from model import ASDAConfig
 from pipelines import tracking
 from pipelines.disk import disk_full, disk_guard, nearly_full
 from pipelines.finetune import FinetuneSettings
-from pipelines.placement import read_room_problem
+from pipelines.placement import live_node_cpus, node_sizes, read_room_cap, read_room_problem
 from pipelines.pretrain import PretrainSettings
 from pipelines.probe import ProbeSettings
 from pipelines.runtime import DATA_ROOT, REPO_ROOT, code_version, stop_signals
@@ -35,7 +35,7 @@ from .grid import EVAL_FACTORS, Grid, Trial, load_grid, prepared_path
 from .lock import sweep_lock
 from .memory import sweep_memory
 from .report import BASELINE, BASELINE_FILE, BASELINE_VALUE, STATE_FILE, TRIALS_FILE
-from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency, read_room_cap
+from .resources import SWEEP_THREADS, TRIAL_CPU, auto_concurrency
 
 SWEEPS_ROOT = REPO_ROOT / "results" / "sweeps"
 # what a full disk under the sweep's folder asks of the user: its finished trials are in records/
@@ -620,22 +620,19 @@ def _interrupted(signum: int, state: dict, folder: Path, rows: list[dict], unfin
 
 def _read_room(sweep: SweepParams, concurrent: int, capped: bool) -> tuple[int, str | None]:
     """(trials at once, a header line or None): fewer trials where those wanted would leave no node a whole CPU
-    to plan their reads on (``resources.read_room_problem``), unless ``capped`` is False (--max-concurrent: the
+    to plan their reads on (``placement.read_room_problem``), unless ``capped`` is False (--max-concurrent: the
     user's call, warned of), and a warning where even one trial would."""
-    import ray
-
     if sweep.pretrain.use_gpu:
         return concurrent, None
-    nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    nodes = live_node_cpus()
     unit, per_trial = sweep.pretrain.cpus_per_worker or 1.0, 1 if sweep.pretrain.in_process else sweep.pretrain.workers
     fewer = read_room_cap(nodes, unit, per_trial, concurrent) if capped else concurrent
     problem = read_room_problem(nodes, unit, fewer * per_trial)
     if problem:
         return concurrent, f"warning: {problem}"
     if fewer < concurrent:
-        sizes = ", ".join(f"{n:g}" for n in sorted(set(nodes)))
         return fewer, (f"{fewer} trial(s) at a time, not {concurrent}: {concurrent} would leave no node (CPUs per node: "
-                       f"{sizes}) the whole CPU Ray Data's Parquet reader takes to plan each read")
+                       f"{node_sizes(nodes)}) the whole CPU Ray Data's Parquet reader takes to plan each read")
     return concurrent, None
 
 

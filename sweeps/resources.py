@@ -1,6 +1,5 @@
 """What a sweep's trial takes of the machine: the driver schedules by these and the estimate counts with them."""
 
-from pipelines.placement import read_room_problem
 
 TRIAL_CPU = 0.25  # the trial's own process mostly waits on its Train run
 LOCAL_MAX_TRIALS = 4  # concurrent trials on a local instance; each holds ~1-2 GB in a dozen processes
@@ -18,11 +17,3 @@ def auto_concurrency(*, use_gpu: bool, devices: float, workers: int, local: bool
         return max(1, min(int(devices), LOCAL_MAX_TRIALS))
     return max(1, int((devices * 0.75) // (workers * per_worker + TRIAL_CPU)))
 
-
-def read_room_cap(node_cpus: list[float], unit: float, per_trial: int, wanted: int) -> int:
-    """The most trials at once, up to ``wanted``, each ``per_trial`` placements of ``unit`` CPUs, that leave some
-    node a whole CPU for the reads (``read_room_problem``); ``wanted`` where even one would not (a warning then)."""
-    for trials in range(wanted, 0, -1):
-        if read_room_problem(node_cpus, unit, trials * per_trial) is None:
-            return trials
-    return wanted

@@ -2,8 +2,7 @@
 
 import pytest
 
-from pipelines.placement import read_room_problem
-from sweeps.resources import read_room_cap
+from pipelines.placement import read_room_cap, read_room_problem
 
 
 @pytest.mark.parametrize("nodes, unit, units", [
